@@ -1,0 +1,198 @@
+"""The ``alignforge`` command line.
+
+Every command imports what it needs inside its body, so ``alignforge --help`` is fast.
+Errors that a user can cause (:class:`~alignforge.errors.AlignforgeError`) are printed as
+one clear line on stderr with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from alignforge.errors import AlignforgeError
+
+app = typer.Typer(
+    name="alignforge",
+    help="Align LLMs with human preferences: data, SFT, reward models, DPO/ULMA, PPO, RAIN, evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Read, validate, convert and describe datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _err(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def sft(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/sft_demo.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-5"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir."),
+) -> None:
+    """Supervised fine-tuning on demonstrations ({messages} or {prompt, completion} JSONL)."""
+    from alignforge.config import load_config
+    from alignforge.trainers.sft import SFTConfig, train_sft
+
+    ov = list(overrides or [])
+    if resume:
+        ov.append("train.resume=true")
+    cfg = load_config(SFTConfig, config, ov)
+    summary = train_sft(cfg)
+    out = Path(cfg.train.output_dir)
+    last = summary["history"][-1] if summary["history"] else {}
+    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}")
+    typer.echo(f"model: {summary['final_dir']}")
+    typer.echo(f"curves: {out / 'loss.png'}  metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tb'}")
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="A LoRA adapter dir (e.g. outputs/sft/final)."),
+    out: Path = typer.Argument(..., help="Where to write the merged full model."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Merge a LoRA adapter into its base model and save a full HF model."""
+    from alignforge.models.lora import merge_adapter
+
+    path = merge_adapter(str(adapter), str(out), dtype=dtype)
+    typer.echo(f"merged model written to {path}")
+
+
+@app.command()
+def generate(
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeat for a batch)."),
+    model: str = typer.Option("embedded", help="Model: 'embedded', an HF dir, adapter dir, .gguf or hub id."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate responses to one or more single-turn prompts."""
+    from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.models.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(model, padding_side="left")
+    lm = load_model(model)
+    backend = HFBackend(lm, tok)
+    outs = backend.generate([[{"role": "user", "content": p}] for p in prompt],
+                            GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    for p, o in zip(prompt, outs):
+        typer.echo(f"### user: {p}\n### assistant: {o}\n")
+
+
+@app.command()
+def demo(
+    output_dir: str = typer.Option("outputs/demo", help="Where the demo writes everything."),
+    epochs: int = typer.Option(3),
+) -> None:
+    """The main job on the embedded model: SFT on the shipped demos, with answers before and after."""
+    from alignforge.demo import run_demo
+
+    run_demo(output_dir=output_dir, epochs=epochs, echo=typer.echo)
+
+
+@app.command("prepare-embedded")
+def prepare_embedded() -> None:
+    """Convert the embedded SmolLM2-135M-Instruct GGUF into a cached safetensors HF dir (once)."""
+    from alignforge.models.loading import ensure_embedded
+
+    typer.echo(str(ensure_embedded()))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Path = typer.Argument(..., help="Input file: JSONL/JSON(.gz), HF datasets dir, or raw HH-RLHF."),
+    dst: Path = typer.Argument(..., help="Output .jsonl or .jsonl.gz (written atomically)."),
+    to: str = typer.Option(..., "--to", help="preference | pointwise | sft"),
+    on_error: str = typer.Option("raise", help="raise: stop at the first bad record; skip: drop it and report."),
+) -> None:
+    """Convert between TRL formats (and from raw HH-RLHF)."""
+    from alignforge.data.convert import convert_file
+
+    if to not in ("preference", "pointwise", "sft"):
+        _err(f"--to must be preference, pointwise or sft, not {to!r}")
+    if on_error not in ("raise", "skip"):
+        _err(f"--on-error must be raise or skip, not {on_error!r}")
+    report = convert_file(str(src), str(dst), to=to, on_error=on_error)
+    typer.echo(report.summary())
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Path = typer.Argument(..., help="File to check."),
+    kind: Optional[str] = typer.Option(None, help="preference | pointwise | sft | prompt (default: detect)."),
+) -> None:
+    """Check every record; print each problem as FILE:LINE: field 'F': reason. Exit 1 if any."""
+    from alignforge.data.readers import detect_kind, read_any
+
+    k = kind or detect_kind(str(path))
+    res = read_any(str(path), k, on_error="skip")
+    for e in res.dropped:
+        typer.echo(str(e), err=True)
+    typer.echo(res.summary())
+    if res.dropped:
+        raise typer.Exit(1)
+
+
+@data_app.command("stats")
+def data_stats(
+    path: Path = typer.Argument(..., help="Dataset file."),
+    tokenizer: str = typer.Option("embedded", help="Tokenizer used to count tokens."),
+    kind: Optional[str] = typer.Option(None, help="preference | pointwise | sft | prompt (default: detect)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """ChatGLM-RLHF Table 2 statistics (+ length-difference histogram for pairs)."""
+    from alignforge.data.stats import compute_stats, format_stats
+    from alignforge.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    stats = compute_stats(str(path), tok, kind=kind)
+    typer.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning alignforge errors into one-line messages."""
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except AlignforgeError as e:
+        from alignforge.errors import TrainingInterrupted
+
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        return 130 if isinstance(e, TrainingInterrupted) else 2
+    except typer.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return rc if isinstance(rc, int) else 0
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

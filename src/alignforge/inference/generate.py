@@ -1,0 +1,200 @@
+"""Text generation behind a small backend interface.
+
+Everything that samples from a policy (evaluation, PPO rollouts, RAIN) talks to a
+:class:`GenerationBackend`: a list of chat conversations in, one response string
+per conversation out. :class:`HFBackend` implements it with a transformers model:
+chat template, left-padded batches, ``model.generate``, and decoding of only the
+new tokens. :meth:`HFBackend.generate_ids` also returns the token ids (for PPO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Union, runtime_checkable
+
+Message = dict[str, str]
+Conversation = list[Message]
+Prompt = Union[Conversation, str]  # a str is used as already-rendered text
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        from alignforge.errors import ConfigError
+
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GeneratedSequence:
+    """One generation: prompt ids (no padding), response ids (up to and including EOS)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool  # ended with an EOS token (False: cut at max_new_tokens)
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Anything that turns conversations into responses."""
+
+    def generate(self, prompts: list[Conversation], cfg: GenerationConfig) -> list[str]:
+        ...
+
+
+class HFBackend:
+    """A :class:`GenerationBackend` over a transformers causal LM (or PeftModel)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        if self.pad_id is None:
+            from alignforge.errors import ModelError
+
+            raise ModelError("tokenizer has neither a pad nor an eos token")
+        self.eos_ids = self._eos_ids()
+        self._bos_to_add = self._needs_bos()
+
+    # ------------------------------------------------------------------ prompts
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for x in ([self.tokenizer.eos_token_id]
+                  + (gen_eos if isinstance(gen_eos, list) else [gen_eos])):
+            if x is not None and x not in ids:
+                ids.append(int(x))
+        return ids
+
+    def _needs_bos(self) -> int | None:
+        """The BOS id if this tokenizer adds one on its own (the template may not)."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return None
+        with_sp = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        without = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        return bos if len(with_sp) > len(without) and with_sp[0] == bos else None
+
+    def render(self, prompt: Prompt) -> list[int]:
+        """Token ids of a conversation rendered with ``add_generation_prompt=True``."""
+        if isinstance(prompt, str):
+            text = prompt
+        else:
+            text = self.tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self._bos_to_add is not None and (not ids or ids[0] != self._bos_to_add):
+            ids.insert(0, self._bos_to_add)
+        return ids
+
+    # --------------------------------------------------------------- generating
+    def _hf_generation_config(self, cfg: GenerationConfig) -> Any:
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        kw: dict[str, Any] = dict(
+            max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, num_beams=1,
+            repetition_penalty=1.0, pad_token_id=self.pad_id,
+            # An empty list disables EOS stopping (None would fall back to the model's).
+            eos_token_id=list(self.eos_ids) if cfg.stop_on_eos else [],
+            do_sample=not cfg.greedy,
+        )
+        if not cfg.greedy:
+            kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        return HFGenerationConfig(**kw)
+
+    def _left_pad(self, rows: Sequence[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids, mask
+
+    def _trim(self, new_tokens: list[int], cfg: GenerationConfig) -> tuple[list[int], bool]:
+        if cfg.stop_on_eos:
+            for j, t in enumerate(new_tokens):
+                if t in self.eos_ids:
+                    return new_tokens[: j + 1], True
+        return new_tokens, False
+
+    def _device(self) -> Any:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:  # pragma: no cover - parameterless model
+            import torch
+
+            return torch.device("cpu")
+
+    def _generate_batch(self, rows: list[list[int]], cfg: GenerationConfig, seed: int,
+                        hf_cfg: Any) -> list[GeneratedSequence]:
+        import torch
+
+        ids, mask = self._left_pad(rows)
+        device = self._device()
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=hf_cfg)
+        new = out[:, ids.shape[1]:].tolist()
+        result = []
+        for prompt, toks in zip(rows, new):
+            resp, finished = self._trim(toks, cfg)
+            text = self.tokenizer.decode(resp, skip_special_tokens=True)
+            result.append(GeneratedSequence(list(prompt), resp, text, finished))
+        return result
+
+    def generate_ids(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None
+                     ) -> list[GeneratedSequence]:
+        """Generate for every prompt; returns ids and text, in prompt order.
+
+        Batch ``b`` (0-based) is sampled with seed ``cfg.seed + b`` in a forked RNG, so
+        results are reproducible for a given seed and batch size and the global RNG is
+        left alone. The model runs in eval mode; its previous mode is restored.
+        """
+        cfg = cfg or GenerationConfig()
+        rows = [self.render(p) for p in prompts]
+        hf_cfg = self._hf_generation_config(cfg)
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        try:
+            out: list[GeneratedSequence] = []
+            for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
+                out += self._generate_batch(rows[start:start + cfg.batch_size], cfg,
+                                            cfg.seed + b, hf_cfg)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def generate(self, prompts: list[Conversation], cfg: GenerationConfig | None = None) -> list[str]:
+        """One decoded response (new tokens only, special tokens skipped) per prompt."""
+        return [g.text for g in self.generate_ids(prompts, cfg)]

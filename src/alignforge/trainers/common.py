@@ -1,0 +1,450 @@
+"""The one training loop that every trainer shares: batching, optimiser, checkpoints, logging.
+
+A trainer describes its method as a :class:`Task` (examples, collate, loss) and calls
+:func:`run_training`. The loop is explicit and small:
+
+* **Batching is a pure function of the step.** Epoch ``e`` shuffles the examples with seed
+  ``seed + e``; global step ``s`` takes the next ``per_device_batch_size × grad_accum ×
+  world_size`` indices of that permutation. So the data position is just the step number and
+  a resumed run sees exactly the batches an uninterrupted run would.
+* **Exact loss normalisation.** Each task's loss is a *sum* divided by the normaliser of the
+  whole global batch (e.g. its number of target tokens), which every rank computes from the
+  index plan without communication. One process with ``grad_accum=2`` and two processes with
+  ``grad_accum=1`` therefore compute the same gradient.
+* **Checkpoints** (``accelerator.save_state``: model, optimiser, scheduler, every rank's RNG,
+  plus ``trainer_state.json`` with the step and the metric history) are written into a
+  temporary directory and renamed into place; the last ``keep_last`` are kept. ``resume``
+  continues from the newest one and ends with the same weights as an uninterrupted run.
+* A NaN/inf loss or gradient norm stops the run *before* the optimiser step, so the last
+  checkpoint stays the last good state. SIGINT finishes the current step, saves, and exits.
+* Logging: a rich progress bar (loss, tokens/s, ETA), TensorBoard scalars, ``metrics.jsonl``
+  and a PNG of the curves at the end.
+
+Test hook: ``ALIGNFORGE_FAULT_AFTER_STEP="N:KILL"`` (or ``N:INT``) makes the process send
+itself SIGKILL (SIGINT) right after step N, to test resume on a real killed process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from alignforge.config import TrainConfig, dump_config
+from alignforge.errors import TrainingError, TrainingInterrupted
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Task:
+    """What a method plugs into the loop.
+
+    Attributes:
+        module: the ``nn.Module`` to optimise (its ``forward`` is what ``loss`` calls).
+        examples: the training examples (any objects).
+        collate: examples -> batch (dict of CPU tensors).
+        normalizer: examples -> their share of the loss normaliser (e.g. number of target
+            tokens for SFT, number of pairs for DPO). Summed over the whole global batch.
+        loss: ``(module, batch, normalizer) -> (loss, metric_sums)``; loss must be a sum over
+            the batch divided by ``normalizer``. ``metric_sums`` values are summed over micro
+            batches and ranks, then divided by the global normaliser for logging.
+        save_model: ``(unwrapped module, out_dir) -> None`` writes the final model.
+        batch_tokens: batch -> number of tokens processed (for tokens/s).
+    """
+
+    module: nn.Module
+    examples: Sequence[Any]
+    collate: Callable[[list], dict]
+    normalizer: Callable[[list], float]
+    loss: Callable[[nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    save_model: Callable[[nn.Module, Path], None]
+    batch_tokens: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum())
+
+
+# --------------------------------------------------------------------------- accelerator & plan
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    use_cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    return max(1, math.ceil(n_examples / global_batch))
+
+
+def step_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the examples in global step ``step`` (pure function: resume = step number)."""
+    spe = steps_per_epoch(n_examples, global_batch)
+    epoch, k = divmod(step, spe)
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    return perm[k * global_batch:(k + 1) * global_batch]
+
+
+def micro_slice(indices: list[int], micro: int, rank: int, world: int, batch: int) -> list[int]:
+    start = (micro * world + rank) * batch
+    return indices[start:start + batch]
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig, total_steps: int):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+    )
+    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.scheduler, warmup, total_steps))
+    return opt, sched
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    out = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(out, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ck = list_checkpoints(output_dir)
+    return ck[-1] if ck else None
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write a checkpoint for ``step`` atomically (temp dir + rename) and prune old ones."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-max(1, keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """Progress bar + TensorBoard + metrics.jsonl on the main process; silent elsewhere."""
+
+    def __init__(self, accelerator, cfg: TrainConfig, total: int, start: int, history: list[dict]):
+        self.main = accelerator.is_main_process
+        self.out = Path(cfg.output_dir)
+        self.history = history
+        self.tb = None
+        self.progress = None
+        if not self.main:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=start if start else None)
+            except ImportError:  # pragma: no cover - tensorboard is a core dependency
+                self.tb = None
+        if cfg.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.main:
+            return
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if self.progress is not None:
+            self.progress.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}",
+                                 tps=f"{row.get('tokens_per_s', 0):.0f}")
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+
+
+def write_metrics(history: list[dict], output_dir: str | Path) -> None:
+    out = Path(output_dir)
+    tmp = out / ".metrics.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "training") -> Path | None:
+    """PNG of every logged scalar against the step (loss first)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[-1] if k != "step" and isinstance(history[-1][k], (int, float))]
+    keys = ["loss"] + [k for k in keys if k != "loss"]
+    n = len(keys)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    steps = [r["step"] for r in history]
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(steps, [r.get(k, float("nan")) for r in history], marker="." if len(steps) < 50 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _fault_hook(step: int) -> None:
+    spec = os.environ.get("ALIGNFORGE_FAULT_AFTER_STEP")
+    if not spec:
+        return
+    at, _, kind = spec.partition(":")
+    if int(at) == step:
+        os.kill(os.getpid(), signal.SIGINT if kind.upper() == "INT" else signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """First SIGINT sets a flag (checked after each step); a second one interrupts at once."""
+    flag = {"set": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag["set"]:
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+        installed = True
+    except ValueError:  # not the main thread
+        installed = False
+    try:
+        yield flag
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _finite(x: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(x)).all())
+
+
+def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: Any = None,
+                 title: str = "training") -> dict:
+    """Train ``task.module`` to the end (or from the newest checkpoint with ``cfg.resume``).
+
+    Returns a summary dict: ``{"step", "final_dir", "history", "resumed_from"}``.
+    Raises :class:`TrainingError` on a non-finite loss, :class:`TrainingInterrupted` on SIGINT.
+    """
+    from accelerate.utils import set_seed
+
+    accelerator = accelerator or make_accelerator(cfg)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if run_config is not None:
+            dump_config(run_config, out / "config.yaml")
+    set_seed(cfg.seed)
+
+    n = len(task.examples)
+    if n == 0:
+        raise TrainingError("no training examples")
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    B, A = cfg.per_device_batch_size, cfg.grad_accum
+    G = B * A * world
+    spe = steps_per_epoch(n, G)
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+
+    optimizer, scheduler = build_optimizer(task.module, cfg, total)
+    module, optimizer = accelerator.prepare(task.module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, history, resumed_from = 0, [], None
+    if cfg.resume:
+        ck = latest_checkpoint(out)
+        if ck is not None:
+            accelerator.load_state(str(ck))
+            state = json.loads((ck / STATE_FILE).read_text())
+            step, history, resumed_from = state["step"], state["history"], str(ck)
+            accelerator.print(f"resumed from {ck} (step {step}/{total})")
+        else:
+            accelerator.print(f"resume: no checkpoint in {checkpoint_root(out)}; starting from scratch")
+
+    def save(at: int) -> str:
+        state = {"step": at, "total_steps": total, "history": history}
+        return str(save_checkpoint(accelerator, out, at, state, cfg.keep_last))
+
+    logger = _Logger(accelerator, cfg, total, step, history)
+    last_saved = resumed_from
+    t0, tokens = time.perf_counter(), 0
+    try:
+        with _sigint_flag() as sigint:
+            while step < total:
+                idx = step_indices(step, n, G, cfg.seed)
+                norm = float(task.normalizer([task.examples[i] for i in idx]))
+                norm = max(norm, 1e-8)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                metric_sums: dict[str, torch.Tensor] = {}
+                module.train()
+                for m in range(A):
+                    mine = micro_slice(idx, m, rank, world, B)
+                    dummy = not mine  # keep ranks in lock-step on a short last batch
+                    batch = task.collate([task.examples[i] for i in (mine or idx[:1])])
+                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sync = contextlib.nullcontext() if m == A - 1 else accelerator.no_sync(module)
+                    with sync:
+                        loss, mets = task.loss(module, batch, norm)
+                        if dummy:
+                            loss = loss * 0.0
+                            mets = {k: v * 0.0 for k, v in mets.items()}
+                        accelerator.backward(loss * world)  # DDP averages over ranks
+                    loss_sum += loss.detach().float()
+                    for k, v in mets.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+                    if not dummy:
+                        tokens += task.batch_tokens(batch) * world
+                step_loss = accelerator.reduce(loss_sum, "sum").item()
+                where = f"step {step + 1}"
+                last = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was written yet"
+                if not _finite(step_loss):
+                    raise TrainingError(f"non-finite loss ({step_loss}) at {where}; stopped before the update, {last}")
+                if cfg.max_grad_norm > 0:
+                    gnorm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                else:
+                    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+                    gnorm = torch.stack(grads).norm() if grads else torch.zeros(())
+                gnorm = float(gnorm)
+                if not _finite(gnorm):
+                    raise TrainingError(f"non-finite gradient norm ({gnorm}) at {where}; stopped before the update, {last}")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                if step % max(1, cfg.log_every) == 0 or step == total:
+                    row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
+                           "epoch": round(step / spe, 4),
+                           "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
+                    for k, v in metric_sums.items():
+                        row[k] = accelerator.reduce(v, "sum").item()
+                    logger.log(row)
+                else:
+                    logger.advance(step)
+
+                saved_now = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == total
+                if saved_now:
+                    last_saved = save(step)
+                _fault_hook(step)
+                stop = sigint["set"]
+                if world > 1:  # every rank stops at the same step
+                    flag = torch.tensor(1.0 if stop else 0.0, device=accelerator.device)
+                    stop = accelerator.reduce(flag, "sum").item() > 0
+                if stop:
+                    if not saved_now:
+                        last_saved = save(step)
+                    raise TrainingInterrupted(f"interrupted: checkpoint saved at {last_saved}; continue with train.resume=true")
+    finally:
+        logger.close()
+        if accelerator.is_main_process and history:
+            write_metrics(history, out)
+
+    final_dir = out / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = out / ".final.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        task.save_model(accelerator.unwrap_model(module), tmp)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+        plot_history(history, out / "loss.png", title=title)
+    accelerator.wait_for_everyone()
+    return {"step": step, "final_dir": str(final_dir), "history": history, "resumed_from": resumed_from}

@@ -1,0 +1,140 @@
+"""Tests for alignforge.inference.generate on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignforge.errors import ConfigError
+from alignforge.inference.generate import (
+    GenerationBackend,
+    GenerationConfig,
+    HFBackend,
+)
+from alignforge.models.loading import load_model, load_tokenizer
+
+CONVS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "What is the capital of France? Tell me about the sea."}],
+    [{"role": "user", "content": "Write a function in Python that returns the sum of a list."}],
+    [{"role": "user", "content": "x"}],
+    [{"role": "user", "content": "Sure, here is a short poem"}],
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    """The tiny model with larger random weights, so greedy output varies by context."""
+    model = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return HFBackend(model, load_tokenizer(tiny_model_dir))
+
+
+def test_backend_satisfies_protocol(backend):
+    assert isinstance(backend, GenerationBackend)
+
+
+def test_render_uses_chat_template_without_extra_bos(backend):
+    tok = backend.tokenizer
+    ids = backend.render(CONVS[0])
+    text = tok.apply_chat_template(CONVS[0], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[:2] != [tok.bos_token_id, tok.bos_token_id]
+
+
+def test_bos_added_once_when_tokenizer_wants_one(tiny_model_dir, backend):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer(tiny_model_dir)
+    bos = "<|endoftext|>"
+    tok.bos_token = bos
+    bos_id = tok.convert_tokens_to_ids(bos)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    assert tok("a")["input_ids"][0] == bos_id  # this tokenizer adds a BOS itself
+    b = HFBackend(backend.model, tok)
+    ids = b.render(CONVS[0])
+    assert ids[0] == bos_id and ids[1] != bos_id
+    # a template that already emits the BOS does not get a second one
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    ids2 = HFBackend(backend.model, tok).render(CONVS[0])
+    assert ids2 == ids
+
+
+def test_greedy_batch_equals_one_by_one(backend):
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=8)
+    batched = backend.generate_ids(CONVS, cfg)
+    single = [backend.generate_ids([c], cfg)[0] for c in CONVS]
+    assert len({len(g.prompt_ids) for g in batched}) > 1  # padding was needed
+    assert [g.response_ids for g in batched] == [g.response_ids for g in single]
+    assert [g.prompt_ids for g in batched] == [backend.render(c) for c in CONVS]
+    # responses differ between prompts, so the comparison above is meaningful
+    assert len({tuple(g.response_ids) for g in batched}) > 1
+    texts = backend.generate(CONVS, GenerationConfig(max_new_tokens=10, batch_size=2))
+    assert texts == [g.text for g in batched]
+    assert texts[0] == backend.tokenizer.decode(batched[0].response_ids, skip_special_tokens=True)
+
+
+def test_sampling_reproducible_per_seed(backend):
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7, batch_size=2)
+    before = torch.random.get_rng_state()
+    a = backend.generate(CONVS, cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
+    torch.manual_seed(12345)
+    assert backend.generate(CONVS, cfg) == a
+    other = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8,
+                                                     batch_size=2))
+    assert other != a
+    greedy = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, batch_size=2))
+    assert greedy != a
+
+
+def test_top_k_one_is_greedy(backend):
+    greedy = backend.generate(CONVS, GenerationConfig(max_new_tokens=8))
+    top1 = backend.generate(CONVS, GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=1))
+    assert top1 == greedy
+
+
+def test_max_new_tokens_respected(backend):
+    out = backend.generate_ids(CONVS, GenerationConfig(max_new_tokens=5, stop_on_eos=False,
+                                                       temperature=1.0))
+    assert [len(g.response_ids) for g in out] == [5] * len(CONVS)
+    assert not any(g.finished for g in out)
+    out = backend.generate_ids(CONVS, GenerationConfig(max_new_tokens=3))
+    assert all(len(g.response_ids) <= 3 for g in out)
+
+
+def test_stops_at_eos_and_keeps_it(backend):
+    cfg = GenerationConfig(max_new_tokens=10, stop_on_eos=False)
+    free = backend.generate_ids(CONVS[:1], cfg)[0].response_ids
+    stop_tok = free[3]
+    first = free.index(stop_tok)
+    b = HFBackend(backend.model, backend.tokenizer)
+    b.eos_ids = [stop_tok]  # pretend this token is the EOS
+    got = b.generate_ids(CONVS[:1], GenerationConfig(max_new_tokens=10))[0]
+    assert got.response_ids == free[: first + 1]
+    assert got.finished
+    # without EOS stopping the same backend runs to max_new_tokens
+    assert b.generate_ids(CONVS[:1], cfg)[0].response_ids == free
+
+
+def test_generation_restores_training_mode(backend):
+    backend.model.train()
+    try:
+        backend.generate(CONVS[:1], GenerationConfig(max_new_tokens=2))
+        assert backend.model.training
+    finally:
+        backend.model.eval()
+
+
+@pytest.mark.parametrize("kw", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0},
+                                {"top_k": -1}, {"batch_size": 0}])
+def test_generation_config_validation(kw):
+    with pytest.raises(ConfigError):
+        GenerationConfig(**kw)
