@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Read, validate, convert and describe datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+rm_app = typer.Typer(help="Reward models: train, evaluate, score.", no_args_is_help=True)
+app.add_typer(rm_app, name="rm")
 
 
 def _err(msg: str, code: int = 2) -> None:
@@ -35,6 +37,19 @@ def _err(msg: str, code: int = 2) -> None:
 # --------------------------------------------------------------------------- training
 
 
+def _load_cfg(cls, config: Optional[Path], overrides: Optional[List[str]], resume: bool):
+    """Config from an optional YAML file plus overrides; a first argument ``k=v`` is an override."""
+    from alignforge.config import load_config
+
+    ov = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        ov.insert(0, str(config))
+        config = None
+    if resume:
+        ov.append("train.resume=true")
+    return load_config(cls, config, ov)
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def sft(
     config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/sft_demo.yaml)."),
@@ -42,19 +57,32 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir."),
 ) -> None:
     """Supervised fine-tuning on demonstrations ({messages} or {prompt, completion} JSONL)."""
-    from alignforge.config import load_config
     from alignforge.trainers.sft import SFTConfig, train_sft
 
-    ov = list(overrides or [])
-    if resume:
-        ov.append("train.resume=true")
-    cfg = load_config(SFTConfig, config, ov)
+    cfg = _load_cfg(SFTConfig, config, overrides, resume)
     summary = train_sft(cfg)
     out = Path(cfg.train.output_dir)
     last = summary["history"][-1] if summary["history"] else {}
     typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}")
     typer.echo(f"model: {summary['final_dir']}")
     typer.echo(f"curves: {out / 'loss.png'}  metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tb'}")
+
+
+@rm_app.command("train")
+def rm_train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/rm_hh.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. reward.reg_coef=0.05"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir."),
+) -> None:
+    """Train a Bradley-Terry reward model (length balancing and Gaussian score prior by default)."""
+    from alignforge.trainers.rm import RMConfig, train_rm
+
+    cfg = _load_cfg(RMConfig, config, overrides, resume)
+    summary = train_rm(cfg)
+    last = summary["history"][-1] if summary["history"] else {}
+    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}, "
+               f"batch accuracy {last.get('accuracy', float('nan')):.3f}")
+    typer.echo(f"reward model: {summary['final_dir']}")
 
 
 @app.command()
@@ -166,6 +194,11 @@ def data_stats(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning alignforge errors into one-line messages."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         rc = app(args=argv, standalone_mode=False)
     except AlignforgeError as e:

@@ -66,6 +66,7 @@ class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     per_device_batch_size: int = 4
     grad_accum: int = 1
+    group_by_length: bool = False  # batches of similar length (less padding); still a pure function of the step
     lr: float = 2e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -28,6 +28,14 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] | None = field(default=None)
+    task_type: str = "CAUSAL_LM"  # SEQ_CLS for reward/value models: their score head is trained in full
+
+    @classmethod
+    def from_config(cls, cfg: Any, task_type: str = "CAUSAL_LM") -> "LoraSettings":
+        """From ``alignforge.config.LoraConfig`` (``["all-linear"]`` means the string ``"all-linear"``)."""
+        tm = list(cfg.target_modules)
+        return cls(enabled=cfg.enabled, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                   target_modules="all-linear" if tm == ["all-linear"] else tm, task_type=task_type)
 
 
 def _unwrap_ddp(model: Any) -> Any:
@@ -59,7 +67,7 @@ def unwrap_base(model: Any) -> Any:
 
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
-    """Wrap ``model`` with a fresh LoRA adapter (task CAUSAL_LM); no-op when disabled."""
+    """Wrap ``model`` with a fresh LoRA adapter (``settings.task_type``); no-op when disabled."""
     if not settings.enabled:
         return model
     from peft import LoraConfig, TaskType, get_peft_model
@@ -68,7 +76,7 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
         raise ModelError("model already has a PEFT adapter; load it with trainable_adapter=True "
                          "to continue training it instead of applying a new one")
     cfg = LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
+        task_type=TaskType[settings.task_type], r=settings.r, lora_alpha=settings.alpha,
         lora_dropout=settings.dropout, target_modules=settings.target_modules,
         modules_to_save=settings.modules_to_save,
     )

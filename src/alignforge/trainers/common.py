@@ -61,6 +61,7 @@ class Task:
             batches and ranks, then divided by the global normaliser for logging.
         save_model: ``(unwrapped module, out_dir) -> None`` writes the final model.
         batch_tokens: batch -> number of tokens processed (for tokens/s).
+        lengths: example lengths; with ``cfg.group_by_length`` batches hold similar lengths.
     """
 
     module: nn.Module
@@ -70,6 +71,7 @@ class Task:
     loss: Callable[[nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     save_model: Callable[[nn.Module, Path], None]
     batch_tokens: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum())
+    lengths: Sequence[int] | None = None  # per-example length, for train.group_by_length
 
 
 # --------------------------------------------------------------------------- accelerator & plan
@@ -86,13 +88,31 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return max(1, math.ceil(n_examples / global_batch))
 
 
-def step_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:
+MEGABATCH = 16  # length grouping sorts windows of this many global batches
+
+
+def epoch_order(epoch: int, n_examples: int, global_batch: int, seed: int,
+                lengths: Sequence[int] | None = None) -> list[int]:
+    """The order of the examples in ``epoch``: a seeded shuffle, optionally grouped by length.
+
+    With ``lengths``, each window of ``MEGABATCH`` global batches of the shuffle is sorted by
+    length (longest first), so a batch holds examples of similar length and little is padding,
+    while the order stays random between windows (as HF's ``LengthGroupedSampler`` does).
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    if lengths is None:
+        return perm
+    w = global_batch * MEGABATCH
+    return [i for k in range(0, n_examples, w) for i in sorted(perm[k:k + w], key=lambda i: -lengths[i])]
+
+
+def step_indices(step: int, n_examples: int, global_batch: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> list[int]:
     """Indices of the examples in global step ``step`` (pure function: resume = step number)."""
     spe = steps_per_epoch(n_examples, global_batch)
     epoch, k = divmod(step, spe)
-    g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n_examples, generator=g).tolist()
-    return perm[k * global_batch:(k + 1) * global_batch]
+    return epoch_order(epoch, n_examples, global_batch, seed, lengths)[k * global_batch:(k + 1) * global_batch]
 
 
 def micro_slice(indices: list[int], micro: int, rank: int, world: int, batch: int) -> list[int]:
@@ -363,10 +383,17 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     logger = _Logger(accelerator, cfg, total, step, history)
     last_saved = resumed_from
     t0, tokens = time.perf_counter(), 0
+    lengths = task.lengths if cfg.group_by_length else None
+    if cfg.group_by_length and lengths is None:
+        raise TrainingError("train.group_by_length needs example lengths, which this trainer does not provide")
+    order: tuple[int, list[int]] = (-1, [])
     try:
         with _sigint_flag() as sigint:
             while step < total:
-                idx = step_indices(step, n, G, cfg.seed)
+                epoch, k = divmod(step, spe)
+                if order[0] != epoch:
+                    order = (epoch, epoch_order(epoch, n, G, cfg.seed, lengths))
+                idx = order[1][k * G:(k + 1) * G]
                 norm = float(task.normalizer([task.examples[i] for i in idx]))
                 norm = max(norm, 1e-8)
                 loss_sum = torch.zeros((), device=accelerator.device)
@@ -412,8 +439,8 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                     row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
                            "epoch": round(step / spe, 4),
                            "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
-                    for k, v in metric_sums.items():
-                        row[k] = accelerator.reduce(v, "sum").item()
+                    for k, v in metric_sums.items():  # per-item means over the global batch
+                        row[k] = accelerator.reduce(v, "sum").item() / norm
                     logger.log(row)
                 else:
                     logger.advance(step)

@@ -57,8 +57,8 @@ def sft_step_loss(module, batch: dict, normalizer: float):
     from alignforge.losses.sft import nll_loss
 
     logps = module(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-    loss, mets = nll_loss(logps, batch["target_mask"], normalizer)
-    return loss, {"target_tokens": mets["n_tokens"]}
+    loss, _ = nll_loss(logps, batch["target_mask"], normalizer)
+    return loss, {}
 
 
 def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig):
@@ -70,12 +70,7 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig):
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if lora_cfg.enabled:
-        tm = lora_cfg.target_modules
-        model = apply_lora(model, LoraSettings(enabled=True, r=lora_cfg.r, alpha=lora_cfg.alpha,
-                                               dropout=lora_cfg.dropout,
-                                               target_modules=tm[0] if tm == ["all-linear"] else tm))
-    return model
+    return apply_lora(model, LoraSettings.from_config(lora_cfg))
 
 
 def train_sft(cfg: SFTConfig) -> dict:
@@ -114,6 +109,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         normalizer=count_targets,
         loss=sft_step_loss,
         save_model=save,
+        lengths=[len(e.input_ids) for e in examples],
     )
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title="SFT")
     summary["data_report"] = report.summary()

@@ -1,0 +1,137 @@
+"""Reward models: an HF ``*ForSequenceClassification`` (backbone + scalar ``score`` head) with our pooling.
+
+The score is read at the **last real token** of each sequence, found from the attention mask
+(or, for packed pairs, from the block layout), never by searching for the pad id: chat models
+such as SmolLM2 use their end-of-turn token as the pad token, so HF's own pad-id pooling would
+stop at the first assistant turn of a multi-turn conversation.
+
+A saved reward model is a plain HF sequence-classification directory plus ``reward_stats.json``
+(the score mean and std on a reference set, for normalisation later). Load it back with
+:func:`load_reward_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignforge.errors import ModelError
+from alignforge.models.packing import packed_hidden_states
+
+STATS_FILE = "reward_stats.json"
+
+
+def _base(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _head(base: nn.Module) -> nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        if head is not None:
+            return head
+    raise ModelError(f"{type(base).__name__} has no 'score' or 'classifier' head")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of the last position with ``attention_mask == 1`` (left or right padding)."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(1).to(torch.long).argmax(dim=1)
+
+
+class RewardModel(nn.Module):
+    """``forward(batch) -> scores``.
+
+    * unpacked batch (``input_ids``, ``attention_mask``): ``(B,)`` scores;
+    * packed pairs (``models.packing.pack_pairs``): ``(r_chosen, r_rejected)``, each ``(B,)``.
+
+    ``.model`` is the wrapped HF (or PEFT) sequence-classification model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def _score(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = _head(_base(self.model))
+        w = next(head.parameters())
+        return head(hidden.to(w.dtype)).float().squeeze(-1)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        base = _base(self.model)
+        decoder = base.get_decoder()
+        rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        if "segment_ids" in batch:
+            h = packed_hidden_states(decoder, batch)
+            return self._score(h[rows, batch["chosen_last"]]), self._score(h[rows, batch["rejected_last"]])
+        h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        return self._score(h[rows, last_token_index(batch["attention_mask"])])
+
+
+def _is_seqcls_dir(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_reward_backbone(name_or_path: str, dtype: str = "float32") -> Any:
+    """An HF sequence-classification model with one label, from a saved RM or from any causal LM
+    (``embedded``, HF dir, GGUF, hub id); a fresh ``score`` head is initialised in the latter case."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from alignforge.models.loading import resolve_model_path, torch_dtype
+
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if not _is_seqcls_dir(path):
+        kwargs["num_labels"] = 1
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load a reward model from {name_or_path!r}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.num_labels != 1:
+        raise ModelError(f"{name_or_path!r} has {model.config.num_labels} labels; a reward model has 1")
+    model._alignforge_name = os.fspath(name_or_path)  # noqa: SLF001
+    return model
+
+
+def load_reward_model(path: str, dtype: str = "float32") -> tuple[RewardModel, Any, dict]:
+    """Load a saved reward model: ``(RewardModel, tokenizer, stats)``; stats has ``mean``/``std``."""
+    from alignforge.models.loading import load_tokenizer
+
+    model = load_reward_backbone(path, dtype)
+    tok = load_tokenizer(path)
+    model.config.pad_token_id = tok.pad_token_id
+    stats_file = Path(path) / STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    return RewardModel(model).eval(), tok, stats
+
+
+def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, stats: dict) -> Path:
+    """Save atomically as a full HF model (a LoRA adapter is merged first) + ``reward_stats.json``."""
+    from alignforge.models.loading import atomic_dir
+    from alignforge.models.lora import is_peft
+
+    hf = model.model if isinstance(model, RewardModel) else model
+    if is_peft(hf):
+        hf = hf.merge_and_unload()
+    hf.config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2))
+    return Path(out_dir)
