@@ -29,6 +29,16 @@ rm_app = typer.Typer(help="Reward models: train, evaluate, score.", no_args_is_h
 app.add_typer(rm_app, name="rm")
 
 
+def _register_annotation() -> None:
+    from alignforge.annotate.cli import annotate_app, pairs_app  # imports typer only
+
+    app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, export, agreement, users.")
+    app.add_typer(pairs_app, name="pairs", help="Sample response pairs for annotation.")
+
+
+_register_annotation()
+
+
 def _err(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -50,39 +60,125 @@ def _load_cfg(cls, config: Optional[Path], overrides: Optional[List[str]], resum
     return load_config(cls, config, ov)
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def sft(
-    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/sft_demo.yaml)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-5"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir."),
-) -> None:
-    """Supervised fine-tuning on demonstrations ({messages} or {prompt, completion} JSONL)."""
-    from alignforge.trainers.sft import SFTConfig, train_sft
-
-    cfg = _load_cfg(SFTConfig, config, overrides, resume)
-    summary = train_sft(cfg)
+def _run_trainer(cls, train_fn, config, overrides, resume, extra_keys: tuple[str, ...] = ()) -> None:
+    cfg = _load_cfg(cls, config, overrides, resume)
+    summary = train_fn(cfg)
     out = Path(cfg.train.output_dir)
     last = summary["history"][-1] if summary["history"] else {}
-    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}")
+    extras = "".join(f", {k} {last[k]:.4f}" for k in extra_keys if k in last)
+    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}{extras}")
     typer.echo(f"model: {summary['final_dir']}")
     typer.echo(f"curves: {out / 'loss.png'}  metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tb'}")
 
 
-@rm_app.command("train")
-def rm_train(
-    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/rm_hh.yaml)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. reward.reg_coef=0.05"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir."),
+_CONFIG_ARG = typer.Argument(None, help="YAML config (see configs/); a first key=value is taken as an override.")
+_OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-5 lora.enabled=true")
+_RESUME_OPT = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir.")
+
+
+@app.command()
+def sft(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+        resume: bool = _RESUME_OPT) -> None:
+    """Supervised fine-tuning on demonstrations ({messages} or {prompt, completion} JSONL)."""
+    from alignforge.trainers.sft import SFTConfig, train_sft
+
+    _run_trainer(SFTConfig, train_sft, config, overrides, resume)
+
+
+@app.command()
+def dpo(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+        resume: bool = _RESUME_OPT) -> None:
+    """Pairwise DPO (+NTP), cDPO or IPO on preference pairs; reference log-probs cached on disk."""
+    from alignforge.trainers.dpo import DPOConfig, train_dpo
+
+    _run_trainer(DPOConfig, train_dpo, config, overrides, resume, ("reward_accuracy", "reward_margin"))
+
+
+@app.command()
+def ulma(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+         resume: bool = _RESUME_OPT) -> None:
+    """Point-wise alignment: ULMA, point-wise DPO or KTO (ulma.loss); preference files are converted."""
+    from alignforge.trainers.ulma import ULMAConfig, train_ulma
+
+    _run_trainer(ULMAConfig, train_ulma, config, overrides, resume, ("sigmoid_reward_pos", "sigmoid_reward_neg"))
+
+
+@app.command("dpo-data")
+def dpo_data(
+    prompts: Path = typer.Argument(..., help="Prompts JSONL ({prompt} or {messages} ending on a user turn)."),
+    out: Path = typer.Argument(..., help="Preference JSONL to write (atomically)."),
+    reward_model: str = typer.Option(..., "--reward-model", help="A reward model dir from `alignforge rm train`."),
+    policy: str = typer.Option("embedded", help="The policy that samples responses (usually the SFT model)."),
+    k: int = typer.Option(4, help="Responses sampled per prompt."),
+    min_gap: float = typer.Option(0.0, help="Skip prompts whose best and worst rewards differ by less."),
+    temperature: float = typer.Option(0.9),
+    top_p: float = typer.Option(0.95),
+    max_new_tokens: int = typer.Option(128),
+    seed: int = typer.Option(0),
+    limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
 ) -> None:
+    """ChatGLM-RLHF's DPO data: sample K responses per prompt, label best/worst with the reward model."""
+    from alignforge.inference.dpo_data import build_dpo_pairs
+
+    report = build_dpo_pairs(str(prompts), str(out), reward_model, policy=policy, k=k, temperature=temperature,
+                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, min_gap=min_gap, limit=limit)
+    typer.echo(report.summary())
+
+
+@rm_app.command("train")
+def rm_train(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+             resume: bool = _RESUME_OPT) -> None:
     """Train a Bradley-Terry reward model (length balancing and Gaussian score prior by default)."""
     from alignforge.trainers.rm import RMConfig, train_rm
 
-    cfg = _load_cfg(RMConfig, config, overrides, resume)
-    summary = train_rm(cfg)
-    last = summary["history"][-1] if summary["history"] else {}
-    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}, "
-               f"batch accuracy {last.get('accuracy', float('nan')):.3f}")
-    typer.echo(f"reward model: {summary['final_dir']}")
+    _run_trainer(RMConfig, train_rm, config, overrides, resume, ("accuracy",))
+
+
+@rm_app.command("eval")
+def rm_eval(
+    rm_dir: Path = typer.Argument(..., help="A saved reward model (e.g. outputs/rm/final)."),
+    data: List[Path] = typer.Argument(..., help="Held-out preference file(s): TRL formats or raw HH-RLHF."),
+    out: Path = typer.Option(Path("outputs/rm_eval"), "--out", help="Where summary.json, scores.jsonl and plots go."),
+    max_length: int = typer.Option(512, help="Truncate prompt + response to this many tokens (as in training)."),
+    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N valid pairs."),
+    on_error: str = typer.Option("skip", help="skip: drop invalid records and report them; raise: stop at the first."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the accuracy CI."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+) -> None:
+    """Evaluate a reward model: accuracy (bootstrap CI), by length-difference bucket, length bias."""
+    from alignforge.eval.rm_eval import format_eval, run_rm_eval
+
+    if on_error not in ("raise", "skip"):
+        _err(f"--on-error must be raise or skip, not {on_error!r}")
+    s = run_rm_eval(rm_dir, data, out, max_length=max_length, batch_size=batch_size, limit=limit,
+                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots)
+    typer.echo(s["data_report"]["summary"])
+    typer.echo(format_eval(s))
+    typer.echo(f"\nsummary: {s['files']['summary']}  scores: {s['files']['scores']}")
+    for p in s["files"]["plots"]:
+        typer.echo(f"plot: {p}")
+
+
+@rm_app.command("score")
+def rm_score(
+    rm_dir: Path = typer.Argument(..., help="A saved reward model (e.g. outputs/rm/final)."),
+    src: Path = typer.Argument(..., help="{prompt, completion} or {prompt, response} records (JSONL/JSON(.gz))."),
+    dst: Path = typer.Argument(..., help="Output .jsonl or .jsonl.gz: the same records plus 'score' (atomic)."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    max_length: int = typer.Option(1024, help="Truncate prompt + completion to this many tokens."),
+    normalize: bool = typer.Option(False, "--normalize",
+                                   help="Also write score_normalized = (score - mean) / std (RM reference stats)."),
+) -> None:
+    """Score (prompt, completion) records with a reward model."""
+    from alignforge.eval.rm_eval import score_file
+
+    r = score_file(rm_dir, src, dst, batch_size=batch_size, max_length=max_length, normalize=normalize)
+    std = r["score_std"]
+    typer.echo(f"scored {r['n']} records ({r['n_truncated']} truncated to {max_length} tokens); "
+               f"score mean {r['score_mean']:.4f}" + (f", std {std:.4f}" if std is not None else ""))
+    typer.echo(f"written to {r['out']}")
 
 
 @app.command()
@@ -199,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    # peft calls a transformers property that transformers 5 deprecates; nothing for users to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         rc = app(args=argv, standalone_mode=False)
     except AlignforgeError as e:

@@ -49,3 +49,23 @@ def test_packed_equals_unpacked(tiny_model_dir, impl):
             ref = model.model(input_ids=torch.tensor([p.prompt_ids + resp])).last_hidden_state[0]
             assert torch.allclose(h[i, :P], ref[:P], atol=1e-5)
             assert torch.allclose(h[i, start:start + len(resp)], ref[P:], atol=1e-5)
+
+
+def test_packed_response_logps_equal_unpacked(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from alignforge.models.packing import packed_response_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+        out = packed_response_logps(model, pack_pairs(PAIRS, 0))
+        for i, p in enumerate(PAIRS):
+            for resp, key in ((p.chosen_ids, "chosen"), (p.rejected_ids, "rejected")):
+                ids = torch.tensor([p.prompt_ids + resp])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                P = len(p.prompt_ids)
+                ref = sum(logp[P - 1 + k, tok].item() for k, tok in enumerate(resp))
+                assert abs(out[f"{key}_logps"][i].item() - ref) < 1e-4
+                assert out[f"{key}_tokens"][i].item() == len(resp)

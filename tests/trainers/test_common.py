@@ -27,6 +27,25 @@ def test_step_indices_cover_each_epoch_once():
     assert len(step_indices(2, n, G, 7)) == 2  # short last batch
 
 
+def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
+    from alignforge.trainers.common import MEGABATCH, epoch_order
+
+    n, G = 200, 4
+    lengths = [(i * 37) % 101 for i in range(n)]
+    order = epoch_order(0, n, G, seed=1, lengths=lengths)
+    assert sorted(order) == list(range(n))
+    w = G * MEGABATCH
+    for k in range(0, n, w):  # each window is sorted longest first
+        win = [lengths[i] for i in order[k:k + w]]
+        assert win == sorted(win, reverse=True)
+    plain = epoch_order(0, n, G, seed=1)
+    spread = lambda o: sum(max(lengths[i] for i in o[k:k + G]) - min(lengths[i] for i in o[k:k + G])  # noqa: E731
+                           for k in range(0, n, G))
+    assert spread(order) < spread(plain) / 5  # far less padding per batch
+    assert epoch_order(1, n, G, seed=1, lengths=lengths) != order  # a new shuffle each epoch
+    assert step_indices(3, n, G, 1, lengths) == order[12:16]
+
+
 def test_micro_slices_partition_the_global_batch():
     idx = list(range(8))
     parts = [micro_slice(idx, m, r, world=2, batch=2) for m in range(2) for r in range(2)]

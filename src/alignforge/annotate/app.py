@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from alignforge.annotate import service as svc
 from alignforge.annotate.db import PROMPT_QUALITY, ROLES, open_db, utcnow
@@ -155,7 +156,7 @@ def create_app(cfg: AppConfig) -> FastAPI:
     def _auth(*roles: str, csrf: bool = False) -> Callable:
         async def dep(request: Request) -> Ctx:
             token = request.cookies.get(SESSION_COOKIE)
-            found = svc.get_session(S, token)
+            found = await run_in_threadpool(svc.get_session, S, token)
             if found is None:
                 raise AuthRedirect()
             user, sess = found

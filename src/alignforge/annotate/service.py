@@ -281,8 +281,10 @@ def parse_pair(obj: Any, fname: str, line: int) -> PairRecord:
                       f"{fname}:{line}")
 
 
-def read_pairs(path: str | Path) -> list[PairRecord]:
-    """Validate a whole import file; raises :class:`ImportFileError` listing every bad line."""
+def read_pairs(path: str | Path, skip_invalid: bool = False,
+               dropped: list[DataError] | None = None) -> list[PairRecord]:
+    """Validate a whole import file; raises :class:`ImportFileError` listing every bad line,
+    or with ``skip_invalid`` leaves bad lines out (appending their errors to ``dropped``)."""
     p = Path(path)
     fname = str(path)
     if not p.is_file():
@@ -313,8 +315,10 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
             continue
         seen[rec.uid] = line
         out.append(rec)
-    if errors:
+    if errors and not skip_invalid:
         raise ImportFileError(errors)
+    if dropped is not None:
+        dropped.extend(errors)
     return out
 
 
@@ -342,16 +346,23 @@ class ImportReport:
     added: int
     skipped_existing: int
     gold: int
+    invalid: list[DataError] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"imported {self.path}: {self.read} pairs read, {self.added} added "
-                f"({self.gold} gold), {self.skipped_existing} already present")
+        s = (f"imported {self.path}: {self.read} pairs read, {self.added} added "
+             f"({self.gold} gold), {self.skipped_existing} already present")
+        if self.invalid:
+            s += f"; {len(self.invalid)} invalid records skipped:\n" + "\n".join(
+                e.format() for e in self.invalid[:20])
+        return s
 
 
-def import_pairs(S: sessionmaker[Session], path: str | Path) -> ImportReport:
-    """Import a pair file (all or nothing). Items already present (same ``id``, or the same
-    content when there is no id) are skipped, so re-importing a file is harmless."""
-    recs = read_pairs(path)
+def import_pairs(S: sessionmaker[Session], path: str | Path, skip_invalid: bool = False) -> ImportReport:
+    """Import a pair file: all or nothing, or leaving invalid records out with
+    ``skip_invalid``. Items already present (same ``id``, or the same content when there is
+    no id) are skipped, so re-importing a file is harmless."""
+    invalid: list[DataError] = []
+    recs = read_pairs(path, skip_invalid, invalid)
     added = gold = 0
     with S.begin() as s:
         existing = set(s.scalars(select(Item.uid)))
@@ -365,7 +376,7 @@ def import_pairs(S: sessionmaker[Session], path: str | Path) -> ImportReport:
             existing.add(r.uid)
             added += 1
             gold += r.gold_overall is not None
-    return ImportReport(str(path), len(recs), added, len(recs) - added, gold)
+    return ImportReport(str(path), len(recs), added, len(recs) - added, gold, invalid)
 
 
 # --------------------------------------------------------------------------- leases

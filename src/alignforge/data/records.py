@@ -78,3 +78,14 @@ class TokenizedPair:
     rejected_ids: list[int]
     category: str | None = None
     source: Source = field(default_factory=Source)
+
+
+@dataclass
+class TokenizedPointwise:
+    """One tokenized point-wise example (ULMA, point-wise DPO, KTO); the completion follows the prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: float
+    category: str | None = None
+    source: Source = field(default_factory=Source)

@@ -51,7 +51,7 @@ from typing import Any, Literal, Sequence
 from alignforge.errors import ConfigError, DataError, ModelError
 from alignforge.data.readers import OnError, read_preference, read_sft, summarize_errors
 from alignforge.data.records import (
-    Message, PreferenceRecord, SFTRecord, Source, TokenizedPair, TokenizedSFT,
+    Message, PointwiseRecord, PreferenceRecord, SFTRecord, Source, TokenizedPair, TokenizedPointwise, TokenizedSFT,
 )
 
 Overlong = Literal["truncate", "drop"]
@@ -298,6 +298,24 @@ def tokenize_preference(record: PreferenceRecord, tokenizer: Any, max_length: in
     return TokenizedPair(p, c, r, record.category, src), True
 
 
+def tokenize_pointwise(record: PointwiseRecord, tokenizer: Any, max_length: int,
+                       max_prompt_length: int | None = None, overlong: Overlong = "truncate"
+                       ) -> tuple[TokenizedPointwise | None, bool]:
+    """Tokenize one point-wise record -> ``(example, was_overlong)`` (same truncation rule)."""
+    _check_args(max_length, overlong)
+    src = record.source
+    p_text, p_ids = _prompt_text_ids(tokenizer, record.prompt, src)
+    c = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.completion, src, "completion")
+    label = float(record.label)
+    if len(p_ids) + len(c) <= max_length:
+        return TokenizedPointwise(p_ids, c, label, record.category, src), False
+    if overlong == "drop":
+        return None, True
+    p, (c,), _ = truncate_prompt_responses(p_ids, [c], max_length, max_prompt_length,
+                                           _starts_with_bos(tokenizer, p_ids))
+    return TokenizedPointwise(p, c, label, record.category, src), True
+
+
 # --------------------------------------------------------------------------- datasets
 
 @dataclass
@@ -377,4 +395,26 @@ def load_preference_dataset(paths: str | Path | Sequence[str | Path], tokenizer:
     """Read (:func:`read_preference`) and tokenize preference files."""
     return _load("preference", paths, read_preference,
                  lambda r: tokenize_preference(r, tokenizer, max_length, max_prompt_length, overlong),
+                 tokenizer, max_length, overlong, on_error)
+
+
+def _read_pointwise_or_pairs(path: str, on_error: OnError):
+    """Point-wise records; a preference file is converted (chosen -> label 1, rejected -> 0)."""
+    from alignforge.data.convert import preference_to_pointwise
+    from alignforge.data.readers import detect_kind, read_pointwise
+
+    if detect_kind(path) == "preference":
+        res = read_preference(path, on_error)
+        res.records = preference_to_pointwise(res.records)
+        return res
+    return read_pointwise(path, on_error)
+
+
+def load_pointwise_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, max_length: int,
+                           max_prompt_length: int | None = None, overlong: Overlong = "truncate",
+                           on_error: OnError = "raise"
+                           ) -> tuple[list[TokenizedPointwise], DatasetReport]:
+    """Read point-wise files (or preference files, converted) and tokenize them."""
+    return _load("pointwise", paths, _read_pointwise_or_pairs,
+                 lambda r: tokenize_pointwise(r, tokenizer, max_length, max_prompt_length, overlong),
                  tokenizer, max_length, overlong, on_error)

@@ -76,3 +76,54 @@ def packed_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor
     out = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                   use_cache=False)
     return out.last_hidden_state
+
+
+def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-response log-probabilities of packed pairs, with the LM head only at response tokens.
+
+    Token ``t`` of a response is predicted from position ``t - 1``, except the first rejected token,
+    which is predicted from the last prompt token (in the packed sequence the token before it is
+    the last chosen token, which rejected must not see).
+
+    Returns ``(B,)`` tensors: ``chosen_logps``/``rejected_logps`` (sums over tokens) and
+    ``chosen_tokens``/``rejected_tokens`` (counts), so callers can take sums or per-token means.
+    """
+    get_base = getattr(lm, "get_base_model", None)
+    base = get_base() if callable(get_base) else lm
+    hidden = packed_hidden_states(base.get_decoder(), batch)
+    head = base.get_output_embeddings()
+    seg = batch["segment_ids"]
+    B, T = seg.shape
+    is_resp = (seg == CHOSEN) | (seg == REJECTED)
+    src = torch.arange(T, device=seg.device).expand(B, T) - 1
+    rows = torch.arange(B, device=seg.device)
+    first_rej = batch["chosen_last"] + 1
+    src = src.clone()
+    src[rows, first_rej] = batch["prompt_last"]
+    b_idx, t_idx = is_resp.nonzero(as_tuple=True)
+    h = hidden[b_idx, src[b_idx, t_idx]]
+    logits = head(h).float()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, batch["input_ids"][b_idx, t_idx].unsqueeze(-1)).squeeze(-1)
+    is_chosen = seg[b_idx, t_idx] == CHOSEN
+    zeros = torch.zeros(B, dtype=lp.dtype, device=lp.device)
+    return {
+        "chosen_logps": zeros.index_add(0, b_idx[is_chosen], lp[is_chosen]),
+        "rejected_logps": zeros.index_add(0, b_idx[~is_chosen], lp[~is_chosen]),
+        "chosen_tokens": zeros.index_add(0, b_idx[is_chosen], torch.ones_like(lp[is_chosen])),
+        "rejected_tokens": zeros.index_add(0, b_idx[~is_chosen], torch.ones_like(lp[~is_chosen])),
+    }
+
+
+class PackedPairLogProbs(torch.nn.Module):
+    """``forward(packed_batch) -> packed_response_logps(...)``; wraps a causal LM so that a DDP/FSDP
+    wrapper around this module sees the whole computation (``.lm`` is the model to save)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return packed_response_logps(self.lm, batch)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -135,3 +136,86 @@ def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, sta
         tokenizer.save_pretrained(str(tmp))
         (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2))
     return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- batched scoring
+
+def _progress(enabled: bool, total: int, description: str):
+    """A started rich progress bar (on stderr) and its task, or ``(None, None)``."""
+    if not enabled:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    prog.start()
+    return prog, prog.add_task(description, total=total)
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)  # longest first: OOM early
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def score_pairs(rm, pairs: Sequence, pad_id: int, batch_size: int = 8, progress: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Score both responses of every pair -> ``(chosen, rejected)`` float64 arrays in input order.
+
+    Pairs are packed (``[prompt | chosen | rejected]``) and batched by length.
+    """
+    from alignforge.models.packing import pack_pairs
+
+    n = len(pairs)
+    chosen, rejected = np.zeros(n), np.zeros(n)
+    device = next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    prog, task = _progress(progress, n, "scoring pairs")
+    try:
+        with torch.no_grad():
+            for idx in batches_by_length([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
+                                         batch_size):
+                batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], pad_id).items()}
+                rc, rr = rm(batch)
+                chosen[idx] = rc.double().cpu().numpy()
+                rejected[idx] = rr.double().cpu().numpy()
+                if prog is not None:
+                    prog.advance(task, len(idx))
+    finally:
+        if prog is not None:
+            prog.stop()
+        rm.train(was_training)
+    return chosen, rejected
+
+
+def score_sequences(rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8,
+                    progress: bool = True) -> np.ndarray:
+    """Score whole token sequences (prompt + response), right-padded, batched by length;
+    input order kept."""
+    scores = np.zeros(len(seqs))
+    device = next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    prog, task = _progress(progress, len(seqs), "scoring")
+    try:
+        with torch.no_grad():
+            for idx in batches_by_length([len(s) for s in seqs], batch_size):
+                T = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+                att = torch.zeros((len(idx), T), dtype=torch.long)
+                for b, i in enumerate(idx):
+                    ids[b, :len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
+                    att[b, :len(seqs[i])] = 1
+                out = rm({"input_ids": ids.to(device), "attention_mask": att.to(device)})
+                scores[idx] = out.double().cpu().numpy()
+                if prog is not None:
+                    prog.advance(task, len(idx))
+    finally:
+        if prog is not None:
+            prog.stop()
+        rm.train(was_training)
+    return scores

@@ -54,24 +54,27 @@ class Task:
         module: the ``nn.Module`` to optimise (its ``forward`` is what ``loss`` calls).
         examples: the training examples (any objects).
         collate: examples -> batch (dict of CPU tensors).
-        normalizer: examples -> their share of the loss normaliser (e.g. number of target
-            tokens for SFT, number of pairs for DPO). Summed over the whole global batch.
+        normalizer: examples -> the loss normaliser of the whole global batch (e.g. number of
+            target tokens for SFT, number of pairs for DPO), or a dict of several (it must hold
+            ``"items"``, which divides the logged metric sums), e.g. ULMA's positive and negative counts.
         loss: ``(module, batch, normalizer) -> (loss, metric_sums)``; loss must be a sum over
             the batch divided by ``normalizer``. ``metric_sums`` values are summed over micro
             batches and ranks, then divided by the global normaliser for logging.
         save_model: ``(unwrapped module, out_dir) -> None`` writes the final model.
         batch_tokens: batch -> number of tokens processed (for tokens/s).
         lengths: example lengths; with ``cfg.group_by_length`` batches hold similar lengths.
+        summarize: ``(global metric sums, items) -> logged values``; default: each sum / items.
     """
 
     module: nn.Module
     examples: Sequence[Any]
     collate: Callable[[list], dict]
-    normalizer: Callable[[list], float]
-    loss: Callable[[nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    normalizer: Callable[[list], float | dict[str, float]]
+    loss: Callable[[nn.Module, dict, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     save_model: Callable[[nn.Module, Path], None]
     batch_tokens: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum())
     lengths: Sequence[int] | None = None  # per-example length, for train.group_by_length
+    summarize: Callable[[dict[str, float], float], dict[str, float]] | None = None
 
 
 # --------------------------------------------------------------------------- accelerator & plan
@@ -394,8 +397,10 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 if order[0] != epoch:
                     order = (epoch, epoch_order(epoch, n, G, cfg.seed, lengths))
                 idx = order[1][k * G:(k + 1) * G]
-                norm = float(task.normalizer([task.examples[i] for i in idx]))
-                norm = max(norm, 1e-8)
+                norm = task.normalizer([task.examples[i] for i in idx])
+                items = max(float(norm["items"] if isinstance(norm, dict) else norm), 1e-8)
+                if not isinstance(norm, dict):
+                    norm = items
                 loss_sum = torch.zeros((), device=accelerator.device)
                 metric_sums: dict[str, torch.Tensor] = {}
                 module.train()
@@ -439,8 +444,9 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                     row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
                            "epoch": round(step / spe, 4),
                            "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
-                    for k, v in metric_sums.items():  # per-item means over the global batch
-                        row[k] = accelerator.reduce(v, "sum").item() / norm
+                    sums = {k: accelerator.reduce(v, "sum").item() for k, v in metric_sums.items()}
+                    row.update(task.summarize(sums, items) if task.summarize else
+                               {k: v / items for k, v in sums.items()})  # per-item means
                     logger.log(row)
                 else:
                     logger.advance(step)

@@ -92,22 +92,13 @@ def make_loss(rcfg: RewardConfig):
     return loss_fn
 
 
-@torch.no_grad()
 def score_stats(rm, pairs: list, pad_id: int, batch_size: int = 8) -> dict:
     """Mean and std of the scores of both responses of ``pairs`` (the RM's reference statistics)."""
-    from alignforge.models.packing import pack_pairs
+    from alignforge.models.reward import score_pairs
 
-    was_training = rm.training
-    rm.eval()
-    device = next(rm.parameters()).device
-    scores = []
-    for i in range(0, len(pairs), batch_size):
-        b = {k: v.to(device) for k, v in pack_pairs(pairs[i:i + batch_size], pad_id).items()}
-        rc, rr = rm(b)
-        scores += rc.tolist() + rr.tolist()
-    rm.train(was_training)
-    t = torch.tensor(scores, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std().item() if len(scores) > 1 else 0.0, "n_scores": len(scores)}
+    chosen, rejected = score_pairs(rm, pairs, pad_id, batch_size, progress=False)
+    t = torch.tensor(list(chosen) + list(rejected), dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(t) > 1 else 0.0, "n_scores": len(t)}
 
 
 def train_rm(cfg: RMConfig) -> dict:
