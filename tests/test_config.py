@@ -1,9 +1,6 @@
-from dataclasses import dataclass, field
-from typing import Literal, Optional
-
 import pytest
 
-from alignforge.config import DataConfig, TrainConfig, dump_config, load_config, valid_keys
+from alignforge.config import dump_config, load_config, valid_keys
 from alignforge.errors import ConfigError
 from alignforge.trainers.sft import SFTConfig
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 
 from alignforge.annotate import service as svc
-from alignforge.annotate.db import AppendOnlyError, Assignment, Judgment, open_db, utcnow
+from alignforge.annotate.db import AppendOnlyError, Judgment, open_db, utcnow
 
 FORM = svc.JudgmentForm("a1", "clear", helpfulness="a", harmlessness="same", fluency="b")
 

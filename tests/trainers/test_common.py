@@ -9,7 +9,6 @@ import torch
 from alignforge.config import TrainConfig
 from alignforge.data.records import TokenizedSFT
 from alignforge.errors import TrainingError
-from alignforge.trainers import common
 from alignforge.trainers.common import (Task, latest_checkpoint, list_checkpoints, lr_lambda, micro_slice,
                                         run_training, step_indices, steps_per_epoch)
 
@@ -147,3 +146,14 @@ def test_in_process_resume_matches(tmp_path, tiny_model_dir, tiny_tokenizer):
     assert s1["resumed_from"] is None
     s2 = run_training(_task(tiny_model_dir, tiny_tokenizer), cfg)
     assert s2["resumed_from"].endswith("step-00000006") and s2["step"] == 6
+
+
+def test_bf16_mixed_precision_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = _cfg(tmp_path, precision="bf16", epochs=1, save_every=0)
+    hist = run_training(_task(tiny_model_dir, tiny_tokenizer), cfg)["history"]
+    assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
+    # the master weights stay fp32 under mixed precision
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in sd.values())

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from .test_sft import _config, _run

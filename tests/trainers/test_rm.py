@@ -5,7 +5,6 @@ import random
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from alignforge.config import load_config

@@ -18,13 +18,12 @@ recorded at most once.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -200,28 +199,6 @@ class PairRecord:
 GOLD_VALUES: dict[str, int] = {"a2": 2, "a": 1, "a1": 1, "tie": 0, "b": -1, "b1": -1, "b2": -2}
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
-    fname = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", file=fname) from e
-    if path.name.endswith(".gz") or raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"invalid gzip data: {e}", file=fname) from e
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    for i, line in enumerate(raw.split(b"\n")):
-        if not line.strip():
-            continue
-        try:
-            yield i + 1, line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield i + 1, DataError(f"invalid UTF-8 at byte {e.start}", file=fname, line=i + 1)
-
-
 def _content_uid(prompt: list[dict], a: str, b: str) -> str:
     blob = json.dumps([prompt, a, b], ensure_ascii=False, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -292,17 +269,11 @@ def read_pairs(path: str | Path, skip_invalid: bool = False,
     out: list[PairRecord] = []
     errors: list[DataError] = []
     seen: dict[str, int] = {}
-    for line, text in _iter_lines(p):
-        if isinstance(text, DataError):
-            errors.append(text)
-            continue
-        try:
-            obj = json.loads(text)
-        except RecursionError:
-            errors.append(DataError("invalid JSON: nested too deeply", file=fname, line=line))
-            continue
-        except ValueError as e:
-            errors.append(DataError(f"invalid JSON: {e}", file=fname, line=line))
+    from alignforge.data.readers import iter_entries
+
+    for line, obj in iter_entries(p):  # JSONL / JSON / gzip; unparsable entries come as DataError
+        if isinstance(obj, DataError):
+            errors.append(obj)
             continue
         try:
             rec = parse_pair(obj, fname, line)

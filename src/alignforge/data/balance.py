@@ -48,7 +48,8 @@ class BalanceReport:
                 "buckets": [vars(b) for b in self.buckets]}
 
 
-def _bucket_labels(edges: Sequence[int]) -> list[str]:
+def bucket_labels(edges: Sequence[int]) -> list[str]:
+    """``"1-8"``, ``"9-16"``, ..., ``">256"`` for bucket edges ``0, 8, 16, ..., 256``."""
     labels = []
     for i, lo in enumerate(edges):
         hi = edges[i + 1] if i + 1 < len(edges) else None
@@ -80,7 +81,7 @@ def balance_by_length(lengths: Sequence[tuple[int, int]], edges: Sequence[int] =
     edges = list(edges)
     if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(f"bucket edges must start at 0 and increase: {edges}")
-    labels = _bucket_labels(edges)
+    labels = bucket_labels(edges)
     longer = [[] for _ in edges]
     shorter = [[] for _ in edges]
     keep: list[int] = []

@@ -85,7 +85,7 @@ def _open_bytes(p: Path) -> bytes:
     return raw
 
 
-def _iter_entries(path: str | Path) -> Iterator[tuple[int, Any]]:
+def iter_entries(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, value)``; ``value`` is a :class:`DataError` for an unparsable entry.
 
     File-level problems (missing file, bad gzip, unreadable directory) raise.
@@ -142,7 +142,7 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     Raises :class:`DataError` on the first unparsable entry or non-object.
     """
     fname = str(path)
-    for idx, v in _iter_entries(path):
+    for idx, v in iter_entries(path):
         if isinstance(v, DataError):
             raise v
         if not isinstance(v, dict):
@@ -538,7 +538,7 @@ def _read(path: str | Path, kind: str, on_error: OnError, lenient: bool = False)
     parse = _PARSERS[kind]
     fname = str(path)
     res = ReadResult(records=[], path=fname, kind=kind)
-    for idx, v in _iter_entries(path):
+    for idx, v in iter_entries(path):
         try:
             if isinstance(v, DataError):
                 raise v
@@ -608,7 +608,7 @@ def kind_of_object(obj: dict) -> str | None:
 
 def detect_kind(path: str | Path) -> str:
     """The kind of a data file, from the keys of its first recognisable object."""
-    for idx, v in _iter_entries(path):
+    for idx, v in iter_entries(path):
         if isinstance(v, dict):
             k = kind_of_object(v)
             if k is not None:

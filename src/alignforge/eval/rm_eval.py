@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from alignforge.data.balance import DEFAULT_EDGES, bucket_index
+from alignforge.data.balance import DEFAULT_EDGES, bucket_index, bucket_labels
 from alignforge.eval.plots import plot_eval
 
 __all__ = ["score_pairs", "score_sequences", "evaluate_pairs", "plot_eval", "run_rm_eval", "score_file",
@@ -100,15 +100,6 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return [float(lo), float(hi)]
-
-
-def bucket_labels(edges: Sequence[int]) -> list[str]:
-    """Labels of the length-difference buckets (same convention as ``data/balance.py``)."""
-    out = []
-    for i, lo in enumerate(edges):
-        hi = edges[i + 1] if i + 1 < len(edges) else None
-        out.append(f"{lo + 1}-{hi}" if hi is not None else f">{lo}")
-    return out
 
 
 def _std(x: np.ndarray) -> float | None:

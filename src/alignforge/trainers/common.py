@@ -144,10 +144,12 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, total_steps: int):
         raise TrainingError("the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    try:  # the fused kernel is several times faster than the default on CPU and GPU
+        opt = torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a device or dtype without a fused kernel
+        opt = torch.optim.AdamW(groups, **kwargs)
     warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.scheduler, warmup, total_steps))
     return opt, sched
@@ -201,6 +203,15 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
 
 
 # --------------------------------------------------------------------------- logging
+
+
+def write_data_report(accelerator, output_dir: str | Path, text: str) -> None:
+    """Print what the data step did and keep it as ``OUTPUT/data_report.txt``."""
+    accelerator.print(text)
+    if accelerator.is_main_process:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data_report.txt").write_text(text + "\n", encoding="utf-8")
 
 
 class _Logger:
@@ -408,17 +419,17 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                     mine = micro_slice(idx, m, rank, world, B)
                     dummy = not mine  # keep ranks in lock-step on a short last batch
                     batch = task.collate([task.examples[i] for i in (mine or idx[:1])])
-                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = {key: v.to(accelerator.device) if torch.is_tensor(v) else v for key, v in batch.items()}
                     sync = contextlib.nullcontext() if m == A - 1 else accelerator.no_sync(module)
                     with sync:
                         loss, mets = task.loss(module, batch, norm)
                         if dummy:
                             loss = loss * 0.0
-                            mets = {k: v * 0.0 for k, v in mets.items()}
+                            mets = {key: v * 0.0 for key, v in mets.items()}
                         accelerator.backward(loss * world)  # DDP averages over ranks
                     loss_sum += loss.detach().float()
-                    for k, v in mets.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+                    for key, v in mets.items():
+                        metric_sums[key] = metric_sums.get(key, 0.0) + v.detach().float()
                     if not dummy:
                         tokens += task.batch_tokens(batch) * world
                 step_loss = accelerator.reduce(loss_sum, "sum").item()

@@ -141,7 +141,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from alignforge.models.loading import load_tokenizer
     from alignforge.models.lora import save_trained
     from alignforge.models.packing import PackedPairLogProbs
-    from alignforge.trainers.common import Task, make_accelerator, run_training
+    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
     from alignforge.trainers.sft import build_policy
 
     if not cfg.data.train_files:
@@ -153,15 +153,11 @@ def train_dpo(cfg: DPOConfig) -> dict:
     pairs, report = load_preference_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
                                             max_prompt_length=cfg.data.max_prompt_length,
                                             overlong=cfg.data.overlong, on_error=cfg.data.on_error)
-    accelerator.print(report.summary())
-    out_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "data_report.txt").write_text(report.summary() + "\n")
+    write_data_report(accelerator, cfg.train.output_dir, report.summary())
 
     set_seed(cfg.train.seed)
     model = build_policy(cfg.model, cfg.lora)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
     ref = reference_logps(model, pairs, pad_id, cfg.dpo, accelerator)
     examples = [PairWithRef(p, float(c), float(r)) for p, c, r in zip(pairs, ref["chosen_logps"], ref["rejected_logps"])]
 

@@ -114,7 +114,7 @@ def train_rm(cfg: RMConfig) -> dict:
     from alignforge.models.lora import LoraSettings, apply_lora
     from alignforge.models.packing import pack_pairs
     from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
-    from alignforge.trainers.common import Task, make_accelerator, run_training
+    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one preference file")
@@ -130,17 +130,13 @@ def train_rm(cfg: RMConfig) -> dict:
                                           cfg.reward.bucket_edges, seed=cfg.train.seed)
         pairs = [pairs[i] for i in keep]
         lines.append(balance.summary())
-    accelerator.print("\n".join(lines))
-    out = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "data_report.txt").write_text("\n".join(lines) + "\n")
-        if balance is not None:
-            (out / "length_balance.json").write_text(json.dumps(balance.as_dict(), indent=2))
+    write_data_report(accelerator, cfg.train.output_dir, "\n".join(lines))
+    if accelerator.is_main_process and balance is not None:
+        (Path(cfg.train.output_dir) / "length_balance.json").write_text(json.dumps(balance.as_dict(), indent=2))
 
     set_seed(cfg.train.seed)  # the score head (and LoRA) init is random
     model = load_reward_backbone(cfg.model.name_or_path, cfg.model.dtype)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
     model.config.pad_token_id = pad_id
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -80,7 +80,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     from alignforge.models.loading import load_tokenizer
     from alignforge.models.logprobs import TokenLogProbs
     from alignforge.models.lora import save_trained
-    from alignforge.trainers.common import Task, make_accelerator, run_training
+    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one SFT file")
@@ -88,16 +88,13 @@ def train_sft(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     examples, report = load_sft_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
                                         overlong=cfg.data.overlong, on_error=cfg.data.on_error)
-    accelerator.print(report.summary())
-    if accelerator.is_main_process:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.output_dir) / "data_report.txt").write_text(report.summary() + "\n")
+    write_data_report(accelerator, cfg.train.output_dir, report.summary())
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # LoRA init is random: seed before building
     model = build_policy(cfg.model, cfg.lora)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
     def save(unwrapped, out_dir: Path) -> None:
         save_trained(unwrapped.lm, tokenizer, out_dir)

@@ -162,7 +162,7 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     from alignforge.models.logprobs import TokenLogProbs
     from alignforge.models.lora import save_trained
     from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
-    from alignforge.trainers.common import Task, make_accelerator, run_training
+    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
     from alignforge.trainers.sft import build_policy
 
     p = cfg.ulma
@@ -180,15 +180,11 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         raise ConfigError("ulma.label_type=binary but some labels are not 0/1; use continuous or auto")
     n_pos = sum(e.label == 1.0 for e in points)
     summary_line = f"{report.summary()}; {label_type} labels, {n_pos} positive, {len(points) - n_pos} other"
-    accelerator.print(summary_line)
-    out_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "data_report.txt").write_text(summary_line + "\n")
+    write_data_report(accelerator, cfg.train.output_dir, summary_line)
 
     set_seed(cfg.train.seed)
     model = build_policy(cfg.model, cfg.lora)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
     def compute():
         with reference_policy(model, p.ref_model) as ref:
