@@ -81,8 +81,17 @@ class Task:
 
 
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    """An ``Accelerator`` for this run's precision.
 
+    accelerate keeps its state in a process-wide singleton; runs in one process (the demo trains
+    an SFT model, then a reward model) may ask for different precisions, so the per-run part of
+    that state is reset first. The distributed part (process group, device) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
+    GradientState._reset_state()  # noqa: SLF001
     use_cpu = not torch.cuda.is_available()
     return Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
 
