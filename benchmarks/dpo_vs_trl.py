@@ -11,7 +11,11 @@ is per side. **Timed = reference pass + training loop** on both sides: ours time
 plus the loop from the first step to the end of the last optimiser step; TRL times its
 ``_precompute_ref_logps`` (run in ``DPOTrainer.__init__``) plus the loop (``on_step_begin`` of the
 first step to ``on_step_end`` of the last). Tokenisation, model loading and saving are excluded on
-both sides. The ``*_train_pairs_per_s`` fields give the loop alone.
+both sides. The ``*_train_pairs_per_s`` fields give the loop alone; ``cpu_time_ratio`` compares
+process CPU time (``time.process_time``) over the same regions, which is less sensitive to other
+jobs on the machine than wall time (but not immune: with 2 OpenMP threads on 2 busy cores, every
+parallel op waits for a descheduled thread; ``OMP_NUM_THREADS=1`` in the environment of this
+script applies to both children and gives steadier numbers on a shared machine).
 
 TRL settings tried (``--trl-variants``): ``precompute`` (precompute_ref_log_probs=True, the
 default and its fastest CPU setting here) and ``live`` (a second reference model, forwarded every
@@ -361,8 +365,9 @@ def main() -> None:
         runs["ours"].append(run_child("ours", args))
         for v in variants:
             runs[f"trl_{v}"].append(run_child(f"trl_{v}", args))
+
     best_of = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items()}
-    trl_key = max((k for k in runs if k != "trl_" and k.startswith("trl_")), key=lambda k: best_of[k]["pairs_per_s"])
+    trl_key = max((k for k in runs if k.startswith("trl_")), key=lambda k: best_of[k]["pairs_per_s"])
     ours, trl = best_of["ours"], best_of[trl_key]
     first = {k: v[0] for k, v in runs.items()}
     lp = logp_diff(args)

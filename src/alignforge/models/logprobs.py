@@ -45,7 +45,8 @@ def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     targets = input_ids[:, 1:][tm]
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # target logit - logsumexp (as in models/packing.py): no (N, V) log-softmax output, and closer to float64
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, 1:][tm] = lp
     return out

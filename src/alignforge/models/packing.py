@@ -106,7 +106,11 @@ def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, batch["input_ids"][b_idx, t_idx].unsqueeze(-1)).squeeze(-1)
+    # target logit - logsumexp, not log_softmax(...).gather(...): the same value, but it does not materialise the
+    # (N, V) log-softmax output, and torch's CPU fp32 log_softmax over a 49k vocabulary is biased by ~1e-5 per
+    # token (it adds up to ~1e-3 over a 100-token response; logsumexp is within ~1e-7 of float64)
+    tgt = logits.gather(-1, batch["input_ids"][b_idx, t_idx].unsqueeze(-1)).squeeze(-1)
+    lp = tgt - torch.logsumexp(logits, dim=-1)
     is_chosen = seg[b_idx, t_idx] == CHOSEN
     zeros = torch.zeros(B, dtype=lp.dtype, device=lp.device)
     return {
