@@ -36,9 +36,10 @@ import random
 import time
 from pathlib import Path
 
-DEFAULT_DATA = "/work/shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
-HELPFUL = "/work/shared/data/hh-rlhf/helpful-base/test.jsonl.gz"
-ADVBENCH = "/work/shared/data/advbench/harmful_behaviors.csv"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
+DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
+HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
+ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
 
 
 def is_degenerate(text: str) -> bool:

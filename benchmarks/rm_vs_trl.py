@@ -53,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_DATA = "/work/shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
+DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
 
 
 def _cpu_s() -> float:

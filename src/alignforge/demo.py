@@ -22,7 +22,8 @@ def demo_data_path(name: str = "sft_demos.jsonl") -> Path:
     return Path(str(resources.files("alignforge").joinpath(f"resources/demo/{name}")))
 
 
-def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4, echo=print) -> dict:
+def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4, echo=print,
+             model: str = "embedded", rm_epochs: int = 3) -> dict:
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import ensure_embedded, load_model, load_tokenizer
@@ -31,7 +32,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     out = Path(output_dir)
     t0 = time.perf_counter()
     echo("[1/6] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
-    base_dir = ensure_embedded()
+    base_dir = ensure_embedded() if model == "embedded" else model
     echo(f"      {base_dir}  ({time.perf_counter() - t0:.1f}s)")
 
     gen = GenerationConfig(max_new_tokens=40, temperature=0.0)
@@ -42,10 +43,11 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         return HFBackend(load_model(model_path), tok).generate(chats, gen)
 
     echo("[2/6] answers of the base model")
-    before = answers("embedded")
+    before = answers(model)
 
     echo(f"[3/6] SFT on {demo_data_path().name} ({epochs} epochs)")
     cfg = SFTConfig(
+        model=ModelConfig(name_or_path=model),
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
         train=TrainConfig(output_dir=str(out / "sft"), epochs=epochs, per_device_batch_size=4, lr=lr,
                           warmup_steps=1, save_every=0, keep_last=1, seed=42),
@@ -65,7 +67,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         model=ModelConfig(name_or_path=summary["final_dir"]),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(demo_data_path("preferences.jsonl"))], max_length=256),
-        train=TrainConfig(output_dir=str(out / "rm"), epochs=3, per_device_batch_size=4, lr=5e-4, warmup_steps=2,
+        train=TrainConfig(output_dir=str(out / "rm"), epochs=rm_epochs, per_device_batch_size=4, lr=5e-4, warmup_steps=2,
                           save_every=0, keep_last=1, seed=42, group_by_length=True),
         # 24 hand-written pairs whose chosen answers are mostly the longer ones: balancing would
         # leave almost nothing, so it is off here (it is on by default).
