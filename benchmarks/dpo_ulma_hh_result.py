@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -177,23 +176,16 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from alignforge.data.convert import record_to_trl, write_jsonl
     from alignforge.data.readers import read_preference
-    from alignforge.data.split import split_file
+    from alignforge.data.split import experiment_split
     from alignforge.eval.refusal import load_advbench
     from alignforge.models.loading import ensure_embedded
 
     t_all = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
-    rep = split_file(args.data, data / "train_pool.jsonl", data / "heldout.jsonl", k=args.heldout,
-                     seed=args.split_seed, kind="preference")
-    print(rep.summary(), flush=True)
-    pool = read_preference(data / "train_pool.jsonl").records
-    n_train = len(pool) if args.n_train <= 0 else min(args.n_train, len(pool))
-    sub = sorted(random.Random(args.seed).sample(range(len(pool)), n_train))
-    write_jsonl((record_to_trl(pool[i]) for i in sub), data / "train.jsonl")
-    print(f"training on {n_train} of {len(pool)} pool pairs (seed {args.seed})", flush=True)
+    rep, n_train = experiment_split(args.data, data, heldout=args.heldout, split_seed=args.split_seed, n_train=args.n_train,
+                     seed=args.seed, echo=lambda s: print(s, flush=True))
 
     goals = load_advbench(args.advbench, n=args.n_eval)
     helpful_convs = [r.prompt for r in read_preference(args.helpful, on_error="skip").records[:args.n_eval]]

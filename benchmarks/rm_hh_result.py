@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -69,9 +68,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from alignforge.config import load_config
-    from alignforge.data.convert import record_to_trl, write_jsonl
     from alignforge.data.readers import read_preference
-    from alignforge.data.split import split_file
+    from alignforge.data.split import experiment_split
     from alignforge.data.tokenize import tokenize_preference
     from alignforge.models.reward import load_reward_model, score_pairs
     from alignforge.trainers.rm import RMConfig, train_rm
@@ -79,14 +77,8 @@ def main() -> None:
     t_all = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
-    rep = split_file(args.data, data / "train_pool.jsonl", data / "heldout.jsonl", k=args.heldout,
-                     seed=args.split_seed, kind="preference")
-    print(rep.summary(), flush=True)
-    pool = read_preference(data / "train_pool.jsonl").records
-    n_train = len(pool) if args.n_train <= 0 else min(args.n_train, len(pool))
-    sub = sorted(random.Random(args.seed).sample(range(len(pool)), n_train))
-    write_jsonl((record_to_trl(pool[i]) for i in sub), data / "train.jsonl")
-    print(f"training on {n_train} of {len(pool)} pool pairs (seed {args.seed})", flush=True)
+    rep, n_train = experiment_split(args.data, data, heldout=args.heldout, split_seed=args.split_seed, n_train=args.n_train,
+                     seed=args.seed, echo=lambda s: print(s, flush=True))
 
     held_recs = read_preference(data / "heldout.jsonl").records
     runs = {"nobal": False, "bal": True}

@@ -78,3 +78,25 @@ def test_split_file_refuses_same_output_and_too_large_k(jl, tmp_path):
     with pytest.raises(ConfigError):
         split_file(src, tmp_path / "a.jsonl", tmp_path / "b.jsonl", k=4)
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_experiment_split_subsamples_the_pool_and_keeps_heldout_out(tmp_path):
+    import json
+
+    from alignforge.data.readers import read_preference
+    from alignforge.data.split import experiment_split
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
+                           for i in range(10)))
+    lines = []
+    rep, n = experiment_split(src, tmp_path / "d", heldout=3, split_seed=0, n_train=4, seed=1, echo=lines.append)
+    assert n == 4 and "training on 4 of 7 pool pairs (seed 1)" in lines
+    train = [r.prompt[0]["content"] for r in read_preference(tmp_path / "d" / "train.jsonl").records]
+    held = [r.prompt[0]["content"] for r in read_preference(tmp_path / "d" / "heldout.jsonl").records]
+    assert len(train) == 4 and len(held) == 3 and not set(train) & set(held)
+    again = tmp_path / "e"
+    experiment_split(src, again, heldout=3, split_seed=0, n_train=4, seed=1, echo=lambda s: None)
+    assert (again / "train.jsonl").read_text() == (tmp_path / "d" / "train.jsonl").read_text()
+    _, n_all = experiment_split(src, tmp_path / "f", heldout=3, n_train=0, echo=lambda s: None)
+    assert n_all == 7

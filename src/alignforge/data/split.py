@@ -63,3 +63,27 @@ def split_file(in_path: str | Path, train_out: str | Path, heldout_out: str | Pa
     write_jsonl((record_to_trl(recs[i]) for i in train), train_out)
     write_jsonl((record_to_trl(recs[i]) for i in held), heldout_out)
     return SplitReport(str(in_path), kind, len(recs), len(res.dropped), len(train), len(held), seed)
+
+
+def experiment_split(in_path: str | Path, out_dir: str | Path, heldout: int = 300, split_seed: int = 0,
+                     n_train: int = 0, seed: int = 42, echo=print) -> tuple["SplitReport", int]:
+    """The held-out protocol the RM and DPO/ULMA experiments share.
+
+    Splits ``in_path`` (preference pairs) into a training pool and ``heldout`` pairs (seed
+    ``split_seed``), then samples ``n_train`` pool pairs (seed ``seed``; 0 = all) into
+    ``out_dir/train.jsonl`` (held-out pairs: ``out_dir/heldout.jsonl``). Returns the split report
+    and the number of training pairs.
+    """
+    from alignforge.data.convert import record_to_trl, write_jsonl
+    from alignforge.data.readers import read_preference
+
+    data = Path(out_dir)
+    rep = split_file(in_path, data / "train_pool.jsonl", data / "heldout.jsonl", k=heldout, seed=split_seed,
+                     kind="preference")
+    echo(rep.summary())
+    pool = read_preference(data / "train_pool.jsonl").records
+    n = len(pool) if n_train <= 0 else min(n_train, len(pool))
+    sub = sorted(random.Random(seed).sample(range(len(pool)), n))
+    write_jsonl((record_to_trl(pool[i]) for i in sub), data / "train.jsonl")
+    echo(f"training on {n} of {len(pool)} pool pairs (seed {seed})")
+    return rep, n
