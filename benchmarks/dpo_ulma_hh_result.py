@@ -63,7 +63,9 @@ def train(method: str, args, data: Path, out: Path) -> dict:
               "lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0",
               f"train.lr={args.lr}", f"train.per_device_batch_size={args.batch}", f"train.epochs={args.epochs}",
               f"train.seed={args.seed}", "train.warmup_ratio=0.05", "train.progress=false",
-              "train.tensorboard=false", "train.save_every=0", "train.log_every=5",
+              "train.tensorboard=false", f"train.save_every={args.save_every}", "train.log_every=5",
+              f"train.precision={args.precision}", f"train.probe_every={args.probe_every}", "train.probe_prompts=8",
+              f"train.probe_max_new_tokens={args.max_new_tokens}", "train.resume=true",
               f"train.output_dir={out / method}"]
     t0 = time.perf_counter()
     if method == "dpo":
@@ -77,9 +79,11 @@ def train(method: str, args, data: Path, out: Path) -> dict:
     secs = time.perf_counter() - t0
     hist = s["history"]
     keep = [k for k in hist[-1] if k not in ("step", "lr", "epoch")]
+    first = next(r for r in hist if "loss" in r)  # hist[0] is the probe's step-0 row when it is on
     info = {"train_seconds": round(secs, 1), "steps": s["step"], "final_dir": s["final_dir"],
-            "data_report": s["data_report"], "first": {k: hist[0].get(k) for k in keep},
-            "last": {k: hist[-1].get(k) for k in keep}}
+            "data_report": s["data_report"], "first": {k: first.get(k) for k in keep},
+            "last": {k: hist[-1].get(k) for k in keep},
+            "gen_len": [[r["step"], round(r["gen_len_mean"], 1)] for r in hist if "gen_len_mean" in r]}
     info_path.write_text(json.dumps(info, indent=2))
     print(f"[{method}] trained {s['step']} steps in {secs:.0f}s; first {info['first']} last {info['last']}", flush=True)
     return info
@@ -167,6 +171,11 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                    help="training precision (bf16 autocast: ~1.4x faster on CPUs with AMX); generation is fp32")
+    ap.add_argument("--probe-every", type=int, default=50,
+                    help="greedy answers to 8 training prompts every N steps: logs the policy's response length")
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint interval; a rerun resumes")
     ap.add_argument("--n-eval", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gen-batch", type=int, default=16)

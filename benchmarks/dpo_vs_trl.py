@@ -12,7 +12,7 @@ plus the loop from the first step to the end of the last optimiser step; TRL tim
 ``_precompute_ref_logps`` (run in ``DPOTrainer.__init__``) plus the loop (``on_step_begin`` of the
 first step to ``on_step_end`` of the last). Tokenisation, model loading and saving are excluded on
 both sides. The ``*_train_pairs_per_s`` fields give the loop alone; ``cpu_time_ratio`` compares
-process CPU time (``time.process_time``) over the same regions, which is less sensitive to other
+process CPU time (user + system) over the same regions, which is less sensitive to other
 jobs on the machine than wall time (but not immune: with 2 OpenMP threads on 2 busy cores, every
 parallel op waits for a descheduled thread; ``OMP_NUM_THREADS=1`` in the environment of this
 script applies to both children and gives steadier numbers on a shared machine).
@@ -57,20 +57,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
-DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (DEFAULT_DATA, cpu_s, machine_line, peak_rss_mb, run_child, select_pairs,  # noqa: E402
+                      time_our_loop, token_counts, trl_timer)
 
 
 # --------------------------------------------------------------------------- preparation (parent)
@@ -78,30 +72,12 @@ def _peak_rss_mb() -> float:
 
 def prepare(args) -> dict:
     """Select the pairs, write them, compute the batch order and TRL's token rows."""
-    from alignforge.data.convert import record_to_trl, write_jsonl
-    from alignforge.data.readers import read_preference
-    from alignforge.data.tokenize import tokenize_preference
-    from alignforge.models.loading import ensure_embedded, load_tokenizer
+    from alignforge.models.loading import ensure_embedded
     from alignforge.trainers.common import epoch_order
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     base = ensure_embedded()
-    tok = load_tokenizer(base)
-    res = read_preference(args.data, on_error="skip")
-    chosen, tokenized = [], []
-    for rec in res.records:
-        # -1: TRL's conversational ids hold one more token per response; keep both untruncated
-        p, over = tokenize_preference(rec, tok, args.max_length - 1)
-        if over:
-            continue
-        chosen.append(rec)
-        tokenized.append(p)
-        if len(chosen) == args.n:
-            break
-    if len(chosen) < args.n:
-        raise SystemExit(f"only {len(chosen)} pairs fit in max_length {args.max_length}")
-    write_jsonl([record_to_trl(r) for r in chosen], work / "pairs.jsonl")
+    tok, chosen, tokenized = select_pairs(args.data, args.n, args.max_length, work)
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized]
     order = epoch_order(0, len(tokenized), args.batch, args.seed, lengths)
     (work / "order.json").write_text(json.dumps(order))
@@ -127,10 +103,8 @@ def prepare(args) -> dict:
                 check["trailing_tokens"].append(tail)
         else:
             check["other"] += 1
-    n_tok_packed = sum(lengths)
-    n_tok_unpacked = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized)
-    return {"n_pairs": len(chosen), "real_tokens_packed": n_tok_packed, "real_tokens_unpacked": n_tok_unpacked,
-            "first_batch": order[:args.batch], "base": str(base), "tokenisation_check": check}
+    return {"n_pairs": len(chosen), **token_counts(tokenized), "first_batch": order[:args.batch], "base": str(base),
+            "tokenisation_check": check}
 
 
 # --------------------------------------------------------------------------- children
@@ -139,43 +113,22 @@ def prepare(args) -> dict:
 def child_ours(args) -> dict:
     import torch
 
-    import alignforge.trainers.common as common
     import alignforge.trainers.dpo as dpo
     from alignforge.config import load_config
 
     work = Path(args.workdir)
     marks: dict[str, float] = {}
-    real_run_training = common.run_training
     real_reference = dpo.reference_logps
 
     def timed_reference(*a, **kw):
-        t, c = time.perf_counter(), time.process_time()
+        t, c = time.perf_counter(), cpu_s()
         out = real_reference(*a, **kw)
-        marks["ref"] = time.perf_counter() - t
-        marks["ref_cpu"] = time.process_time() - c
+        marks["ref"], marks["ref_cpu"] = time.perf_counter() - t, cpu_s() - c
         marks["ref_values"] = out
         return out
 
-    def timed_run_training(task, cfg, accelerator=None, **kw):
-        real_loss = task.loss
-
-        def loss(module, batch, norm):
-            marks.setdefault("start", time.perf_counter())
-            marks.setdefault("start_cpu", time.process_time())
-            return real_loss(module, batch, norm)
-
-        task.loss = loss
-        task.save_model = lambda unwrapped, out_dir: Path(out_dir).mkdir(parents=True)  # not benchmarked
-        return real_run_training(task, cfg, accelerator, **kw)
-
-    def no_checkpoint(accelerator, output_dir, step, state, keep_last):
-        marks["end"] = time.perf_counter()  # called once, right after the last step (save_every=0)
-        marks["end_cpu"] = time.process_time()
-        return Path(output_dir) / f"step-{step}"
-
     dpo.reference_logps = timed_reference
-    common.run_training = timed_run_training
-    common.save_checkpoint = no_checkpoint
+    time_our_loop(marks)
     out = tempfile.mkdtemp(prefix="dpo-ours-", dir=args.workdir)
     cfg = load_config(dpo.DPOConfig, None, [
         f"model.name_or_path={args.base}", f"data.train_files=[{work / 'pairs.jsonl'}]",
@@ -184,7 +137,7 @@ def child_ours(args) -> dict:
         "train.scheduler=cosine", "train.warmup_steps=0", "train.warmup_ratio=0", "train.max_grad_norm=1.0",
         "train.weight_decay=0", f"train.seed={args.seed}", "train.group_by_length=true",
         "train.progress=false", "train.save_every=0", "train.tensorboard=false", "train.log_every=1",
-        "train.precision=fp32", "lora.enabled=false", "model.gradient_checkpointing=false", f"train.output_dir={out}",
+        f"train.precision={args.precision}", "lora.enabled=false", "model.gradient_checkpointing=false", f"train.output_dir={out}",
     ])
     summary = dpo.train_dpo(cfg)
     train_s = marks["end"] - marks["start"]
@@ -192,17 +145,17 @@ def child_ours(args) -> dict:
     (work / "ours_ref.json").write_text(json.dumps({k: ref[k].tolist() for k in ("chosen_logps", "rejected_logps")}))
     hist = summary["history"]
     total = marks["ref"] + train_s
-    cpu = marks["ref_cpu"] + marks["end_cpu"] - marks["start_cpu"]
+    cpu = marks["ref_cpu"] + marks["cpu_end"] - marks["cpu_start"]
     return {"side": "ours", "seconds": total, "cpu_seconds": cpu, "pairs_per_cpu_s": args.n / cpu, "ref_seconds": marks["ref"], "train_seconds": train_s,
             "steps": summary["step"], "pairs_per_s": args.n / total, "train_pairs_per_s": args.n / train_s,
-            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"], "peak_rss_mb": _peak_rss_mb(),
+            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
             "torch_threads": torch.get_num_threads()}
 
 
 def child_trl(args, variant: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from alignforge.data.readers import read_preference
@@ -221,15 +174,6 @@ def child_trl(args, variant: str) -> dict:
     marks: dict[str, float] = {}
     losses: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            marks.setdefault("start", time.perf_counter())
-            marks.setdefault("start_cpu", time.process_time())
-
-        def on_step_end(self, a, state, control, **kw):
-            marks["end"] = time.perf_counter()
-            marks["end_cpu"] = time.process_time()
-
     class Trainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, a, name):
             if args.trl_input == "tokens":
@@ -237,10 +181,10 @@ def child_trl(args, variant: str) -> dict:
             return super()._prepare_dataset(dataset, processing_class, a, name)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
-            t, c = time.perf_counter(), time.process_time()
+            t, c = time.perf_counter(), cpu_s()
             out = super()._precompute_ref_logps(dataset, name, batch_size)
             marks["ref"] = marks.get("ref", 0.0) + time.perf_counter() - t
-            marks["ref_cpu"] = marks.get("ref_cpu", 0.0) + time.process_time() - c
+            marks["ref_cpu"] = marks.get("ref_cpu", 0.0) + cpu_s() - c
             return out
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -256,11 +200,11 @@ def child_trl(args, variant: str) -> dict:
         weight_decay=0.0, seed=args.seed, max_length=args.max_length, beta=args.beta, loss_type=["sigmoid"],
         gradient_checkpointing=False, padding_free=False, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=8 if precompute else None,
-        bf16=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
+        bf16=args.precision == "bf16", use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
         train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[trl_timer(marks)])
     assert len(trainer.train_dataset) == args.n, f"TRL kept {len(trainer.train_dataset)} of {args.n} pairs"
     if precompute:  # TRL's per-sequence log-probs of the initial model, in its dataset order
         tds = trainer.train_dataset
@@ -271,35 +215,25 @@ def child_trl(args, variant: str) -> dict:
     train_s = marks["end"] - marks["start"]
     ref_s = marks.get("ref", 0.0)
     total = ref_s + train_s
-    cpu = marks.get("ref_cpu", 0.0) + marks["end_cpu"] - marks["start_cpu"]
+    cpu = marks.get("ref_cpu", 0.0) + marks["cpu_end"] - marks["cpu_start"]
     return {"side": f"trl_{variant}", "trl_input": args.trl_input, "seconds": total, "cpu_seconds": cpu,
             "pairs_per_cpu_s": args.n / cpu, "ref_seconds": ref_s,
             "train_seconds": train_s, "steps": trainer.state.global_step, "pairs_per_s": args.n / total,
             "train_pairs_per_s": args.n / train_s, "first_loss": losses[0], "last_loss": losses[-1],
-            "peak_rss_mb": _peak_rss_mb(), "optim": str(cfg.optim), "holds_ref_model": trainer.ref_model is not None,
+            "peak_rss_mb": peak_rss_mb(), "optim": str(cfg.optim), "holds_ref_model": trainer.ref_model is not None,
             "torch_threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def run_child(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", args.workdir, "--n", str(args.n),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--batch", str(args.batch), "--beta", str(args.beta),
-           "--max-length", str(args.max_length), "--trl-input", args.trl_input, "--base", args.base]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
-               ALIGNFORGE_CACHE=tempfile.mkdtemp(prefix="afcache-", dir=args.workdir),  # ours: no cached reference
-               HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="hfds-", dir=args.workdir))  # TRL: no cached precompute
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} child failed (rc {proc.returncode})")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["child_wall_s"] = round(time.perf_counter() - t, 1)
-    res["loadavg_after"] = os.getloadavg()
-    print(json.dumps(res), flush=True)
-    return res
+def child(side: str, args) -> dict:
+    return run_child(__file__, side, [
+        "--workdir", args.workdir, "--n", str(args.n), "--seed", str(args.seed), "--lr", str(args.lr),
+        "--batch", str(args.batch), "--beta", str(args.beta), "--max-length", str(args.max_length),
+        "--trl-input", args.trl_input, "--base", args.base, "--precision", args.precision],
+        env={"ALIGNFORGE_CACHE": tempfile.mkdtemp(prefix="afcache-", dir=args.workdir),  # ours: no cached reference
+             "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="hfds-", dir=args.workdir)})  # TRL: no cached precompute
 
 
 def logp_diff(args) -> dict:
@@ -334,6 +268,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--trl-input", choices=["tokens", "conversational"], default="tokens")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both sides (bf16: autocast; the loss/log-prob agreement checks are meant for fp32)")
     ap.add_argument("--trl-variants", default="precompute",
                     help="comma list of TRL settings: precompute (precompute_ref_log_probs=True), live (ref model)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times; report the best")
@@ -356,16 +292,13 @@ def main() -> None:
     t0 = time.perf_counter()
     info = prepare(args)
     args.base = info.pop("base")
-    import torch
-
-    print(json.dumps({"prepared": info, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "loadavg": os.getloadavg()}), flush=True)
+    machine_line(info)
     variants = [v.strip() for v in args.trl_variants.split(",") if v.strip()]
     runs: dict[str, list[dict]] = {"ours": [], **{f"trl_{v}": [] for v in variants}}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits both sides alike
-        runs["ours"].append(run_child("ours", args))
+        runs["ours"].append(child("ours", args))
         for v in variants:
-            runs[f"trl_{v}"].append(run_child(f"trl_{v}", args))
+            runs[f"trl_{v}"].append(child(f"trl_{v}", args))
 
     best_of = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items()}
     trl_key = max((k for k in runs if k.startswith("trl_")), key=lambda k: best_of[k]["pairs_per_s"])
@@ -385,7 +318,7 @@ def main() -> None:
                       "real_tokens_packed": info["real_tokens_packed"], "real_tokens_unpacked": info["real_tokens_unpacked"],
                       "first_loss_abs_diff": loss_diff, "first_loss_agree_1e-4": loss_diff < 1e-4,
                       **lp, "logp_agree_1e-3": lp["max_abs_logp_diff"] is not None and lp["max_abs_logp_diff"] < 1e-3,
-                      "trl_input": args.trl_input, "total_wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+                      "trl_input": args.trl_input, "precision": args.precision, "total_wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
     print(json.dumps({
         "bench": "dpo_vs_trl", "n_pairs": args.n,
         "ours_pairs_per_s": round(ours["pairs_per_s"], 4),

@@ -45,25 +45,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
-DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
-
-
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (DEFAULT_DATA, machine_line, peak_rss_mb, run_child, select_pairs,  # noqa: E402
+                      time_our_loop, token_counts, trl_timer)
 
 
 # --------------------------------------------------------------------------- preparation (parent)
@@ -75,31 +64,13 @@ def prepare(args) -> dict:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from alignforge.data.convert import record_to_trl, write_jsonl
-    from alignforge.data.readers import read_preference
-    from alignforge.data.tokenize import tokenize_preference
-    from alignforge.models.loading import ensure_embedded, load_tokenizer
+    from alignforge.models.loading import ensure_embedded
     from alignforge.trainers.common import epoch_order
     from alignforge.trainers.rm import pair_length
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     base = ensure_embedded()
-    tok = load_tokenizer(base)
-    res = read_preference(args.data, on_error="skip")
-    chosen, tokenized = [], []
-    for rec in res.records:
-        # +1: TRL's conversational ids also hold the trailing newline; keep both sides untruncated
-        p, over = tokenize_preference(rec, tok, args.max_length - 1)
-        if over:
-            continue
-        chosen.append(rec)
-        tokenized.append(p)
-        if len(chosen) == args.n:
-            break
-    if len(chosen) < args.n:
-        raise SystemExit(f"only {len(chosen)} pairs fit in max_length {args.max_length}")
-    write_jsonl([record_to_trl(r) for r in chosen], work / "pairs.jsonl")
+    tok, chosen, tokenized = select_pairs(args.data, args.n, args.max_length, work)
 
     lengths = [pair_length(p) for p in tokenized]
     order = epoch_order(0, len(tokenized), args.batch, args.seed, lengths)
@@ -122,42 +93,19 @@ def prepare(args) -> dict:
         head = model.score.weight.detach().clone()
         torch.save(head, work / "head.pt")
         del model
-    n_tok_packed = sum(lengths)
-    n_tok_unpacked = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized)
-    return {"n_pairs": len(chosen), "real_tokens_packed": n_tok_packed, "real_tokens_unpacked": n_tok_unpacked,
-            "first_batch": order[:args.batch]}
+    return {"n_pairs": len(chosen), **token_counts(tokenized), "first_batch": order[:args.batch]}
 
 
 # --------------------------------------------------------------------------- children
 
 
 def child_ours(args, packed: bool) -> dict:
-    import alignforge.trainers.common as common
     from alignforge.config import load_config
     from alignforge.trainers.rm import RMConfig, train_rm
 
     work = Path(args.workdir)
     marks: dict[str, float] = {}
-    real_run_training = common.run_training
-
-    def timed_run_training(task, cfg, accelerator=None, **kw):
-        real_loss = task.loss
-
-        def loss(module, batch, norm):
-            if "start" not in marks:
-                marks["start"], marks["cpu_start"] = time.perf_counter(), _cpu_s()
-            return real_loss(module, batch, norm)
-
-        task.loss = loss
-        task.save_model = lambda unwrapped, out_dir: Path(out_dir).mkdir(parents=True)  # not benchmarked
-        return real_run_training(task, cfg, accelerator, **kw)
-
-    def no_checkpoint(accelerator, output_dir, step, state, keep_last):
-        marks["end"], marks["cpu_end"] = time.perf_counter(), _cpu_s()  # called once, right after the last step (save_every=0)
-        return Path(output_dir) / f"step-{step}"
-
-    common.run_training = timed_run_training
-    common.save_checkpoint = no_checkpoint
+    time_our_loop(marks)
     out = tempfile.mkdtemp(prefix="rm-ours-", dir=args.workdir)
     cfg = load_config(RMConfig, None, [
         f"model.name_or_path={work / 'init'}",
@@ -176,13 +124,13 @@ def child_ours(args, packed: bool) -> dict:
     return {"side": "ours" if packed else "ours_unpacked", "seconds": secs, "steps": summary["step"],
             "pairs_per_s": args.n / secs, "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
             "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"],
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def child_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from alignforge.data.readers import read_preference
@@ -202,14 +150,6 @@ def child_trl(args) -> dict:
 
     marks: dict[str, float] = {}
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if "start" not in marks:
-                marks["start"], marks["cpu_start"] = time.perf_counter(), _cpu_s()
-
-        def on_step_end(self, a, state, control, **kw):
-            marks["end"], marks["cpu_end"] = time.perf_counter(), _cpu_s()
-
     losses: list[float] = []
 
     class Trainer(RewardTrainer):
@@ -227,33 +167,24 @@ def child_trl(args) -> dict:
         train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
         center_rewards_coefficient=None, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[trl_timer(marks)])
     assert len(trainer.train_dataset) == args.n, f"TRL kept {len(trainer.train_dataset)} of {args.n} pairs"
     trainer.train()
     secs = marks["end"] - marks["start"]
     return {"side": "trl", "trl_input": args.trl_input, "seconds": secs, "steps": trainer.state.global_step,
             "pairs_per_s": args.n / secs, "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
             "first_loss": losses[0], "last_loss": losses[-1],
-            "peak_rss_mb": _peak_rss_mb(), "optim": str(cfg.optim)}
+            "peak_rss_mb": peak_rss_mb(), "optim": str(cfg.optim)}
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def run_child(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", args.workdir, "--n", str(args.n),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--batch", str(args.batch),
-           "--max-length", str(args.max_length), "--precision", args.precision, "--trl-input", args.trl_input]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} child failed (rc {proc.returncode})")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["child_wall_s"] = time.perf_counter() - t
-    print(json.dumps(res), flush=True)
-    return res
+def child(side: str, args) -> dict:
+    return run_child(__file__, side, [
+        "--workdir", args.workdir, "--n", str(args.n), "--seed", str(args.seed), "--lr", str(args.lr),
+        "--batch", str(args.batch), "--max-length", str(args.max_length), "--precision", args.precision,
+        "--trl-input", args.trl_input])
 
 
 def main() -> None:
@@ -276,7 +207,6 @@ def main() -> None:
         args.n = 16 if args.quick else 64
 
     if args.child:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         res = child_ours(args, True) if args.child == "ours" else \
             child_ours(args, False) if args.child == "ours_unpacked" else child_trl(args)
         print(json.dumps(res), flush=True)
@@ -288,16 +218,13 @@ def main() -> None:
         args.workdir = tmp.name
     t0 = time.perf_counter()
     info = prepare(args)
-    import torch
-
-    print(json.dumps({"prepared": info, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "loadavg": os.getloadavg()}), flush=True)
+    machine_line(info)
     runs: dict[str, list[dict]] = {"ours": [], "trl": [], "ours_unpacked": []}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits both sides alike
-        runs["ours"].append(run_child("ours", args))
-        runs["trl"].append(run_child("trl", args))
+        runs["ours"].append(child("ours", args))
+        runs["trl"].append(child("trl", args))
         if not args.no_unpacked:
-            runs["ours_unpacked"].append(run_child("ours_unpacked", args))
+            runs["ours_unpacked"].append(child("ours_unpacked", args))
     best = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items() if v}
     first = {k: v[0] for k, v in runs.items() if v}
     if "ours_unpacked" in best:

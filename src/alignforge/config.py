@@ -83,6 +83,12 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True  # rich progress bar on the main process
     tensorboard: bool = True
+    # generation probe (inference/probe.py): greedy answers to fixed prompts every N steps and before
+    # step 1, logged as gen_len_mean / gen_finished, answers in OUTPUT/samples.jsonl; 0 = off
+    probe_every: int = 0
+    probe_prompts: int = 8  # how many prompts: the first N of probe_file, else the first N distinct training prompts
+    probe_file: Optional[str] = None
+    probe_max_new_tokens: int = 64
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,9 +3,13 @@
 1. a short SFT of the embedded SmolLM2-135M-Instruct on the demonstrations that ship with
    alignforge (``resources/demo/sft_demos.jsonl``), with greedy answers before and after;
 2. a reward model (LoRA on the SFT model) trained on the shipped preference pairs
-   (``resources/demo/preferences.jsonl``), which then scores both sets of answers.
+   (``resources/demo/preferences.jsonl``), which then scores both sets of answers;
+3. ChatGLM-RLHF's DPO route: the SFT policy samples K answers to each of the pairs' prompts, the
+   reward model labels best and worst (``inference/dpo_data.py``), DPO (LoRA on the SFT model)
+   trains on those pairs with the generation probe on, and the reward model scores the DPO
+   policy's greedy answers against the SFT policy's on the same prompts.
 
-Later stages add DPO/PPO, RAIN and evaluation to this same command.
+Later stages add PPO, RAIN and evaluation to this same command.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ def demo_data_path(name: str = "sft_demos.jsonl") -> Path:
 
 
 def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4, echo=print,
-             model: str = "embedded", rm_epochs: int = 3) -> dict:
+             model: str = "embedded", rm_epochs: int = 3, dpo_prompts: int = 12, dpo_k: int = 4,
+             dpo_epochs: int = 2, dpo_min_gap: float = 0.05) -> dict:
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import ensure_embedded, load_model, load_tokenizer
@@ -31,7 +36,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
 
     out = Path(output_dir)
     t0 = time.perf_counter()
-    echo("[1/6] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
+    echo("[1/9] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
     base_dir = ensure_embedded() if model == "embedded" else model
     echo(f"      {base_dir}  ({time.perf_counter() - t0:.1f}s)")
 
@@ -42,10 +47,10 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         tok = load_tokenizer(model_path, padding_side="left")
         return HFBackend(load_model(model_path), tok).generate(chats, gen)
 
-    echo("[2/6] answers of the base model")
+    echo("[2/9] answers of the base model")
     before = answers(model)
 
-    echo(f"[3/6] SFT on {demo_data_path().name} ({epochs} epochs)")
+    echo(f"[3/9] SFT on {demo_data_path().name} ({epochs} epochs)")
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=model),
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
@@ -57,10 +62,10 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     train_s = time.perf_counter() - t1
     hist = summary["history"]
 
-    echo("[4/6] answers of the SFT model")
+    echo("[4/9] answers of the SFT model")
     after = answers(summary["final_dir"])
 
-    echo("[5/6] reward model (LoRA on the SFT model) on the shipped preference pairs")
+    echo("[5/9] reward model (LoRA on the SFT model) on the shipped preference pairs")
     from alignforge.trainers.rm import RewardConfig, RMConfig, train_rm
 
     rm_cfg = RMConfig(
@@ -76,12 +81,15 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     rm_summary = train_rm(rm_cfg)
     rm_hist = rm_summary["history"]
 
-    echo("[6/6] reward of each answer")
+    echo("[6/9] reward of each answer")
     from alignforge.models.reward import load_reward_model
 
     rm, rm_tok, _ = load_reward_model(rm_summary["final_dir"])
     rewards_before = score_answers(rm, rm_tok, chats, before)
     rewards_after = score_answers(rm, rm_tok, chats, after)
+
+    dpo = run_dpo_stage(out, summary["final_dir"], rm_summary["final_dir"], (rm, rm_tok), echo,
+                        n_prompts=dpo_prompts, k=dpo_k, epochs=dpo_epochs, min_gap=dpo_min_gap)
 
     result = {
         "base_model": str(base_dir),
@@ -97,6 +105,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         "rm_first_loss": rm_hist[0]["loss"],
         "rm_final_loss": rm_hist[-1]["loss"],
         "rm_final_batch_accuracy": rm_hist[-1]["accuracy"],
+        "dpo": dpo,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -107,11 +116,69 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     echo(f"\nSFT: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, "
          f"{result['tokens_per_s']} tok/s, {result['train_seconds']}s")
     echo(f"reward model: {len(rm_hist)} steps, loss {result['rm_first_loss']:.3f} -> {result['rm_final_loss']:.3f}")
+    echo(f"DPO: {dpo['pairs']} RM-labelled pairs from {dpo['prompts']} prompts x {dpo['k']} samples, "
+         f"{dpo['steps']} steps, loss {dpo['first_loss']:.3f} -> {dpo['final_loss']:.3f}; greedy answer length "
+         f"{dpo['gen_len_start']:.1f} -> {dpo['gen_len_end']:.1f} tokens; mean reward on those prompts: "
+         f"SFT {dpo['reward_sft']:+.3f}, DPO {dpo['reward_dpo']:+.3f}")
     echo(f"outputs: SFT model {result['sft_model']}\n         reward model {result['reward_model']}\n"
-         f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}; tensorboard {out}/*/tb; "
-         f"summary {out / 'demo_summary.json'}")
+         f"         DPO adapter {dpo['model']}\n"
+         f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}; "
+         f"tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}")
     echo(f"demo finished in {result['total_seconds']}s")
     return result
+
+
+def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int, k: int, epochs: int,
+                  min_gap: float) -> dict:
+    """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
+    from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from alignforge.data.convert import write_jsonl
+    from alignforge.data.readers import read_preference
+    from alignforge.inference.dpo_data import build_dpo_pairs
+    from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.trainers.dpo import DPOConfig, DPOParams, train_dpo
+
+    chats = [r.prompt for r in read_preference(demo_data_path("preferences.jsonl")).records[:n_prompts]]
+    prompts_path = out / "dpo_prompts.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl([{"prompt": c} for c in chats], prompts_path)
+    echo(f"[7/9] DPO data: {k} sampled answers per prompt from the SFT model, best/worst by the reward model")
+    sft_backend = HFBackend(load_model(sft_dir), load_tokenizer(sft_dir, padding_side="left"))
+    report = build_dpo_pairs(prompts_path, out / "dpo_pairs.jsonl", rm_dir, k=k, temperature=1.0, max_new_tokens=40,
+                             seed=0, min_gap=min_gap, backend=sft_backend, rm=rm, progress=False)
+    echo(f"      {report.summary()}")
+    if report.written == 0:
+        from alignforge.errors import TrainingError
+
+        raise TrainingError("the DPO stage got no pairs: every prompt's samples scored alike")
+    echo(f"[8/9] DPO (LoRA on the SFT model) on the {report.written} RM-labelled pairs")
+    cfg = DPOConfig(
+        model=ModelConfig(name_or_path=sft_dir),
+        lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
+        data=DataConfig(train_files=[str(out / "dpo_pairs.jsonl")], max_length=256),
+        train=TrainConfig(output_dir=str(out / "dpo"), epochs=epochs, per_device_batch_size=4, lr=5e-4, warmup_steps=1,
+                          save_every=0, keep_last=1, seed=42, group_by_length=True, probe_every=2,
+                          probe_prompts=4, probe_max_new_tokens=40),
+        dpo=DPOParams(beta=0.1),
+    )
+    summary = train_dpo(cfg)
+    hist = [r for r in summary["history"] if "loss" in r]
+    lens = [r["gen_len_mean"] for r in summary["history"] if "gen_len_mean" in r]
+    echo("[9/9] greedy answers of the SFT and DPO policies, scored by the reward model")
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0.0)
+    sft_answers = sft_backend.generate(chats, greedy)
+    dpo_answers = HFBackend(load_model(summary["final_dir"]), load_tokenizer(sft_dir, padding_side="left")
+                            ).generate(chats, greedy)
+    r_sft = score_answers(rm[0], rm[1], chats, sft_answers)
+    r_dpo = score_answers(rm[0], rm[1], chats, dpo_answers)
+    return {"prompts": report.prompts, "k": k, "pairs": report.written, "model": summary["final_dir"],
+            "steps": summary["step"], "first_loss": hist[0]["loss"], "final_loss": hist[-1]["loss"],
+            "final_reward_accuracy": hist[-1]["reward_accuracy"],
+            "gen_len_start": lens[0], "gen_len_end": lens[-1],
+            "reward_sft": sum(r_sft) / len(r_sft), "reward_dpo": sum(r_dpo) / len(r_dpo),
+            "samples": [{"prompt": c[-1]["content"], "sft": a, "dpo": b, "reward_sft": x, "reward_dpo": y}
+                        for c, a, b, x, y in zip(chats, sft_answers, dpo_answers, r_sft, r_dpo)]}
 
 
 def score_answers(rm, tokenizer, chats: list, answers: list[str]) -> list[float]:

@@ -218,6 +218,11 @@ def _completion_ids(tokenizer: Any, prompt: Sequence[Message], p_text: str, p_id
     return list(tokenizer(c_text, add_special_tokens=False)["input_ids"])
 
 
+def tokenize_prompt(prompt_msgs: Sequence[Message], tokenizer: Any, source: Source | None = None) -> list[int]:
+    """Prompt ids with the generation prompt, exactly as the trainers' ``prompt_ids``."""
+    return _prompt_text_ids(tokenizer, prompt_msgs, source)[1]
+
+
 def tokenize_prompt_completion(prompt_msgs: Sequence[Message], completion_msgs: Sequence[Message],
                                tokenizer: Any, source: Source | None = None
                                ) -> tuple[list[int], list[int]]:

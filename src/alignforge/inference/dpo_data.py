@@ -33,7 +33,7 @@ class DPODataReport:
 def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model: str, policy: str = "embedded",
                     k: int = 4, temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 128,
                     seed: int = 0, min_gap: float = 0.0, batch_size: int = 8, max_length: int = 1024,
-                    limit: int | None = None, backend=None, rm=None) -> DPODataReport:
+                    limit: int | None = None, backend=None, rm=None, progress: bool = True) -> DPODataReport:
     """See the module docstring. ``backend`` / ``rm`` (a loaded RewardModel with its tokenizer as
     ``(rm, tokenizer)``) override loading ``policy`` / ``reward_model``."""
     from alignforge.data.convert import write_jsonl
@@ -65,7 +65,7 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
             p, (c,), _ = truncate_prompt_responses(p, [c], max_length)
             seqs.append(p + c)
             owner.append(i)
-    scores = score_sequences(model, seqs, tok.pad_token_id, batch_size, progress=True)
+    scores = score_sequences(model, seqs, tok.pad_token_id, batch_size, progress=progress)
     per = [[] for _ in recs]
     for i, s in zip(owner, scores):
         per[i].append(float(s))

@@ -181,8 +181,18 @@ class HFBackend:
         results are reproducible for a given seed and batch size and the global RNG is
         left alone. The model runs in eval mode; its previous mode is restored.
         """
+        return self.generate_from_ids([self.render(p) for p in prompts], cfg)
+
+    def generate_from_ids(self, rows: Sequence[list[int]], cfg: GenerationConfig | None = None
+                          ) -> list[GeneratedSequence]:
+        """:meth:`generate_ids` for prompts that are already token ids (rendered, with the
+        generation prompt), e.g. the ``prompt_ids`` of tokenized training data."""
         cfg = cfg or GenerationConfig()
-        rows = [self.render(p) for p in prompts]
+        rows = [list(r) for r in rows]
+        if any(not r for r in rows):
+            from alignforge.errors import ModelError
+
+            raise ModelError("cannot generate from an empty prompt")
         hf_cfg = self._hf_generation_config(cfg)
         was_training = getattr(self.model, "training", False)
         self.model.eval()

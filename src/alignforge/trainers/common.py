@@ -18,7 +18,8 @@ A trainer describes its method as a :class:`Task` (examples, collate, loss) and 
 * A NaN/inf loss or gradient norm stops the run *before* the optimiser step, so the last
   checkpoint stays the last good state. SIGINT finishes the current step, saves, and exits.
 * Logging: a rich progress bar (loss, tokens/s, ETA), TensorBoard scalars, ``metrics.jsonl``
-  and a PNG of the curves at the end.
+  and a PNG of the curves at the end; with ``probe_every`` the policy's own greedy answers to
+  fixed prompts (length, share finished) are logged too (``inference/probe.py``).
 
 Test hook: ``ALIGNFORGE_FAULT_AFTER_STEP="N:KILL"`` (or ``N:INT``) makes the process send
 itself SIGKILL (SIGINT) right after step N, to test resume on a real killed process.
@@ -64,6 +65,9 @@ class Task:
         batch_tokens: batch -> number of tokens processed (for tokens/s).
         lengths: example lengths; with ``cfg.group_by_length`` batches hold similar lengths.
         summarize: ``(global metric sums, items) -> logged values``; default: each sum / items.
+        probe: ``(unwrapped module, step) -> metrics``, called on the main process before the first
+            step and every ``cfg.probe_every`` steps (``inference/probe.py``); ``None``: the method
+            has no policy to sample from (a reward model).
     """
 
     module: nn.Module
@@ -75,6 +79,7 @@ class Task:
     batch_tokens: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum())
     lengths: Sequence[int] | None = None  # per-example length, for train.group_by_length
     summarize: Callable[[dict[str, float], float], dict[str, float]] | None = None
+    probe: Callable[[nn.Module, int], dict[str, float]] | None = None
 
 
 # --------------------------------------------------------------------------- accelerator & plan
@@ -261,7 +266,8 @@ class _Logger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.progress is not None:
-            self.progress.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}",
+            loss = f"{row['loss']:.4f}" if "loss" in row else "-"
+            self.progress.update(self.task, completed=row["step"], loss=loss,
                                  tps=f"{row.get('tokens_per_s', 0):.0f}")
 
     def advance(self, step: int) -> None:
@@ -367,6 +373,10 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     from accelerate.utils import set_seed
 
     accelerator = accelerator or make_accelerator(cfg)
+    if cfg.probe_every > 0 and task.probe is None:
+        from alignforge.errors import ConfigError
+
+        raise ConfigError("train.probe_every: this trainer has no policy to sample from (set it to 0)")
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +420,21 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     if cfg.group_by_length and lengths is None:
         raise TrainingError("train.group_by_length needs example lengths, which this trainer does not provide")
     order: tuple[int, list[int]] = (-1, [])
+
+    probe_s = [0.0]  # time spent in the probe, left out of tokens/s
+
+    def probe(at: int) -> dict[str, float]:
+        if task.probe is None or cfg.probe_every <= 0 or not accelerator.is_main_process:
+            return {}
+        t = time.perf_counter()
+        with accelerator.autocast():
+            res = task.probe(accelerator.unwrap_model(module), at)
+        probe_s[0] += time.perf_counter() - t
+        return res
+
     try:
+        if step == 0 and (first := probe(0)):
+            logger.log({"step": 0, **first})
         with _sigint_flag() as sigint:
             while step < total:
                 epoch, k = divmod(step, spe)
@@ -460,13 +484,16 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
-                if step % max(1, cfg.log_every) == 0 or step == total:
+                probe_due = cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == total)
+                if step % max(1, cfg.log_every) == 0 or step == total or probe_due:
                     row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
                            "epoch": round(step / spe, 4),
-                           "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
+                           "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0 - probe_s[0])}
                     sums = {k: accelerator.reduce(v, "sum").item() for k, v in metric_sums.items()}
                     row.update(task.summarize(sums, items) if task.summarize else
                                {k: v / items for k, v in sums.items()})  # per-item means
+                    if probe_due:
+                        row.update(probe(step))
                     logger.log(row)
                 else:
                     logger.advance(step)

@@ -142,7 +142,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from alignforge.models.lora import save_trained
     from alignforge.models.packing import PackedPairLogProbs
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
-    from alignforge.trainers.sft import build_policy
+    from alignforge.trainers.sft import build_policy, policy_probe
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one preference file")
@@ -166,7 +166,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
     task = Task(module=PackedPairLogProbs(model), examples=examples, collate=lambda ex: collate_pairs(ex, pad_id),
                 normalizer=len, loss=make_loss(cfg.dpo), save_model=save,
-                lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs])
+                lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
+                probe=policy_probe(cfg.train, tokenizer, [p.prompt_ids for p in pairs]))
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title="DPO")
     summary["data_report"] = report.summary()
     summary["config"] = asdict(cfg)

@@ -73,6 +73,23 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig):
     return apply_lora(model, LoraSettings.from_config(lora_cfg))
 
 
+def policy_probe(train_cfg: TrainConfig, tokenizer, prompt_ids: list[list[int]]):
+    """The ``Task.probe`` of a policy trainer (SFT, DPO, ULMA): greedy answers of ``module.lm``
+    (see ``inference/probe.py``), or ``None`` when ``train.probe_every`` is 0."""
+    from alignforge.inference.probe import GenerationProbe
+
+    probe = GenerationProbe.from_config(train_cfg, tokenizer, prompt_ids)
+    if probe is None:
+        return None
+    return lambda module, step: probe(module.lm, step)
+
+
+def sft_prompt_ids(example) -> list[int]:
+    """The tokens before the first trained (assistant) token: the example's first prompt."""
+    first = next((i for i, m in enumerate(example.loss_mask) if m), len(example.input_ids))
+    return list(example.input_ids[:first])
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the loop summary (``final_dir`` holds the model)."""
     from alignforge.data.tokenize import load_sft_dataset
@@ -107,6 +124,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         loss=sft_step_loss,
         save_model=save,
         lengths=[len(e.input_ids) for e in examples],
+        probe=policy_probe(cfg.train, tokenizer, [p for p in map(sft_prompt_ids, examples) if p]),
     )
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title="SFT")
     summary["data_report"] = report.summary()

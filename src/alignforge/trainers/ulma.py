@@ -163,7 +163,7 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     from alignforge.models.lora import save_trained
     from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
-    from alignforge.trainers.sft import build_policy
+    from alignforge.trainers.sft import build_policy, policy_probe
 
     p = cfg.ulma
     if not cfg.data.train_files:
@@ -204,7 +204,8 @@ def train_ulma(cfg: ULMAConfig) -> dict:
 
     task = Task(module=TokenLogProbs(model), examples=examples, collate=lambda ex: collate_points(ex, pad_id),
                 normalizer=normalizer, loss=make_loss(p, label_type == "continuous"), save_model=save,
-                lengths=[len(e.prompt_ids) + len(e.completion_ids) for e in points], summarize=summarize)
+                lengths=[len(e.prompt_ids) + len(e.completion_ids) for e in points], summarize=summarize,
+                probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]))
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title=f"ULMA ({p.loss})")
     summary["data_report"] = summary_line
     summary["config"] = asdict(cfg)

@@ -1,0 +1,129 @@
+"""What the ``*_vs_trl`` benchmarks share: pair selection, per-side subprocesses, and timers.
+
+Each side runs in its own child process (``--child SIDE``), so peak RSS (``ru_maxrss`` of the
+child) is per side, and only the training loop (plus, where the benchmark says so, the reference
+pass) is timed: tokenisation, model loading and saving are left out on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
+DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
+
+
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def select_pairs(data: str, n: int, max_length: int, work: Path) -> tuple[Any, list, list]:
+    """The first ``n`` pairs of ``data`` whose prompt + longer response fits in ``max_length - 1``
+    tokens (TRL's conversational ids hold one more token per response: neither side truncates).
+    Writes them to ``work/pairs.jsonl`` (TRL format); returns ``(tokenizer, records, tokenized)``."""
+    from alignforge.data.convert import record_to_trl, write_jsonl
+    from alignforge.data.readers import read_preference
+    from alignforge.data.tokenize import tokenize_preference
+    from alignforge.models.loading import ensure_embedded, load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(ensure_embedded())
+    chosen, tokenized = [], []
+    for rec in read_preference(data, on_error="skip").records:
+        p, over = tokenize_preference(rec, tok, max_length - 1)
+        if over:
+            continue
+        chosen.append(rec)
+        tokenized.append(p)
+        if len(chosen) == n:
+            break
+    if len(chosen) < n:
+        raise SystemExit(f"only {len(chosen)} pairs fit in max_length {max_length}")
+    write_jsonl([record_to_trl(r) for r in chosen], work / "pairs.jsonl")
+    return tok, chosen, tokenized
+
+
+def token_counts(tokenized: list) -> dict[str, int]:
+    """Real tokens per epoch packed ``[prompt|chosen|rejected]`` vs two sequences per pair."""
+    return {"real_tokens_packed": sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized),
+            "real_tokens_unpacked": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                        for p in tokenized)}
+
+
+def time_our_loop(marks: dict[str, float]) -> None:
+    """Patch ``trainers.common`` so that ``marks`` gets ``start``/``cpu_start`` at the first loss
+    call and ``end``/``cpu_end`` at the end-of-run checkpoint (which is then not written), and the
+    final model is not saved (neither is timed)."""
+    import alignforge.trainers.common as common
+
+    real_run_training = common.run_training
+
+    def timed_run_training(task, cfg, accelerator=None, **kw):
+        real_loss = task.loss
+
+        def loss(module, batch, norm):
+            if "start" not in marks:
+                marks["start"], marks["cpu_start"] = time.perf_counter(), cpu_s()
+            return real_loss(module, batch, norm)
+
+        task.loss = loss
+        task.save_model = lambda unwrapped, out_dir: Path(out_dir).mkdir(parents=True)
+        return real_run_training(task, cfg, accelerator, **kw)
+
+    def no_checkpoint(accelerator, output_dir, step, state, keep_last):
+        marks["end"], marks["cpu_end"] = time.perf_counter(), cpu_s()  # once, after the last step (save_every=0)
+        return Path(output_dir) / f"step-{step}"
+
+    common.run_training = timed_run_training
+    common.save_checkpoint = no_checkpoint
+
+
+def trl_timer(marks: dict[str, float]):
+    """A ``TrainerCallback`` that fills ``marks`` like :func:`time_our_loop` does for ours."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if "start" not in marks:
+                marks["start"], marks["cpu_start"] = time.perf_counter(), cpu_s()
+
+        def on_step_end(self, a, state, control, **kw):
+            marks["end"], marks["cpu_end"] = time.perf_counter(), cpu_s()
+
+    return Timer()
+
+
+def run_child(script: str, side: str, child_args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script --child SIDE …`` in a fresh interpreter; its last stdout line is its JSON result."""
+    cmd = [sys.executable, script, "--child", side, *child_args]
+    full_env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", **(env or {}))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{side} child failed (rc {proc.returncode})")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["child_wall_s"] = round(time.perf_counter() - t, 1)
+    res["loadavg_after"] = os.getloadavg()
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def machine_line(prepared: dict) -> None:
+    import torch
+
+    print(json.dumps({"prepared": prepared, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "loadavg": os.getloadavg()}), flush=True)
