@@ -143,3 +143,17 @@ def test_bad_pointwise_label_names_file_and_line(tmp_path, tiny_model_dir):
     p.write_text(json.dumps({"prompt": "q", "completion": "b", "label": float("nan")}).replace("NaN", "NaN") + "\n")
     with pytest.raises(DataError, match=r"pw.jsonl:1: field 'label'"):
         train_ulma(load_config(ULMAConfig, None, _common(tmp_path, tiny_model_dir, p, "x")))
+
+
+def test_bf16_reference_is_computed_in_the_training_precision(tmp_path, tiny_model_dir, pairs_file):
+    import math
+
+    base = _common(tmp_path, tiny_model_dir, pairs_file, "dpo") + ["train.max_steps=1", "dpo.beta=1.0"]
+    s16 = train_dpo(load_config(DPOConfig, None, base + ["train.precision=bf16", f"train.output_dir={tmp_path / 'b'}"]))
+    # policy == reference at step 1 and both ran under the same autocast: log-ratios ~0, loss = log 2
+    # (with an fp32 reference under a bf16 policy these were off by ~3e-5 and ~4e-4)
+    assert abs(s16["history"][0]["loss"] - math.log(2)) < 1e-6
+    assert abs(s16["history"][0]["kl_data"]) < 1e-5
+    train_dpo(load_config(DPOConfig, None, base + [f"train.output_dir={tmp_path / 'f'}"]))
+    # one cache entry per precision: a bf16 reference is never reused for an fp32 run
+    assert len(list((tmp_path / "cache" / "reflogps").glob("*.pt"))) == 2

@@ -83,12 +83,13 @@ def reference_logps(lm, pairs: list, pad_id: int, params: DPOParams, accelerator
     from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
 
     def compute():
-        with reference_policy(lm, params.ref_model) as ref:
+        # in the training precision: with bf16 the policy's log-probs at step 0 equal these exactly
+        with accelerator.autocast(), reference_policy(lm, params.ref_model) as ref:
             return pair_logps(ref, pairs, pad_id, params.ref_batch_size)
 
     fp = params.ref_model or model_fingerprint(lm)
     key = cache_key(fp, examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids")),
-                    {"kind": "pairs", "ref_model": params.ref_model})
+                    {"kind": "pairs", "ref_model": params.ref_model, "precision": str(accelerator.mixed_precision)})
     values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
     return values
 

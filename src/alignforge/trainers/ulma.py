@@ -187,11 +187,12 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
     def compute():
-        with reference_policy(model, p.ref_model) as ref:
+        with accelerator.autocast(), reference_policy(model, p.ref_model) as ref:  # in the training precision
             return {"logps": point_logps(ref, points, pad_id, p.ref_batch_size)}
 
     key = cache_key(p.ref_model or model_fingerprint(model),
-                    examples_digest(points, ("prompt_ids", "completion_ids")), {"kind": "pointwise", "ref_model": p.ref_model})
+                    examples_digest(points, ("prompt_ids", "completion_ids")),
+                    {"kind": "pointwise", "ref_model": p.ref_model, "precision": str(accelerator.mixed_precision)})
     ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
     examples = [PointWithRef(e, float(r)) for e, r in zip(points, ref["logps"])]
 
