@@ -7,6 +7,7 @@ pass) is timed: tokenisation, model loading and saving are left out on both side
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -127,3 +128,28 @@ def machine_line(prepared: dict) -> None:
 
     print(json.dumps({"prepared": prepared, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "loadavg": os.getloadavg()}), flush=True)
+
+
+def common_parser(doc: str, lr: float) -> argparse.ArgumentParser:
+    """The options both benchmarks take (each adds its own)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N=16 (a few minutes on 2 CPU cores)")
+    ap.add_argument("--n", type=int, default=None, help="number of pairs (default 64; 16 with --quick)")
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both sides (bf16: autocast; the loss/log-prob agreement checks are meant for fp32)")
+    ap.add_argument("--trl-input", choices=["tokens", "conversational"], default="tokens")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times; report the best")
+    ap.add_argument("--workdir", default=None)
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    args = ap.parse_args()
+    if args.n is None:
+        args.n = 16 if args.quick else 64
+    return args

@@ -226,8 +226,8 @@ def main() -> None:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    cols = "| model | train pairs | train min | AdvBench ASR (n={n}) ↓ | helpful: mean tokens | cut at {t} | degenerate | refusal-string |".format(
-        n=args.n_eval, t=args.max_new_tokens)
+    cols = ("| model | train pairs | train min | AdvBench ASR (n={n}) ↓ | helpful: mean tokens | cut at {t} | degenerate "
+            "| refusal-string | probe answer length, first → last |").format(n=args.n_eval, t=args.max_new_tokens)
     if args.rm:
         cols += " RM score |"
     lines = [cols, "|" + "---|" * (cols.count("|") - 1)]
@@ -235,7 +235,9 @@ def main() -> None:
         tr = summary["train"].get(name)
         row = (f"| {name} | {n_train if tr else '-'} | {tr['train_seconds'] / 60:.1f} | " if tr else f"| {name} | - | - | ")
         row += (f"{pct(m['asr'])} | {m['help_mean_tokens']:.1f} | {pct(m['help_cut_at_limit'])} | "
-                f"{pct(m['help_degenerate'])} | {pct(m['help_refusal'])} |")
+                f"{pct(m['help_degenerate'])} | {pct(m['help_refusal'])} | ")
+        gl = (tr or {}).get("gen_len") or []
+        row += f"{gl[0][1]} → {gl[-1][1]} |" if gl else "- |"
         if args.rm:
             row += f" {m['help_rm_score']:.3f} |" if m.get("help_rm_score") is not None else " - |"
         lines.append(row)

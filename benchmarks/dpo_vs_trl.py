@@ -63,8 +63,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (DEFAULT_DATA, cpu_s, machine_line, peak_rss_mb, run_child, select_pairs,  # noqa: E402
-                      time_our_loop, token_counts, trl_timer)
+from _harness import (common_parser, cpu_s, machine_line, parse, peak_rss_mb, run_child,  # noqa: E402
+                      select_pairs, time_our_loop, token_counts, trl_timer)
 
 
 # --------------------------------------------------------------------------- preparation (parent)
@@ -258,27 +258,13 @@ def logp_diff(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="N=16 (a few minutes on 2 CPU cores)")
-    ap.add_argument("--n", type=int, default=None, help="number of pairs (default 64; 16 with --quick)")
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--lr", type=float, default=1e-6)
+    ap = common_parser(__doc__, lr=1e-6)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--trl-input", choices=["tokens", "conversational"], default="tokens")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="both sides (bf16: autocast; the loss/log-prob agreement checks are meant for fp32)")
     ap.add_argument("--trl-variants", default="precompute",
                     help="comma list of TRL settings: precompute (precompute_ref_log_probs=True), live (ref model)")
-    ap.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times; report the best")
-    ap.add_argument("--workdir", default=None)
     ap.add_argument("--base", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.n is None:
-        args.n = 16 if args.quick else 64
+    args = parse(ap)
 
     if args.child:
         res = child_ours(args) if args.child == "ours" else child_trl(args, args.child.removeprefix("trl_"))

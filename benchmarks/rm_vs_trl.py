@@ -43,7 +43,6 @@ The last line of stdout is one JSON object (see ``main``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (DEFAULT_DATA, machine_line, peak_rss_mb, run_child, select_pairs,  # noqa: E402
+from _harness import (common_parser, machine_line, parse, peak_rss_mb, run_child, select_pairs,  # noqa: E402
                       time_our_loop, token_counts, trl_timer)
 
 
@@ -188,23 +187,10 @@ def child(side: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="N=16 (a few minutes on 2 CPU cores)")
-    ap.add_argument("--n", type=int, default=None, help="number of pairs (default 64; 16 with --quick)")
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--trl-input", choices=["tokens", "conversational"], default="tokens")
-    ap.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times; report the best")
+    ap = common_parser(__doc__, lr=1e-5)
     ap.add_argument("--no-unpacked", action="store_true", help="skip ours with reward.packed=false")
-    ap.add_argument("--workdir", default=None)
     ap.add_argument("--child", choices=["ours", "ours_unpacked", "trl"], default=None)
-    args = ap.parse_args()
-    if args.n is None:
-        args.n = 16 if args.quick else 64
+    args = parse(ap)
 
     if args.child:
         res = child_ours(args, True) if args.child == "ours" else \

@@ -218,12 +218,15 @@ def generate(
 @app.command()
 def demo(
     output_dir: str = typer.Option("outputs/demo", help="Where the demo writes everything."),
-    epochs: int = typer.Option(3),
+    epochs: int = typer.Option(3, help="SFT epochs."),
+    dpo_prompts: int = typer.Option(12, help="Prompts the SFT policy samples for the RM-labelled DPO pairs."),
+    dpo_k: int = typer.Option(4, help="Samples per prompt (best and worst by the reward model become a pair)."),
+    model: str = typer.Option("embedded", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
 ) -> None:
-    """The main job on the embedded model: SFT on the shipped demos, with answers before and after."""
+    """The main job on the embedded model: SFT -> reward model -> RM-labelled DPO, with answers and rewards."""
     from alignforge.demo import run_demo
 
-    run_demo(output_dir=output_dir, epochs=epochs, echo=typer.echo)
+    run_demo(output_dir=output_dir, epochs=epochs, echo=typer.echo, model=model, dpo_prompts=dpo_prompts, dpo_k=dpo_k)
 
 
 @app.command("prepare-embedded")
