@@ -129,7 +129,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
 
 
 def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int, k: int, epochs: int,
-                  min_gap: float) -> dict:
+                  min_gap: float, lr: float = 5e-4, beta: float = 0.1) -> dict:
     """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.data.convert import write_jsonl
@@ -157,10 +157,10 @@ def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int
         model=ModelConfig(name_or_path=sft_dir),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(out / "dpo_pairs.jsonl")], max_length=256),
-        train=TrainConfig(output_dir=str(out / "dpo"), epochs=epochs, per_device_batch_size=4, lr=5e-4, warmup_steps=1,
+        train=TrainConfig(output_dir=str(out / "dpo"), epochs=epochs, per_device_batch_size=4, lr=lr, warmup_steps=1,
                           save_every=0, keep_last=1, seed=42, group_by_length=True, probe_every=2,
                           probe_prompts=4, probe_max_new_tokens=40),
-        dpo=DPOParams(beta=0.1),
+        dpo=DPOParams(beta=beta),
     )
     summary = train_dpo(cfg)
     hist = [r for r in summary["history"] if "loss" in r]
