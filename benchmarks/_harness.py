@@ -153,3 +153,21 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     if args.n is None:
         args.n = 16 if args.quick else 64
     return args
+
+
+def experiment_parser(doc: str, n_train: int, out: str) -> argparse.ArgumentParser:
+    """The options of the real-result scripts (``rm_hh_result.py``, ``dpo_ulma_hh_result.py``): the
+    shared held-out protocol (``data.split.experiment_split``) and the LoRA training settings."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--heldout", type=int, default=300)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=n_train, help="training pairs sampled from the pool (0 = all)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--out", default=out)
+    return ap

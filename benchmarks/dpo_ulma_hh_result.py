@@ -29,14 +29,15 @@ Prints a markdown table; writes ``<out>/summary.json`` and ``<out>/table.md``. U
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
-DEFAULT_DATA = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import SHARED, experiment_parser  # noqa: E402
+
 HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
 
@@ -157,20 +158,10 @@ def metrics(gen: dict, args, helpful_convs: list, out: Path, name: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap = experiment_parser(__doc__, n_train=384, out="outputs/dpo_ulma_hh_result")
     ap.add_argument("--helpful", default=HELPFUL)
     ap.add_argument("--advbench", default=ADVBENCH)
-    ap.add_argument("--heldout", type=int, default=300)
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=384, help="training pairs sampled from the pool (0 = all)")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                     help="training precision (bf16 autocast: ~1.4x faster on CPUs with AMX); generation is fp32")
     ap.add_argument("--probe-every", type=int, default=50,
@@ -181,7 +172,6 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--rm", default=None, help="trained reward-model dir: adds the mean RM score on helpful prompts")
     ap.add_argument("--methods", default="dpo,ulma")
-    ap.add_argument("--out", default="outputs/dpo_ulma_hh_result")
     args = ap.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

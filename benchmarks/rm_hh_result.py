@@ -16,14 +16,15 @@ Prints a markdown table; writes ``<out>/summary.json``. Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import experiment_parser  # noqa: E402
 
 
 def evaluate(c, r, pairs, seed: int) -> dict:
@@ -52,18 +53,7 @@ def evaluate(c, r, pairs, seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--heldout", type=int, default=300)
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=512, help="training pairs sampled from the pool (0 = all)")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--out", default="outputs/rm_hh_result")
+    ap = experiment_parser(__doc__, n_train=512, out="outputs/rm_hh_result")
     ap.add_argument("--only", choices=["both", "nobal", "bal"], default="both")
     args = ap.parse_args()
 

@@ -98,3 +98,37 @@ def test_reward_model_rejects_the_probe(tmp_path, tiny_model_dir):
                                        "train.progress=false", "reward.length_balance=false"])
     with pytest.raises(ConfigError, match="probe_every"):
         train_rm(cfg)
+
+
+def _train_cfg(tmp_path, **kw):
+    from alignforge.config import TrainConfig
+
+    return TrainConfig(output_dir=str(tmp_path / "out"), probe_every=1, **kw)
+
+
+def test_probe_settings_errors_name_the_key_or_file(tmp_path, tiny_tokenizer):
+    from alignforge.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match=r"train\.probe_prompts must be >= 1"):
+        GenerationProbe.from_config(_train_cfg(tmp_path, probe_prompts=0), tiny_tokenizer, [[1, 2]])
+    with pytest.raises(ConfigError, match=r"train\.probe_max_new_tokens must be >= 1"):
+        GenerationProbe.from_config(_train_cfg(tmp_path, probe_max_new_tokens=0), tiny_tokenizer, [[1, 2]])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="no prompts in train.probe_file .*empty.jsonl"):
+        GenerationProbe.from_config(_train_cfg(tmp_path, probe_file=str(empty)), tiny_tokenizer, [[1, 2]])
+    with pytest.raises(ConfigError, match="no prompts in the training data"):
+        GenerationProbe.from_config(_train_cfg(tmp_path), tiny_tokenizer, [])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        GenerationProbe.from_config(_train_cfg(tmp_path, probe_file=str(bad)), tiny_tokenizer, [[1, 2]])
+
+
+def test_generation_from_an_empty_prompt_is_an_error(tiny_model_dir, tiny_tokenizer):
+    from alignforge.errors import ModelError
+    from alignforge.models.loading import load_model
+
+    backend = HFBackend(load_model(str(tiny_model_dir)), tiny_tokenizer)
+    with pytest.raises(ModelError, match="empty prompt"):
+        backend.generate_from_ids([[1, 2], []], GenerationConfig(max_new_tokens=2))

@@ -65,8 +65,16 @@ class GenerationProbe:
         """The probe a ``TrainConfig`` asks for, or ``None`` when ``probe_every == 0``."""
         if train_cfg.probe_every <= 0:
             return None
+        from alignforge.errors import ConfigError
+
+        for key in ("probe_prompts", "probe_max_new_tokens"):
+            if getattr(train_cfg, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1 when train.probe_every > 0, got {getattr(train_cfg, key)}")
         prompts = probe_prompt_ids(train_prompt_ids, train_cfg.probe_prompts, tokenizer=tokenizer,
                                    probe_file=train_cfg.probe_file)
+        if not prompts:
+            where = f"train.probe_file {train_cfg.probe_file}" if train_cfg.probe_file else "the training data"
+            raise ConfigError(f"the generation probe found no prompts in {where}")
         return cls(tokenizer, prompts, train_cfg.probe_max_new_tokens,
                    Path(train_cfg.output_dir) / "samples.jsonl")
 
