@@ -182,13 +182,14 @@ def test_score_pairs_keeps_order_and_matches_unbatched(random_rm):
     c, r = score_pairs(rm, pairs, tok.pad_token_id, batch_size=4, progress=False)
     with torch.no_grad():
         one = [rm(pack_pairs([p], tok.pad_token_id)) for p in pairs]
-    np.testing.assert_allclose(c, [x[0].item() for x in one], atol=1e-4)
-    np.testing.assert_allclose(r, [x[1].item() for x in one], atol=1e-4)
+    # batched vs one at a time: other padded shapes, so fp32 rounding; tolerance scaled to the scores
+    tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(c).max())))
+    np.testing.assert_allclose(c, [x[0].item() for x in one], **tol)
+    np.testing.assert_allclose(r, [x[1].item() for x in one], **tol)
     assert np.std(c) > 1e-3  # scores really differ, so a permutation would be caught
     # the same responses scored as plain unpacked sequences
     seqs = [p.prompt_ids + p.chosen_ids for p in pairs]
-    np.testing.assert_allclose(score_sequences(rm, seqs, tok.pad_token_id, batch_size=3, progress=False), c,
-                               atol=1e-4)
+    np.testing.assert_allclose(score_sequences(rm, seqs, tok.pad_token_id, batch_size=3, progress=False), c, **tol)
 
 
 def test_score_file_round_trip(tmp_path, trained_rm):
@@ -213,7 +214,8 @@ def test_score_file_round_trip(tmp_path, trained_rm):
     for _, _, prompt, completion in read_unlabeled(src):
         p, c = tokenize_prompt_completion(prompt, completion, tok)
         expect.append(score_sequences(rm, [p + c], tok.pad_token_id, progress=False)[0])
-    np.testing.assert_allclose([r["score"] for r in rows], expect, atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in rows], expect, rtol=1e-5,
+                               atol=1e-5 * max(1.0, float(np.abs(expect).max())))
     for r in rows:
         assert r["score_normalized"] == pytest.approx((r["score"] - stats["mean"]) / stats["std"])
     assert rows[0]["score"] > rows[1]["score"]  # the trained RM prefers the good answer

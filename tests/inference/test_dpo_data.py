@@ -44,7 +44,7 @@ def test_best_and_worst_of_k_by_reward(tmp_path, tiny_model_dir, tiny_rm_dir, pr
     ids = torch.tensor([p + c])
     with torch.no_grad():
         s = rm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
-    assert s == pytest.approx(rows[0]["score_chosen"], abs=1e-4)
+    assert s == pytest.approx(rows[0]["score_chosen"], rel=1e-5, abs=1e-5)  # other batch shape: fp32 rounding
 
 
 def test_min_gap_skips_flat_prompts(tmp_path, tiny_model_dir, tiny_rm_dir, prompts):

@@ -80,7 +80,7 @@ def test_reference_mode_disables_adapter(tiny_model_dir, lora_model):
         out = ref(IDS).logits
         assert not out.requires_grad
         assert not ref.training
-        torch.testing.assert_close(out, base_logits, atol=1e-6, rtol=0)
+        assert torch.equal(out, base_logits)  # a disabled adapter runs exactly the base layers
     assert lora_model.training  # mode restored
     lora_model.eval()
     after = _logits(lora_model)
@@ -108,7 +108,7 @@ def test_save_trained_adapter_roundtrip(tiny_model_dir, lora_model, tmp_path):
     loaded = load_model(out)
     assert is_peft(loaded)
     assert not any(p.requires_grad for p in loaded.parameters())
-    torch.testing.assert_close(_logits(loaded), _logits(lora_model.eval()), atol=1e-6, rtol=0)
+    assert torch.equal(_logits(loaded), _logits(lora_model.eval()))  # saved and reloaded: the same weights
     trainable = load_model(out, trainable_adapter=True)
     assert any(p.requires_grad for p in trainable.parameters())
     # the adapter's own tokenizer is used
@@ -154,7 +154,10 @@ def test_merge_adapter_matches_adapter_logits(tiny_model_dir, lora_model, tmp_pa
     merged = load_model(merged_dir)
     assert not is_peft(merged)
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(_logits(merged), _logits(load_model(adapter)), atol=1e-5, rtol=0)
+    # W + BA in one matrix vs W x + B(A x): fp32 rounding differs, so the tolerance scales with the logits
+    adapter_logits = _logits(load_model(adapter))
+    scale = float(adapter_logits.abs().max())
+    torch.testing.assert_close(_logits(merged), adapter_logits, atol=1e-5 * max(1.0, scale), rtol=1e-5)
     # and it really differs from the base model
     assert (_logits(merged) - _logits(load_model(tiny_model_dir))).abs().max() > 1e-3
 

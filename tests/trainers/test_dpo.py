@@ -90,10 +90,11 @@ def test_reference_values_match_a_direct_computation(tmp_path, tiny_model_dir, p
         p = pairs[i]
         ids = torch.tensor([p.prompt_ids + p.chosen_ids])
         with torch.no_grad():
-            lp = torch.log_softmax(lm(input_ids=ids).logits[0].float(), -1)
+            lp = torch.log_softmax(lm(input_ids=ids).logits[0].double(), -1)
         P = len(p.prompt_ids)
         direct = sum(lp[P - 1 + k, t].item() for k, t in enumerate(p.chosen_ids))
-        assert ref["chosen_logps"][i].item() == pytest.approx(direct, abs=1e-3)
+        # packed fp32 vs unpacked: rounding grows with the summed magnitude
+        assert ref["chosen_logps"][i].item() == pytest.approx(direct, rel=1e-5, abs=1e-4)
 
 
 @pytest.mark.parametrize("extra", [["dpo.loss_type=ipo"], ["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"],

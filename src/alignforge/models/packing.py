@@ -102,7 +102,8 @@ def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     src[rows, first_rej] = batch["prompt_last"]
     b_idx, t_idx = is_resp.nonzero(as_tuple=True)
     h = hidden[b_idx, src[b_idx, t_idx]]
-    logits = head(h).float()
+    logits = head(h)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; a float64 model stays float64
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
