@@ -76,6 +76,16 @@ class RewardModel(nn.Module):
         return self._score(h[rows, last_token_index(batch["attention_mask"])])
 
 
+def is_reward_model_dir(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a saved sequence-classification (reward) model directory."""
+    from alignforge.models.loading import resolve_model_path
+
+    try:
+        return _is_seqcls_dir(resolve_model_path(name_or_path))
+    except Exception:  # noqa: BLE001 - an unresolvable name is not a reward model dir
+        return False
+
+
 def _is_seqcls_dir(path: str) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():

@@ -1,0 +1,63 @@
+"""PPO's critic: a value head on a transformer backbone, one value per position.
+
+The critic is an HF ``*ForSequenceClassification`` model with one label (the reward model's own
+architecture): its scalar ``score`` head is applied at *every* position instead of only the last,
+so ``V(s_t)`` is read at the state that predicts response token ``t``. Initialised from a reward
+model (ChatGLM-RLHF, InstructGPT; the default) it starts out predicting the final score; from the
+policy it gets a fresh zero-initialised head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _base(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class ValueModel(nn.Module):
+    """``forward(input_ids, attention_mask) -> (B, T)`` values (float32 or wider).
+
+    ``values[:, t]`` is computed from the hidden state at position ``t``; the trainer reads the
+    value of the state before each response token at ``t − 1``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def head(self) -> nn.Module:
+        base = _base(self.model)
+        for name in ("score", "classifier"):
+            h = getattr(base, name, None)
+            if h is not None:
+                return h
+        raise AttributeError(f"{type(base).__name__} has no 'score' head")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        base = _base(self.model)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        head = self.head()
+        w = next(head.parameters())
+        v = head(hidden.to(w.dtype)).squeeze(-1)
+        return v.to(torch.promote_types(v.dtype, torch.float32))
+
+
+def load_value_model(init: str, dtype: str = "float32") -> ValueModel:
+    """A trainable critic from a saved reward model (its head kept) or any causal LM (head zeroed)."""
+    from alignforge.models.reward import is_reward_model_dir, load_reward_backbone
+
+    hf = load_reward_backbone(init, dtype)
+    vm = ValueModel(hf)
+    if not is_reward_model_dir(init):
+        with torch.no_grad():
+            for p in vm.head().parameters():
+                p.zero_()
+    for p in vm.parameters():
+        p.requires_grad_(True)
+    return vm
