@@ -13,10 +13,24 @@ import torch
 from torch import nn
 
 
-def _base_model(lm: nn.Module) -> nn.Module:
-    """The underlying ``PreTrainedModel`` (through a PEFT wrapper, whose LoRA layers stay active)."""
-    get_base = getattr(lm, "get_base_model", None)
-    return get_base() if callable(get_base) else lm
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """Log-probability of each target token from its logits (the one place this is computed).
+
+    Args:
+        logits: ``(N, V)`` next-token logits (any float dtype; computed in float32).
+        targets: ``(N,)`` token ids.
+        softcap: the model's ``final_logit_softcapping`` (``tanh(x / c) * c``), if any.
+
+    Returns:
+        ``(N,)`` float32 ``log softmax(logits)[targets]``, as target logit − logsumexp, not
+        ``log_softmax(...).gather(...)``: the same value, but it does not materialise the ``(N, V)``
+        log-softmax output, and torch's CPU fp32 log_softmax over a 49k vocabulary is biased by ~1e-5
+        per token (it adds up to ~1e-3 over a 100-token response; logsumexp is within ~1e-7 of float64).
+    """
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -33,20 +47,16 @@ def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         ``(B, T)`` float32: ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` at target
         positions, 0 elsewhere (column 0 is always 0).
     """
-    base = _base_model(lm)
+    from alignforge.models.lora import unwrap_base
+
+    base = unwrap_base(lm)
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     tm = target_mask[:, 1:].bool()
     h = hidden[:, :-1][tm]  # (N, H): states that predict a target token
-    logits = head(h).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    targets = input_ids[:, 1:][tm]
-    # target logit - logsumexp (as in models/packing.py): no (N, V) log-softmax output, and closer to float64
-    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lp = logprobs_from_logits(head(h), input_ids[:, 1:][tm], getattr(base.config, "final_logit_softcapping", None))
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, 1:][tm] = lp
     return out
