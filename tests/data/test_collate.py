@@ -39,7 +39,8 @@ def test_trainer_collates_are_the_shared_one():
     assert torch.equal(pts["input_ids"], torch.tensor([[1, 2, 3, 9], [4, 5, 6, 7]]))
     assert torch.equal(pts["attention_mask"], torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
     assert torch.equal(pts["target_mask"], torch.tensor([[False, False, True, False], [False, True, True, True]]))
-    assert torch.equal(pts["labels"], torch.tensor([1.0, 0.0])) and torch.equal(pts["ref_logp"], torch.tensor([-1.5, -2.0]))
+    assert torch.equal(pts["labels"], torch.tensor([1.0, 0.0]))
+    assert torch.equal(pts["ref_logp"], torch.tensor([-1.5, -2.0]))
 
     rm = collate_unpacked([TokenizedPair([1], [2, 3], [4]), TokenizedPair([5, 6], [7], [8, 9])], pad_id=0)
     assert torch.equal(rm["input_ids"], torch.tensor([[1, 2, 3, 0], [5, 6, 7, 0], [1, 4, 0, 0], [5, 6, 8, 9]]))

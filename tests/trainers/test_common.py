@@ -224,7 +224,8 @@ def test_resume_refuses_a_changed_run_and_names_each_difference(tmp_path, tiny_m
     # other training examples (same count, one token changed): the digest names it
     task = _task(tiny_model_dir, tiny_tokenizer)
     task.examples[5].input_ids[-1] += 1
-    with pytest.raises(ConfigError, match=r"training examples \(digest of their token ids\): [0-9a-f]{12} → [0-9a-f]{12}"):
+    digest_line = r"training examples \(digest of their token ids\): [0-9a-f]{12} → [0-9a-f]{12}"
+    with pytest.raises(ConfigError, match=digest_line):
         run_training(task, cfg)
     with pytest.raises(ConfigError, match="number of training examples: 12 → 11"):
         run_training(_task(tiny_model_dir, tiny_tokenizer, n=11), cfg)
@@ -257,7 +258,8 @@ def test_examples_digest_covers_token_ids_only():
 
     exs = [TokenizedSFT([1, 2, 3], [0, 1, 1]), TokenizedSFT([4, 5], [1, 1])]
     d = examples_digest(exs)
-    assert d == examples_digest([TokenizedSFT([1, 2, 3], [0, 1, 1], Source("x.jsonl", 9)), TokenizedSFT([4, 5], [1, 1])])
+    elsewhere = [TokenizedSFT([1, 2, 3], [0, 1, 1], Source("x.jsonl", 9)), TokenizedSFT([4, 5], [1, 1])]
+    assert d == examples_digest(elsewhere)  # where a record came from does not count
     assert d != examples_digest([TokenizedSFT([1, 2, 4], [0, 1, 1]), exs[1]])  # a token
     assert d != examples_digest([TokenizedSFT([1, 2, 3], [0, 0, 1]), exs[1]])  # a mask
     assert d != examples_digest(exs[::-1]) and d != examples_digest(exs[:1])  # order, count

@@ -193,10 +193,12 @@ def _hash_ints(obj: Any, h, name: str = "") -> None:
         for f in dataclasses.fields(obj):
             if f.name != "source":  # where a record came from does not change what is trained
                 _hash_ints(getattr(obj, f.name), h, f.name)
+    elif hasattr(obj, "tolist") and not isinstance(obj, (int, float)):  # a tensor or numpy array
+        _hash_ints(obj.tolist(), h, name)
     elif isinstance(obj, (list, tuple)):
         try:
             a = array("q", obj)
-        except TypeError:  # not all ints: walk the items
+        except (TypeError, OverflowError):  # not all int64: walk the items
             for x in obj:
                 _hash_ints(x, h, name)
             return
