@@ -18,7 +18,7 @@ from alignforge.errors import AlignforgeError
 
 app = typer.Typer(
     name="alignforge",
-    help="Align LLMs with human preferences: data, SFT, reward models, DPO/ULMA, PPO, RAIN, evaluation.",
+    help="Align LLMs with human preferences: data, annotation, SFT, reward models, DPO/IPO, ULMA/KTO, generation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    resume_force: bool = False  # resume even if batch size, grad_accum, world size, seed, data or steps changed
     log_every: int = 1
     progress: bool = True  # rich progress bar on the main process
     tensorboard: bool = True

@@ -1,5 +1,6 @@
 """The shared loop: batching plan, schedule, checkpoints, NaN guard, logging outputs."""
 
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import torch
 
 from alignforge.config import TrainConfig
 from alignforge.data.records import TokenizedSFT
-from alignforge.errors import TrainingError
+from alignforge.errors import TrainingError, TrainingInterrupted
 from alignforge.trainers.common import (Task, latest_checkpoint, list_checkpoints, lr_lambda, micro_slice,
                                         run_training, step_indices, steps_per_epoch)
 
@@ -138,14 +139,182 @@ def test_exploding_lr_is_caught_as_non_finite(tmp_path, tiny_model_dir, tiny_tok
         assert all(torch.isfinite(v).all() for v in sd.values())
 
 
-def test_in_process_resume_matches(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """Resume with no checkpoint starts fresh; resume from the final checkpoint trains no further.
-    (Resume after a real kill is tested in test_sft_resume.py.)"""
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def _crash_during_step(task, step, grad_accum=2):
+    """Make ``task.loss`` raise inside global step ``step`` (1-based), as a killed process would stop."""
+    real, calls = task.loss, {"n": 0}
+
+    def crashing(module, batch, norm):
+        calls["n"] += 1
+        if calls["n"] > (step - 1) * grad_accum:
+            raise RuntimeError("simulated crash")
+        return real(module, batch, norm)
+
+    task.loss = crashing
+    return task
+
+
+def _counting(task):
+    real, calls = task.loss, {"n": 0}
+
+    def counted(module, batch, norm):
+        calls["n"] += 1
+        return real(module, batch, norm)
+
+    task.loss = counted
+    return task, calls
+
+
+@pytest.fixture
+def crashed_run(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """An uninterrupted run, and a run with the same config that crashed in step 4 (checkpoints at 2, 4, 6)."""
+    ref = run_training(_task(tiny_model_dir, tiny_tokenizer), _cfg(tmp_path / "ref"))
     cfg = _cfg(tmp_path, resume=True)
-    s1 = run_training(_task(tiny_model_dir, tiny_tokenizer), cfg)
-    assert s1["resumed_from"] is None
-    s2 = run_training(_task(tiny_model_dir, tiny_tokenizer), cfg)
-    assert s2["resumed_from"].endswith("step-00000006") and s2["step"] == 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(_crash_during_step(_task(tiny_model_dir, tiny_tokenizer), step=4), cfg)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    return ref, cfg
+
+
+def test_resume_after_a_crash_mid_run_gives_identical_weights(tmp_path, tiny_model_dir, tiny_tokenizer, crashed_run):
+    """Resume from the checkpoint at step 2 after a crash in step 4: steps 3-6 are trained again and the final
+    weights equal those of the uninterrupted run (optimizer moments, schedule and data position restored)."""
+    ref, cfg = crashed_run
+    task, calls = _counting(_task(tiny_model_dir, tiny_tokenizer))
+    s = run_training(task, cfg)
+    assert s["resumed_from"].endswith("step-00000002") and s["step"] == 6
+    assert calls["n"] == 4 * 2  # steps 3..6, grad_accum 2: it resumed, it did not start over
+    a, b = _final_weights(tmp_path / "ref" / "run"), _final_weights(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["step"] for h in s["history"]] == list(range(1, 7))
+    assert [h["loss"] for h in s["history"]] == [h["loss"] for h in ref["history"]]
+    # resuming a finished run trains nothing further
+    task, calls = _counting(_task(tiny_model_dir, tiny_tokenizer))
+    s2 = run_training(task, cfg)
+    assert s2["resumed_from"].endswith("step-00000006") and s2["step"] == 6 and calls["n"] == 0
+
+
+def test_resume_with_no_checkpoint_starts_fresh(tmp_path, tiny_model_dir, tiny_tokenizer):
+    s = run_training(_task(tiny_model_dir, tiny_tokenizer), _cfg(tmp_path, resume=True, epochs=1))
+    assert s["resumed_from"] is None and s["step"] == 3
+
+
+def test_resume_refuses_a_changed_run_and_names_each_difference(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                crashed_run):
+    from alignforge.errors import ConfigError
+
+    _, cfg = crashed_run
+    changed = dataclasses.replace(cfg, per_device_batch_size=1, seed=4, epochs=3, group_by_length=True)
+    task = _task(tiny_model_dir, tiny_tokenizer)
+    task.lengths = [len(e.input_ids) for e in task.examples]
+    with pytest.raises(ConfigError) as e:
+        run_training(task, changed)
+    msg = str(e.value)
+    assert "step-00000002" in msg and "resume_force" in msg
+    for line in ("train.per_device_batch_size: 2 → 1", "train.seed: 3 → 4", "train.group_by_length: False → True",
+                 "total steps (train.epochs / train.max_steps): 6 → 18"):
+        assert line in msg
+    assert "grad_accum" not in msg and "world size" not in msg and "examples" not in msg  # only what changed
+
+    # other training examples (same count, one token changed): the digest names it
+    task = _task(tiny_model_dir, tiny_tokenizer)
+    task.examples[5].input_ids[-1] += 1
+    digest_line = r"training examples \(digest of their token ids\): [0-9a-f]{12} → [0-9a-f]{12}"
+    with pytest.raises(ConfigError, match=digest_line):
+        run_training(task, cfg)
+    with pytest.raises(ConfigError, match="number of training examples: 12 → 11"):
+        run_training(_task(tiny_model_dir, tiny_tokenizer, n=11), cfg)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"  # nothing was trained or written
+
+    # resume_force resumes anyway
+    task, calls = _counting(_task(tiny_model_dir, tiny_tokenizer))
+    s = run_training(task, dataclasses.replace(cfg, seed=4, resume_force=True))
+    assert s["resumed_from"].endswith("step-00000002") and s["step"] == 6 and calls["n"] == 8
+
+
+def test_resume_from_a_checkpoint_without_signature(tmp_path, tiny_model_dir, tiny_tokenizer, crashed_run, capsys):
+    """Checkpoints written before the check have no "run" entry: they resume (unchecked) with a note."""
+    ref, cfg = crashed_run
+    state_file = latest_checkpoint(tmp_path / "run") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["run"]["examples_digest"] and state["run"]["world_size"] == 1
+    del state["run"]
+    state_file.write_text(json.dumps(state))
+    s = run_training(_task(tiny_model_dir, tiny_tokenizer), cfg)
+    assert s["resumed_from"].endswith("step-00000002")
+    assert "without checking" in capsys.readouterr().out
+    a, b = _final_weights(tmp_path / "ref" / "run"), _final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_examples_digest_covers_token_ids_only():
+    from alignforge.data.records import Source, TokenizedPair
+    from alignforge.trainers.common import examples_digest
+
+    exs = [TokenizedSFT([1, 2, 3], [0, 1, 1]), TokenizedSFT([4, 5], [1, 1])]
+    d = examples_digest(exs)
+    elsewhere = [TokenizedSFT([1, 2, 3], [0, 1, 1], Source("x.jsonl", 9)), TokenizedSFT([4, 5], [1, 1])]
+    assert d == examples_digest(elsewhere)  # where a record came from does not count
+    assert d != examples_digest([TokenizedSFT([1, 2, 4], [0, 1, 1]), exs[1]])  # a token
+    assert d != examples_digest([TokenizedSFT([1, 2, 3], [0, 0, 1]), exs[1]])  # a mask
+    assert d != examples_digest(exs[::-1]) and d != examples_digest(exs[:1])  # order, count
+    assert d != examples_digest([TokenizedSFT([1, 2], [0, 1]), TokenizedSFT([3, 4, 5], [1, 1, 1])])  # boundaries
+
+    @dataclasses.dataclass
+    class WithRef:  # a trainer's wrapper: nested ids count, computed floats do not
+        pair: TokenizedPair
+        ref: float
+
+    p = TokenizedPair([1], [2, 3], [4])
+    assert examples_digest([WithRef(p, -1.0)]) == examples_digest([WithRef(p, -1.0000001)])
+    assert examples_digest([WithRef(p, -1.0)]) != examples_digest([WithRef(TokenizedPair([1], [2, 3], [5]), -1.0)])
+
+
+def test_logged_rows_average_the_window(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """log_every=4 logs steps 4 and 6; each row averages the steps since the previous row (also when the
+    run was interrupted mid-window and resumed)."""
+    from alignforge.trainers.sft import count_targets
+
+    def with_metric(task):  # a task metric: the summed NLL, so its per-item value is the token-mean NLL
+        real = task.loss
+
+        def loss(module, batch, norm):
+            lv, m = real(module, batch, norm)
+            return lv, {**m, "nll_sum": lv.detach() * norm}
+
+        task.loss = loss
+        return task
+
+    every = run_training(with_metric(_task(tiny_model_dir, tiny_tokenizer)), _cfg(tmp_path / "a"))["history"]
+    task = with_metric(_task(tiny_model_dir, tiny_tokenizer))
+    windowed = run_training(task, _cfg(tmp_path / "b", log_every=4))["history"]
+    assert [h["step"] for h in windowed] == [4, 6]
+    items = [count_targets([task.examples[i] for i in step_indices(s, 12, 4, seed=3)]) for s in range(6)]
+    assert len(set(items)) > 1  # steps hold different token counts: a pooled mean differs from a mean of means
+    for row, (lo, hi) in zip(windowed, [(0, 4), (4, 6)]):
+        win = every[lo:hi]
+        assert row["loss"] == pytest.approx(sum(h["loss"] for h in win) / len(win), rel=1e-12)
+        assert row["grad_norm"] == pytest.approx(sum(h["grad_norm"] for h in win) / len(win), rel=1e-12)
+        pooled = sum(h["nll_sum"] * n for h, n in zip(win, items[lo:hi])) / sum(items[lo:hi])
+        assert row["nll_sum"] == pytest.approx(pooled, rel=1e-5)
+        assert row["lr"] == win[-1]["lr"]
+    # interrupted at step 3 (mid-window, checkpoint written there), resumed: the same rows
+    cfg = _cfg(tmp_path / "c", log_every=4, save_every=0, resume=True)
+    monkeypatch.setenv("ALIGNFORGE_FAULT_AFTER_STEP", "3:INT")
+    with pytest.raises(TrainingInterrupted):
+        run_training(with_metric(_task(tiny_model_dir, tiny_tokenizer)), cfg)
+    monkeypatch.delenv("ALIGNFORGE_FAULT_AFTER_STEP")
+    resumed = run_training(with_metric(_task(tiny_model_dir, tiny_tokenizer)), cfg)
+    assert resumed["resumed_from"].endswith("step-00000003")
+    assert [h["step"] for h in resumed["history"]] == [4, 6]
+    for a, b in zip(resumed["history"], windowed):
+        for k in ("loss", "grad_norm", "nll_sum"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
 
 
 def test_bf16_mixed_precision_runs(tmp_path, tiny_model_dir, tiny_tokenizer):

@@ -129,15 +129,10 @@ class HFBackend:
         return HFGenerationConfig(**kw)
 
     def _left_pad(self, rows: Sequence[list[int]]) -> tuple[Any, Any]:
-        import torch
+        from alignforge.data.collate import pad_batch
 
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-        return ids, mask
+        b = pad_batch(rows, self.pad_id, side="left")
+        return b["input_ids"], b["attention_mask"]
 
     def _trim(self, new_tokens: list[int], cfg: GenerationConfig) -> tuple[list[int], bool]:
         if cfg.stop_on_eos:

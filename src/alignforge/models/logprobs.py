@@ -13,14 +13,39 @@ import torch
 from torch import nn
 
 
-def _base_model(lm: nn.Module) -> nn.Module:
-    """The underlying ``PreTrainedModel`` (through a PEFT wrapper, whose LoRA layers stay active)."""
-    get_base = getattr(lm, "get_base_model", None)
-    return get_base() if callable(get_base) else lm
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                         temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probability of each target token from its logits (the one place this is computed).
+
+    Args:
+        logits: ``(N, V)`` next-token logits (any float dtype; computed in float32, or float64 for a
+            float64 model).
+        targets: ``(N,)`` token ids.
+        softcap: the model's ``final_logit_softcapping`` (``tanh(x / c) * c``), if any.
+        temperature: the logits are divided by it (after the softcap), as sampling at that temperature does.
+        with_entropy: also return the ``(N,)`` entropy of each position's distribution.
+
+    Returns:
+        ``(N,)`` ``log softmax(logits)[targets]`` (and the entropies), as target logit − logsumexp, not
+        ``log_softmax(...).gather(...)``: the same value, but it does not materialise the ``(N, V)``
+        log-softmax output, and torch's CPU fp32 log_softmax over a 49k vocabulary is biased by ~1e-5
+        per token (it adds up to ~1e-3 over a 100-token response; logsumexp is within ~1e-7 of float64).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return lp
+    return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    target_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    target_mask: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                    temperature: float = 1.0, with_entropy: bool = False):
     """Log-probability of each target token given everything before it.
 
     Args:
@@ -28,28 +53,34 @@ def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         input_ids, attention_mask: ``(B, T)``.
         target_mask: ``(B, T)``; position ``t`` is scored iff ``target_mask[:, t]`` (``t >= 1``).
         position_ids: optional ``(B, T)`` (for packed sequences).
+        temperature: log-probs of the distribution sampled at this temperature (PPO recomputes the
+            log-probs of its samples this way).
+        with_entropy: also return the ``(B, T)`` entropies of those distributions.
 
     Returns:
-        ``(B, T)`` float32: ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` at target
-        positions, 0 elsewhere (column 0 is always 0).
+        ``(B, T)`` float32 (float64 for a float64 model): ``out[b, t] = log p(input_ids[b, t] |
+        input_ids[b, :t])`` at target positions, 0 elsewhere (column 0 is always 0); with
+        ``with_entropy``, ``(logps, entropies)``.
     """
-    base = _base_model(lm)
+    from alignforge.models.lora import unwrap_base
+
+    base = unwrap_base(lm)
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     tm = target_mask[:, 1:].bool()
     h = hidden[:, :-1][tm]  # (N, H): states that predict a target token
-    logits = head(h).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    targets = input_ids[:, 1:][tm]
-    # target logit - logsumexp (as in models/packing.py): no (N, V) log-softmax output, and closer to float64
-    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    res = logprobs_from_logits(head(h), input_ids[:, 1:][tm], getattr(base.config, "final_logit_softcapping", None),
+                               temperature=temperature, with_entropy=with_entropy)
+    lp, ent = res if with_entropy else (res, None)
+    out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
     out[:, 1:][tm] = lp
-    return out
+    if ent is None:
+        return out
+    ent_out = torch.zeros(input_ids.shape, dtype=ent.dtype, device=input_ids.device)
+    ent_out[:, 1:][tm] = ent
+    return out, ent_out
 
 
 class TokenLogProbs(nn.Module):

@@ -58,12 +58,12 @@ def unwrap_base(model: Any) -> Any:
     """The underlying ``PreTrainedModel`` (through DDP and PeftModel wrappers).
 
     For a PeftModel this is the base model *with the LoRA layers injected*; use
-    :func:`reference_mode` to run it without them.
+    :func:`reference_mode` to run it without them. The one PEFT-unwrap helper: it recognises a
+    PEFT wrapper by its ``get_base_model`` method, so it imports neither peft nor transformers.
     """
     model = _unwrap_ddp(model)
-    if is_peft(model):
-        return model.get_base_model()
-    return model
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:

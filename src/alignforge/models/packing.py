@@ -88,8 +88,10 @@ def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     Returns ``(B,)`` tensors: ``chosen_logps``/``rejected_logps`` (sums over tokens) and
     ``chosen_tokens``/``rejected_tokens`` (counts), so callers can take sums or per-token means.
     """
-    get_base = getattr(lm, "get_base_model", None)
-    base = get_base() if callable(get_base) else lm
+    from alignforge.models.logprobs import logprobs_from_logits
+    from alignforge.models.lora import unwrap_base
+
+    base = unwrap_base(lm)
     hidden = packed_hidden_states(base.get_decoder(), batch)
     head = base.get_output_embeddings()
     seg = batch["segment_ids"]
@@ -102,16 +104,8 @@ def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     src[rows, first_rej] = batch["prompt_last"]
     b_idx, t_idx = is_resp.nonzero(as_tuple=True)
     h = hidden[b_idx, src[b_idx, t_idx]]
-    logits = head(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; a float64 model stays float64
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    # target logit - logsumexp, not log_softmax(...).gather(...): the same value, but it does not materialise the
-    # (N, V) log-softmax output, and torch's CPU fp32 log_softmax over a 49k vocabulary is biased by ~1e-5 per
-    # token (it adds up to ~1e-3 over a 100-token response; logsumexp is within ~1e-7 of float64)
-    tgt = logits.gather(-1, batch["input_ids"][b_idx, t_idx].unsqueeze(-1)).squeeze(-1)
-    lp = tgt - torch.logsumexp(logits, dim=-1)
+    lp = logprobs_from_logits(head(h), batch["input_ids"][b_idx, t_idx],
+                              getattr(base.config, "final_logit_softcapping", None))
     is_chosen = seg[b_idx, t_idx] == CHOSEN
     zeros = torch.zeros(B, dtype=lp.dtype, device=lp.device)
     return {

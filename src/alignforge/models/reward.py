@@ -22,14 +22,10 @@ import torch
 from torch import nn
 
 from alignforge.errors import ModelError
+from alignforge.models.lora import unwrap_base
 from alignforge.models.packing import packed_hidden_states
 
 STATS_FILE = "reward_stats.json"
-
-
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _head(base: nn.Module) -> nn.Module:
@@ -60,12 +56,12 @@ class RewardModel(nn.Module):
         self.model = model
 
     def _score(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = _head(_base(self.model))
+        head = _head(unwrap_base(self.model))
         w = next(head.parameters())
         return head(hidden.to(w.dtype)).float().squeeze(-1)
 
     def forward(self, batch: dict[str, torch.Tensor]):
-        base = _base(self.model)
+        base = unwrap_base(self.model)
         decoder = base.get_decoder()
         rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         if "segment_ids" in batch:
@@ -206,6 +202,8 @@ def score_sequences(rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: 
                     progress: bool = True) -> np.ndarray:
     """Score whole token sequences (prompt + response), right-padded, batched by length;
     input order kept."""
+    from alignforge.data.collate import pad_batch
+
     scores = np.zeros(len(seqs))
     device = next(rm.parameters()).device
     was_training = rm.training
@@ -214,13 +212,8 @@ def score_sequences(rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: 
     try:
         with torch.no_grad():
             for idx in batches_by_length([len(s) for s in seqs], batch_size):
-                T = max(len(seqs[i]) for i in idx)
-                ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-                att = torch.zeros((len(idx), T), dtype=torch.long)
-                for b, i in enumerate(idx):
-                    ids[b, :len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
-                    att[b, :len(seqs[i])] = 1
-                out = rm({"input_ids": ids.to(device), "attention_mask": att.to(device)})
+                batch = pad_batch([seqs[i] for i in idx], pad_id)
+                out = rm({k: v.to(device) for k, v in batch.items()})
                 scores[idx] = out.double().cpu().numpy()
                 if prog is not None:
                     prog.advance(task, len(idx))

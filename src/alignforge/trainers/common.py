@@ -15,11 +15,19 @@ A trainer describes its method as a :class:`Task` (examples, collate, loss) and 
   plus ``trainer_state.json`` with the step and the metric history) are written into a
   temporary directory and renamed into place; the last ``keep_last`` are kept. ``resume``
   continues from the newest one and ends with the same weights as an uninterrupted run.
+* **Resume refuses a changed run.** ``trainer_state.json`` also records what fixes the data order
+  (:func:`run_signature`: per-device batch, grad-accum, world size, seed, length grouping, total
+  steps, number and digest of the examples); ``resume`` stops with a :class:`ConfigError` naming
+  each difference (old → new) unless ``train.resume_force``. Checkpoints written before this check
+  have no signature and resume unchecked, with a note.
 * A NaN/inf loss or gradient norm stops the run *before* the optimiser step, so the last
   checkpoint stays the last good state. SIGINT finishes the current step, saves, and exits.
 * Logging: a rich progress bar (loss, tokens/s, ETA), TensorBoard scalars, ``metrics.jsonl``
-  and a PNG of the curves at the end; with ``probe_every`` the policy's own greedy answers to
-  fixed prompts (length, share finished) are logged too (``inference/probe.py``).
+  and a PNG of the curves at the end. With ``log_every > 1`` a row holds averages over the steps
+  since the previous row: ``loss`` and ``grad_norm`` are means of the per-step values, task metrics
+  are the window's metric sums over its items (``lr`` is the last step's). With ``probe_every``
+  the policy's own greedy answers to fixed prompts (length, share finished) are logged too
+  (``inference/probe.py``).
 
 Test hook: ``ALIGNFORGE_FAULT_AFTER_STEP="N:KILL"`` (or ``N:INT``) makes the process send
 itself SIGKILL (SIGINT) right after step N, to test resume on a real killed process.
@@ -28,12 +36,16 @@ itself SIGKILL (SIGINT) right after step N, to test resume on a real killed proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,7 +54,7 @@ import torch
 from torch import nn
 
 from alignforge.config import TrainConfig, dump_config
-from alignforge.errors import TrainingError, TrainingInterrupted
+from alignforge.errors import ConfigError, TrainingError, TrainingInterrupted
 
 STATE_FILE = "trainer_state.json"
 
@@ -68,6 +80,8 @@ class Task:
         probe: ``(unwrapped module, step) -> metrics``, called on the main process before the first
             step and every ``cfg.probe_every`` steps (``inference/probe.py``); ``None``: the method
             has no policy to sample from (a reward model).
+        digest: examples -> a string that changes whenever the examples do, for the resume check;
+            default :func:`examples_digest` (their token ids).
     """
 
     module: nn.Module
@@ -80,6 +94,7 @@ class Task:
     lengths: Sequence[int] | None = None  # per-example length, for train.group_by_length
     summarize: Callable[[dict[str, float], float], dict[str, float]] | None = None
     probe: Callable[[nn.Module, int], dict[str, float]] | None = None
+    digest: Callable[[Sequence[Any]], str] | None = None
 
 
 # --------------------------------------------------------------------------- accelerator & plan
@@ -167,6 +182,82 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, total_steps: int):
     warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.scheduler, warmup, total_steps))
     return opt, sched
+
+
+# --------------------------------------------------------------------------- run signature (resume check)
+
+
+def _hash_ints(obj: Any, h, name: str = "") -> None:
+    """Feed the integer content of ``obj`` (token ids, masks, counts) into ``h``, with field names."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            if f.name != "source":  # where a record came from does not change what is trained
+                _hash_ints(getattr(obj, f.name), h, f.name)
+    elif hasattr(obj, "tolist") and not isinstance(obj, (int, float)):  # a tensor or numpy array
+        _hash_ints(obj.tolist(), h, name)
+    elif isinstance(obj, (list, tuple)):
+        try:
+            a = array("q", obj)
+        except (TypeError, OverflowError):  # not all int64: walk the items
+            for x in obj:
+                _hash_ints(x, h, name)
+            return
+        if sys.byteorder != "little":
+            a.byteswap()
+        h.update(f"{name}[{len(a)}]".encode())
+        h.update(a.tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            _hash_ints(obj[k], h, f"{name}.{k}")
+    elif isinstance(obj, int):  # bool included
+        h.update(f"{name}={int(obj)};".encode())
+
+
+def examples_digest(examples: Sequence[Any]) -> str:
+    """SHA-256 (hex) of the integer content of every example, in order: its token ids and masks.
+
+    Walks dataclass fields (except ``source``), lists, tuples and dicts; floats (e.g. reference
+    log-probs, which differ in the last bits between machines) and strings are left out. Cheap: one
+    pass over the ids as packed int64 arrays. A task whose examples differ in other ways passes its
+    own ``Task.digest``.
+    """
+    h = hashlib.sha256()
+    for ex in examples:
+        _hash_ints(ex, h)
+        h.update(b"|")
+    h.update(str(len(examples)).encode())
+    return h.hexdigest()
+
+
+SIGNATURE_LABELS = {  # key -> how the resume message names it
+    "per_device_batch_size": "train.per_device_batch_size",
+    "grad_accum": "train.grad_accum",
+    "world_size": "world size (processes)",
+    "seed": "train.seed",
+    "group_by_length": "train.group_by_length",
+    "total_steps": "total steps (train.epochs / train.max_steps)",
+    "n_examples": "number of training examples",
+    "examples_digest": "training examples (digest of their token ids)",
+}
+
+
+def run_signature(cfg: TrainConfig, world_size: int, total_steps: int, n_examples: int, digest: str) -> dict:
+    """What fixes the data order and the schedule of a run; stored in every checkpoint."""
+    return {"per_device_batch_size": cfg.per_device_batch_size, "grad_accum": cfg.grad_accum,
+            "world_size": world_size, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
+            "total_steps": total_steps, "n_examples": n_examples, "examples_digest": digest}
+
+
+def signature_differences(saved: dict, now: dict) -> list[str]:
+    """``"label: old → new"`` for every key of both signatures whose value differs."""
+    out = []
+    for key, label in SIGNATURE_LABELS.items():
+        if key in saved and key in now and saved[key] != now[key]:
+            old, new = saved[key], now[key]
+            if key == "examples_digest":
+                old, new = str(old)[:12], str(new)[:12]
+            out.append(f"{label}: {old} → {new}")
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -374,8 +465,6 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
 
     accelerator = accelerator or make_accelerator(cfg)
     if cfg.probe_every > 0 and task.probe is None:
-        from alignforge.errors import ConfigError
-
         raise ConfigError("train.probe_every: this trainer has no policy to sample from (set it to 0)")
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -398,19 +487,47 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     module, optimizer = accelerator.prepare(task.module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
+    signature = run_signature(cfg, world, total, n, (task.digest or examples_digest)(task.examples))
+    # the logging window (item 8): sums over the steps since the last logged row; ``carried`` holds
+    # already-reduced metric sums restored from a checkpoint written mid-window
+    window: dict[str, Any] = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "items": 0.0, "sums": {}, "carried": {}}
     step, history, resumed_from = 0, [], None
     if cfg.resume:
         ck = latest_checkpoint(out)
         if ck is not None:
-            accelerator.load_state(str(ck))
             state = json.loads((ck / STATE_FILE).read_text())
+            saved_sig = state.get("run")
+            if saved_sig is None:
+                accelerator.print(f"resume: {ck} was written before checkpoints recorded the run's shape; "
+                                  "resuming without checking batch size, seed or data")
+            elif diffs := signature_differences(saved_sig, signature):
+                msg = (f"train.resume: {ck} was written by a run with a different data order or schedule, "
+                       "so resuming would not continue it:\n  " + "\n  ".join(diffs))
+                if not cfg.resume_force:
+                    raise ConfigError(msg + "\nRestore those settings, use a new train.output_dir, or set "
+                                      "train.resume_force=true to resume anyway")
+                accelerator.print(msg + "\n(train.resume_force=true: resuming anyway)")
+            accelerator.load_state(str(ck))
             step, history, resumed_from = state["step"], state["history"], str(ck)
+            if state.get("log_window"):
+                w = state["log_window"]
+                window.update({k: w[k] for k in ("steps", "loss", "grad_norm", "items")}, carried=dict(w["sums"]))
             accelerator.print(f"resumed from {ck} (step {step}/{total})")
         else:
             accelerator.print(f"resume: no checkpoint in {checkpoint_root(out)}; starting from scratch")
 
+    def window_sums() -> dict[str, float]:
+        """The window's metric sums over every rank (a collective: every rank calls it)."""
+        sums = {k: accelerator.reduce(v, "sum").item() for k, v in window["sums"].items()}
+        for k, v in window["carried"].items():
+            sums[k] = sums.get(k, 0.0) + v
+        return sums
+
     def save(at: int) -> str:
-        state = {"step": at, "total_steps": total, "history": history}
+        state = {"step": at, "total_steps": total, "history": history, "run": signature}
+        if window["steps"]:  # mid-window: keep it, so a resumed run logs the same rows
+            state["log_window"] = {k: window[k] for k in ("steps", "loss", "grad_norm", "items")}
+            state["log_window"]["sums"] = window_sums()
         return str(save_checkpoint(accelerator, out, at, state, cfg.keep_last))
 
     logger = _Logger(accelerator, cfg, total, step, history)
@@ -483,15 +600,23 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                window["steps"] += 1
+                window["loss"] += step_loss
+                window["grad_norm"] += gnorm
+                window["items"] += items
+                for key, v in metric_sums.items():
+                    window["sums"][key] = window["sums"].get(key, 0.0) + v
 
                 probe_due = cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == total)
                 if step % max(1, cfg.log_every) == 0 or step == total or probe_due:
-                    row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
-                           "epoch": round(step / spe, 4),
+                    n_win = window["steps"]
+                    row = {"step": step, "loss": window["loss"] / n_win, "lr": lr,
+                           "grad_norm": window["grad_norm"] / n_win, "epoch": round(step / spe, 4),
                            "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0 - probe_s[0])}
-                    sums = {k: accelerator.reduce(v, "sum").item() for k, v in metric_sums.items()}
-                    row.update(task.summarize(sums, items) if task.summarize else
-                               {k: v / items for k, v in sums.items()})  # per-item means
+                    sums, w_items = window_sums(), window["items"]
+                    row.update(task.summarize(sums, w_items) if task.summarize else
+                               {k: v / w_items for k, v in sums.items()})  # per-item means over the window
+                    window.update(steps=0, loss=0.0, grad_norm=0.0, items=0.0, sums={}, carried={})
                     if probe_due:
                         row.update(probe(step))
                     logger.log(row)

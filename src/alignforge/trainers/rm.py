@@ -60,13 +60,9 @@ def collate_unpacked(pairs: list, pad_id: int) -> dict:
     """``2B`` right-padded sequences: rows ``[:B]`` prompt+chosen, rows ``[B:]`` prompt+rejected."""
     seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs] + \
            [list(p.prompt_ids) + list(p.rejected_ids) for p in pairs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-    return {"input_ids": ids, "attention_mask": att}
+    from alignforge.data.collate import pad_batch
+
+    return pad_batch(seqs, pad_id)
 
 
 def pair_scores(module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 
 
@@ -34,16 +32,10 @@ class SFTConfig:
 
 def collate_sft(examples: list, pad_id: int) -> dict:
     """Right-pad ``TokenizedSFT`` examples into ``input_ids``/``attention_mask``/``target_mask`` (B, T)."""
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    tgt = torch.zeros((B, T), dtype=torch.bool)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        att[i, :n] = 1
-        tgt[i, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
+    from alignforge.data.collate import pad_batch
+
+    b = pad_batch([e.input_ids for e in examples], pad_id, masks={"target_mask": [e.loss_mask for e in examples]})
+    ids, att, tgt = b["input_ids"], b["attention_mask"], b["target_mask"]
     tgt[:, 0] = False  # the first token has no context to be predicted from
     return {"input_ids": ids, "attention_mask": att, "target_mask": tgt}
 

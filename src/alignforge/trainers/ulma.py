@@ -62,17 +62,12 @@ class PointWithRef:
 
 def collate_points(examples: list, pad_id: int) -> dict:
     """Right-padded ``prompt + completion`` rows with a target mask on the completion tokens."""
+    from alignforge.data.collate import pad_batch
+
     seqs = [list(e.example.prompt_ids) + list(e.example.completion_ids) for e in examples]
-    T = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    tgt = torch.zeros((B, T), dtype=torch.bool)
-    for i, (s, e) in enumerate(zip(seqs, examples)):
-        P = len(e.example.prompt_ids)
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-        tgt[i, P:len(s)] = True
+    tgt = [[False] * len(e.example.prompt_ids) + [True] * len(e.example.completion_ids) for e in examples]
+    b = pad_batch(seqs, pad_id, masks={"target_mask": tgt})
+    ids, att, tgt = b["input_ids"], b["attention_mask"], b["target_mask"]
     return {"input_ids": ids, "attention_mask": att, "target_mask": tgt,
             "labels": torch.tensor([e.example.label for e in examples], dtype=torch.float32),
             "ref_logp": torch.tensor([e.ref_logp for e in examples], dtype=torch.float32)}
