@@ -1,7 +1,16 @@
-"""The one training loop that every trainer shares: batching, optimiser, checkpoints, logging.
+"""The training loop that every trainer shares: batching, optimiser, checkpoints, logging.
 
-A trainer describes its method as a :class:`Task` (examples, collate, loss) and calls
-:func:`run_training`. The loop is explicit and small:
+The loop is built from public parts that every trainer stands on:
+
+* :class:`Checkpointer` — atomic checkpoints, keep-last-K, resume that refuses a changed run, the
+  final model;
+* :class:`GuardedStep` — the NaN/inf guard, clipping and the optimiser/scheduler step;
+* :class:`Logger` — progress bar and TensorBoard (with :func:`write_metrics` and :func:`plot_history`);
+* :func:`sigint_flag` and :func:`fault_hook` — Ctrl-C at a step boundary, and the test hook below.
+
+An offline method (SFT, RM, DPO, ULMA) describes itself as a :class:`Task` (examples, collate,
+loss) and calls :func:`run_training`; PPO (``trainers/ppo.py``) drives the same parts from its own
+iteration loop. :func:`run_training` is explicit and small:
 
 * **Batching is a pure function of the step.** Epoch ``e`` shuffles the examples with seed
   ``seed + e``; global step ``s`` takes the next ``per_device_batch_size × grad_accum ×
@@ -249,14 +258,16 @@ def run_signature(cfg: TrainConfig, world_size: int, total_steps: int, n_example
 
 
 def signature_differences(saved: dict, now: dict) -> list[str]:
-    """``"label: old → new"`` for every key of both signatures whose value differs."""
+    """``"label: old → new"`` for every key of both signatures whose value differs (a method's own
+    keys, e.g. PPO's prompts per iteration, are named by their key)."""
     out = []
-    for key, label in SIGNATURE_LABELS.items():
+    keys = list(SIGNATURE_LABELS) + sorted(k for k in now if k not in SIGNATURE_LABELS)
+    for key in keys:
         if key in saved and key in now and saved[key] != now[key]:
             old, new = saved[key], now[key]
-            if key == "examples_digest":
+            if key.endswith("digest"):
                 old, new = str(old)[:12], str(new)[:12]
-            out.append(f"{label}: {old} → {new}")
+            out.append(f"{SIGNATURE_LABELS.get(key, key)}: {old} → {new}")
     return out
 
 
@@ -307,6 +318,106 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     return final
 
 
+class Checkpointer:
+    """A run's checkpoints: atomic writes, keep-last-K, resume from the newest, refusing a changed run.
+
+    ``signature`` (see :func:`run_signature`; a method may add keys) is stored in every checkpoint's
+    ``trainer_state.json`` and compared on :meth:`resume`. :meth:`save` takes extra JSON state of the
+    method's own (PPO: the KL coefficient and the update count) and :meth:`resume` returns it.
+    """
+
+    def __init__(self, accelerator, cfg: TrainConfig, signature: dict, total_steps: int):
+        self.acc, self.cfg, self.signature, self.total = accelerator, cfg, signature, total_steps
+        self.out = Path(cfg.output_dir)
+        self.resumed_from: str | None = None
+        self.last_saved: str | None = None
+
+    def resume(self) -> dict | None:
+        """Load model, optimiser, scheduler and RNG from the newest checkpoint; return its trainer
+        state (``step``, ``history`` and the method's extras), or ``None`` when there is none."""
+        ck = latest_checkpoint(self.out)
+        if ck is None:
+            self.acc.print(f"resume: no checkpoint in {checkpoint_root(self.out)}; starting from scratch")
+            return None
+        state = json.loads((ck / STATE_FILE).read_text())
+        saved_sig = state.get("run")
+        if saved_sig is None:
+            self.acc.print(f"resume: {ck} was written before checkpoints recorded the run's shape; "
+                           "resuming without checking batch size, seed or data")
+        elif diffs := signature_differences(saved_sig, self.signature):
+            msg = (f"train.resume: {ck} was written by a run with a different data order or schedule, "
+                   "so resuming would not continue it:\n  " + "\n  ".join(diffs))
+            if not self.cfg.resume_force:
+                raise ConfigError(msg + "\nRestore those settings, use a new train.output_dir, or set "
+                                  "train.resume_force=true to resume anyway")
+            self.acc.print(msg + "\n(train.resume_force=true: resuming anyway)")
+        self.acc.load_state(str(ck))
+        self.resumed_from = self.last_saved = str(ck)
+        self.acc.print(f"resumed from {ck} (step {state['step']}/{self.total})")
+        return state
+
+    def save(self, step: int, history: list[dict], extra: dict | None = None) -> str:
+        """Checkpoint ``step`` (atomically, pruning to ``keep_last``); returns its path."""
+        state = {"step": step, "total_steps": self.total, "history": history, "run": self.signature, **(extra or {})}
+        self.last_saved = str(save_checkpoint(self.acc, self.out, step, state, self.cfg.keep_last))
+        return self.last_saved
+
+    def last_good(self) -> str:
+        """How an error message names the state that survives it."""
+        return f"last good checkpoint: {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+
+    def save_final(self, write: Callable[[Path], None], history: list[dict], title: str = "training") -> Path:
+        """``OUTPUT/final`` written by ``write(tmp_dir)`` on the main process and renamed into place,
+        plus ``loss.png``; every rank waits for it."""
+        final_dir = self.out / "final"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            tmp = self.out / ".final.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            write(tmp)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.replace(tmp, final_dir)
+            plot_history(history, self.out / "loss.png", title=title)
+        self.acc.wait_for_everyone()
+        return final_dir
+
+
+class GuardedStep:
+    """The optimiser step every trainer takes after its backward passes.
+
+    ``step(loss, where)``: a non-finite loss, or gradient norm after clipping, raises
+    :class:`TrainingError` *before* the update (naming the last good checkpoint); otherwise clip to
+    ``max_grad_norm``, step the optimiser and the scheduler, and zero the gradients. Returns the
+    gradient norm; ``last_lr`` is the learning rate the step used.
+    """
+
+    def __init__(self, accelerator, module: nn.Module, optimizer, scheduler, cfg: TrainConfig,
+                 last_good: Callable[[], str]):
+        self.acc, self.module, self.opt, self.sched, self.cfg = accelerator, module, optimizer, scheduler, cfg
+        self.last_good = last_good
+        self.last_lr = float("nan")
+
+    def __call__(self, loss: float, where: str) -> float:
+        if not finite(loss):
+            raise TrainingError(f"non-finite loss ({loss}) at {where}; stopped before the update, {self.last_good()}")
+        if self.cfg.max_grad_norm > 0:
+            gnorm = self.acc.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+        else:
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            gnorm = torch.stack(grads).norm() if grads else torch.zeros(())
+        gnorm = float(gnorm)
+        if not finite(gnorm):
+            raise TrainingError(f"non-finite gradient norm ({gnorm}) at {where}; stopped before the update, "
+                                f"{self.last_good()}")
+        self.last_lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return gnorm
+
+
 # --------------------------------------------------------------------------- logging
 
 
@@ -319,11 +430,15 @@ def write_data_report(accelerator, output_dir: str | Path, text: str) -> None:
         (out / "data_report.txt").write_text(text + "\n", encoding="utf-8")
 
 
-class _Logger:
-    """Progress bar + TensorBoard + metrics.jsonl on the main process; silent elsewhere."""
+class Logger:
+    """Progress bar + TensorBoard (+ the history that becomes ``metrics.jsonl``) on the main process;
+    silent elsewhere. The bar shows ``loss`` and ``rate_key`` (tokens/s by default)."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, total: int, start: int, history: list[dict]):
+    def __init__(self, accelerator, cfg: TrainConfig, total: int, start: int, history: list[dict], *,
+                 label: str = "train", rate_key: str = "tokens_per_s", rate_label: str = "tok/s",
+                 rate_format: str = ".0f"):
         self.main = accelerator.is_main_process
+        self.rate_key, self.rate_format = rate_key, rate_format
         self.out = Path(cfg.output_dir)
         self.history = history
         self.tb = None
@@ -341,8 +456,8 @@ class _Logger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} " + rate_label),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             )
             self.progress.start()
@@ -359,7 +474,7 @@ class _Logger:
         if self.progress is not None:
             loss = f"{row['loss']:.4f}" if "loss" in row else "-"
             self.progress.update(self.task, completed=row["step"], loss=loss,
-                                 tps=f"{row.get('tokens_per_s', 0):.0f}")
+                                 tps=format(row.get(self.rate_key, 0), self.rate_format))
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -417,7 +532,8 @@ def plot_history(history: list[dict], path: str | Path, title: str = "training")
 # --------------------------------------------------------------------------- the loop
 
 
-def _fault_hook(step: int) -> None:
+def fault_hook(step: int) -> None:
+    """The test hook of the module docstring: kill or interrupt this process right after ``step``."""
     spec = os.environ.get("ALIGNFORGE_FAULT_AFTER_STEP")
     if not spec:
         return
@@ -427,7 +543,7 @@ def _fault_hook(step: int) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_flag():
+def sigint_flag():
     """First SIGINT sets a flag (checked after each step); a second one interrupts at once."""
     flag = {"set": False}
     previous = signal.getsignal(signal.SIGINT)
@@ -450,7 +566,7 @@ def _sigint_flag():
             signal.signal(signal.SIGINT, previous)
 
 
-def _finite(x: torch.Tensor | float) -> bool:
+def finite(x: torch.Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
@@ -491,30 +607,14 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     # the logging window (item 8): sums over the steps since the last logged row; ``carried`` holds
     # already-reduced metric sums restored from a checkpoint written mid-window
     window: dict[str, Any] = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "items": 0.0, "sums": {}, "carried": {}}
-    step, history, resumed_from = 0, [], None
-    if cfg.resume:
-        ck = latest_checkpoint(out)
-        if ck is not None:
-            state = json.loads((ck / STATE_FILE).read_text())
-            saved_sig = state.get("run")
-            if saved_sig is None:
-                accelerator.print(f"resume: {ck} was written before checkpoints recorded the run's shape; "
-                                  "resuming without checking batch size, seed or data")
-            elif diffs := signature_differences(saved_sig, signature):
-                msg = (f"train.resume: {ck} was written by a run with a different data order or schedule, "
-                       "so resuming would not continue it:\n  " + "\n  ".join(diffs))
-                if not cfg.resume_force:
-                    raise ConfigError(msg + "\nRestore those settings, use a new train.output_dir, or set "
-                                      "train.resume_force=true to resume anyway")
-                accelerator.print(msg + "\n(train.resume_force=true: resuming anyway)")
-            accelerator.load_state(str(ck))
-            step, history, resumed_from = state["step"], state["history"], str(ck)
-            if state.get("log_window"):
-                w = state["log_window"]
-                window.update({k: w[k] for k in ("steps", "loss", "grad_norm", "items")}, carried=dict(w["sums"]))
-            accelerator.print(f"resumed from {ck} (step {step}/{total})")
-        else:
-            accelerator.print(f"resume: no checkpoint in {checkpoint_root(out)}; starting from scratch")
+    ckpt = Checkpointer(accelerator, cfg, signature, total)
+    step, history = 0, []
+    state = ckpt.resume() if cfg.resume else None
+    if state is not None:
+        step, history = state["step"], state["history"]
+        if state.get("log_window"):
+            w = state["log_window"]
+            window.update({k: w[k] for k in ("steps", "loss", "grad_norm", "items")}, carried=dict(w["sums"]))
 
     def window_sums() -> dict[str, float]:
         """The window's metric sums over every rank (a collective: every rank calls it)."""
@@ -524,14 +624,14 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
         return sums
 
     def save(at: int) -> str:
-        state = {"step": at, "total_steps": total, "history": history, "run": signature}
+        extra = {}
         if window["steps"]:  # mid-window: keep it, so a resumed run logs the same rows
-            state["log_window"] = {k: window[k] for k in ("steps", "loss", "grad_norm", "items")}
-            state["log_window"]["sums"] = window_sums()
-        return str(save_checkpoint(accelerator, out, at, state, cfg.keep_last))
+            extra["log_window"] = {k: window[k] for k in ("steps", "loss", "grad_norm", "items")}
+            extra["log_window"]["sums"] = window_sums()
+        return ckpt.save(at, history, extra)
 
-    logger = _Logger(accelerator, cfg, total, step, history)
-    last_saved = resumed_from
+    logger = Logger(accelerator, cfg, total, step, history)
+    guarded_step = GuardedStep(accelerator, module, optimizer, scheduler, cfg, ckpt.last_good)
     t0, tokens = time.perf_counter(), 0
     lengths = task.lengths if cfg.group_by_length else None
     if cfg.group_by_length and lengths is None:
@@ -552,7 +652,7 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
     try:
         if step == 0 and (first := probe(0)):
             logger.log({"step": 0, **first})
-        with _sigint_flag() as sigint:
+        with sigint_flag() as sigint:
             while step < total:
                 epoch, k = divmod(step, spe)
                 if order[0] != epoch:
@@ -583,22 +683,8 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                     if not dummy:
                         tokens += task.batch_tokens(batch) * world
                 step_loss = accelerator.reduce(loss_sum, "sum").item()
-                where = f"step {step + 1}"
-                last = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was written yet"
-                if not _finite(step_loss):
-                    raise TrainingError(f"non-finite loss ({step_loss}) at {where}; stopped before the update, {last}")
-                if cfg.max_grad_norm > 0:
-                    gnorm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                else:
-                    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-                    gnorm = torch.stack(grads).norm() if grads else torch.zeros(())
-                gnorm = float(gnorm)
-                if not _finite(gnorm):
-                    raise TrainingError(f"non-finite gradient norm ({gnorm}) at {where}; stopped before the update, {last}")
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                gnorm = guarded_step(step_loss, f"step {step + 1}")
+                lr = guarded_step.last_lr
                 step += 1
                 window["steps"] += 1
                 window["loss"] += step_loss
@@ -625,31 +711,21 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
 
                 saved_now = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == total
                 if saved_now:
-                    last_saved = save(step)
-                _fault_hook(step)
+                    save(step)
+                fault_hook(step)
                 stop = sigint["set"]
                 if world > 1:  # every rank stops at the same step
                     flag = torch.tensor(1.0 if stop else 0.0, device=accelerator.device)
                     stop = accelerator.reduce(flag, "sum").item() > 0
                 if stop:
                     if not saved_now:
-                        last_saved = save(step)
-                    raise TrainingInterrupted(f"interrupted: checkpoint saved at {last_saved}; continue with train.resume=true")
+                        save(step)
+                    raise TrainingInterrupted(f"interrupted: checkpoint saved at {ckpt.last_saved}; "
+                                              "continue with train.resume=true")
     finally:
         logger.close()
         if accelerator.is_main_process and history:
             write_metrics(history, out)
 
-    final_dir = out / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = out / ".final.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        task.save_model(accelerator.unwrap_model(module), tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-        plot_history(history, out / "loss.png", title=title)
-    accelerator.wait_for_everyone()
-    return {"step": step, "final_dir": str(final_dir), "history": history, "resumed_from": resumed_from}
+    final_dir = ckpt.save_final(lambda tmp: task.save_model(accelerator.unwrap_model(module), tmp), history, title)
+    return {"step": step, "final_dir": str(final_dir), "history": history, "resumed_from": ckpt.resumed_from}
