@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 
 from alignforge.annotate import db as D
 
-TABLES = {"users", "sessions", "items", "assignments", "judgments"}
+TABLES = {"users", "sessions", "items", "assignments", "judgments", "login_attempts"}
 
 
 def test_upgrade_matches_models_and_downgrades(db_url):
@@ -19,7 +19,7 @@ def test_upgrade_matches_models_and_downgrades(db_url):
     assert D.current_revision(engine) is None
     D.upgrade(engine)
     D.upgrade(engine)  # idempotent
-    assert D.current_revision(engine) == "0001"
+    assert D.current_revision(engine) == "0002"
     assert TABLES <= set(inspect(engine).get_table_names())
     with engine.connect() as c:
         assert compare_metadata(MigrationContext.configure(c), D.Base.metadata) == []
@@ -42,7 +42,8 @@ def test_migrations_are_package_data():
     files = {p.relative_to(D.MIGRATIONS_DIR.parent.parent).as_posix()
              for p in D.MIGRATIONS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert {"annotate/migrations/env.py", "annotate/migrations/script.py.mako",
-            "annotate/migrations/versions/0001_initial.py"} <= files
+            "annotate/migrations/versions/0001_initial.py",
+            "annotate/migrations/versions/0002_lease_tokens_login_attempts.py"} <= files
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["alignforge"]
     root = D.MIGRATIONS_DIR.parent.parent
