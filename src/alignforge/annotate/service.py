@@ -494,31 +494,39 @@ def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: fl
             Assignment.lease_expires_at > now).correlate(Item).scalar_subquery()
         finished = select(Assignment.item_id).where(
             Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped")))
-        cands = list(s.scalars(
-            select(Item.id).where(Item.id.not_in(finished), or_(Item.is_gold, jcount + lcount < k))
-            .order_by(Item.id).limit(16)))
-        for item_id in cands:
-            item = _lock_item(s, item_id)
-            if item is None:
-                continue
-            mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                     Assignment.user_id == user_id))
-            if mine is not None and mine.status != "active":
-                continue
-            if not item.is_gold and _places_taken(s, item_id, now, exclude_user=user_id) >= k:
-                continue
-            expires = now + dt.timedelta(seconds=lease_seconds)
-            if mine is not None:  # the user's own expired lease: renew it (same token)
-                mine.leased_at, mine.lease_expires_at = now, expires
-                mine.submission_token = mine.submission_token or _lease_token()
-                return mine
-            a = Assignment(item_id=item_id, user_id=user_id, swapped=bool(secrets.randbelow(2)),
-                           status="active", leased_at=now, lease_expires_at=expires,
-                           submission_token=_lease_token())
-            s.add(a)
-            s.flush()
-            return a
-        return None
+        # Scan forward in id order. Under PostgreSQL's READ COMMITTED the candidate query reads
+        # a snapshot, so concurrent claimers may fill a whole batch before we lock it: then
+        # the next batch is read (a fresh snapshot), until no candidate is left.
+        after = 0
+        while True:
+            cands = list(s.scalars(
+                select(Item.id).where(Item.id > after, Item.id.not_in(finished),
+                                      or_(Item.is_gold, jcount + lcount < k))
+                .order_by(Item.id).limit(16)))
+            if not cands:
+                return None
+            for item_id in cands:
+                after = item_id
+                item = _lock_item(s, item_id)
+                if item is None:
+                    continue
+                mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
+                                                         Assignment.user_id == user_id))
+                if mine is not None and mine.status != "active":
+                    continue
+                if not item.is_gold and _places_taken(s, item_id, now, exclude_user=user_id) >= k:
+                    continue
+                expires = now + dt.timedelta(seconds=lease_seconds)
+                if mine is not None:  # the user's own expired lease: renew it (same token)
+                    mine.leased_at, mine.lease_expires_at = now, expires
+                    mine.submission_token = mine.submission_token or _lease_token()
+                    return mine
+                a = Assignment(item_id=item_id, user_id=user_id, swapped=bool(secrets.randbelow(2)),
+                               status="active", leased_at=now, lease_expires_at=expires,
+                               submission_token=_lease_token())
+                s.add(a)
+                s.flush()
+                return a
 
 
 NOT_YOURS = "this item is not assigned to you"
