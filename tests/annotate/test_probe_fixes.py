@@ -356,3 +356,10 @@ def test_reimport_with_changed_content_is_reported_per_line(db, tmp_path, pairs_
     assert r.exit_code == 0 and f"{p2}:3: field 'id'" in r.output, r.output
     # an unchanged re-import reports nothing
     assert svc.import_pairs(db, p).conflicts == []
+
+
+def test_serve_help_says_where_the_login_limit_lives():
+    r = CliRunner().invoke(annotate_app, ["serve", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0
+    assert "rate-limited in the database" in text and "(user name, client address)" in text

@@ -18,7 +18,7 @@ Security model:
   for other addresses, so a stranger cannot lock someone out (only clients sharing the
   stranger's address, e.g. behind one NAT, share a bucket). Behind a reverse proxy, let
   uvicorn take the client address from ``X-Forwarded-For`` (trusted from
-  ``$FORWARDED_ALLOW_IPS``, 127.0.0.1 by default); otherwise every client has the proxy's.
+  ``$FORWARDED_ALLOW_IPS``, loopback by default); otherwise every client has the proxy's.
 """
 
 from __future__ import annotations

@@ -66,7 +66,16 @@ def _open(db: Optional[str]):
 
 # --------------------------------------------------------------------------- annotate
 
-@annotate_app.command("serve")
+SERVE_HELP = (
+    "Run the web app (migrates the database to the latest schema first).\n\n"
+    "Failed logins are rate-limited in the database, so the limit holds across worker processes and "
+    "several servers on one database: 5 failures per (user name, client address) and 50 per client "
+    "address in 5 minutes. Failures from one address never lock the account for other addresses. "
+    "Behind a reverse proxy, the client address comes from X-Forwarded-For, trusted only from "
+    "$FORWARDED_ALLOW_IPS (default: loopback).")
+
+
+@annotate_app.command("serve", help=SERVE_HELP)
 @_friendly
 def serve(db: Optional[str] = DbOpt,
           host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -75,14 +84,7 @@ def serve(db: Optional[str] = DbOpt,
           lease_minutes: float = typer.Option(15.0, min=0.01, help="How long an annotator holds an item."),
           secure_cookies: bool = typer.Option(False, help="Mark cookies Secure (behind HTTPS)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
-    """Run the web app (migrates the database to the latest schema first).
-
-    Failed logins are rate-limited in the database, so the limit holds across worker
-    processes and several servers on one database: 5 failures per (user name, client
-    address) and 50 per client address in 5 minutes. Failures from one address never lock
-    the account for other addresses. Behind a reverse proxy, the client address comes from
-    X-Forwarded-For, trusted only from $FORWARDED_ALLOW_IPS (default 127.0.0.1).
-    """
+    """Run the web app; see ``SERVE_HELP``."""
     import uvicorn
 
     from alignforge.annotate.app import AppConfig, create_app
