@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from typer.testing import CliRunner
 
 from alignforge.annotate import service as svc
@@ -166,6 +167,12 @@ def test_two_admins_demoting_each_other_at_once_leave_one(db_url, fast_hasher):
     svc.create_user(S, "a1", "password-1", "admin", hasher=fast_hasher)
     svc.create_user(S, "a2", "password-2", "admin", hasher=fast_hasher)
     barrier, errors = threading.Barrier(2), []
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def widen_the_race(conn, cursor, statement, params, context, executemany):
+        # both threads would read "two admins" before either commits, were the rows not locked
+        if statement.lstrip().startswith("SELECT users.id") and "users.role" in statement:
+            time.sleep(0.3)
 
     def demote(name):
         barrier.wait()
