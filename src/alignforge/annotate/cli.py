@@ -102,7 +102,8 @@ def import_(path: Path = typer.Argument(..., help="JSONL of pairs: {prompt, resp
             skip_invalid: bool = typer.Option(False, help="Leave invalid records out (listed) "
                                                           "instead of importing nothing."),
             db: Optional[str] = DbOpt) -> None:
-    """Import pairs to annotate (all or nothing by default; re-importing is harmless)."""
+    """Import pairs to annotate (all or nothing by default; re-importing is harmless: an id stored
+    with different content keeps the stored item and is listed, with its file and line)."""
     from alignforge.annotate.service import import_pairs
 
     _, S = _open(db)

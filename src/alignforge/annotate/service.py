@@ -236,7 +236,7 @@ def begin_login_attempt(S: sessionmaker[Session], buckets: list[tuple[str, int]]
         ids = [r.id for r in rows]
     wait = 0.0
     with S() as s:
-        for (h, limit), mine in zip(hashed, ids):
+        for (h, limit), mine in zip(hashed, ids, strict=True):
             n, oldest = s.execute(select(func.count(), func.min(LoginAttempt.at)).where(
                 LoginAttempt.key_hash == h, LoginAttempt.at > cutoff, LoginAttempt.id != mine)).one()
             if n >= limit and oldest is not None:
