@@ -104,7 +104,7 @@ def judged(db, tmp_path, pairs_writer, fast_hasher):
                 uid = s.get(Item, a.item_id).uid
             v = plan[uid][i]
             shown = "both_bad" if v is None else inv[-v if a.swapped else v]
-            res = svc.submit(S, ids[i], a.id, f"t{i}-{a.id}", svc.JudgmentForm(shown, "clear"), k=3)
+            res = svc.submit(S, ids[i], a.id, a.submission_token, svc.JudgmentForm(shown, "clear"), k=3)
             assert res.status == "ok"
     return S
 

@@ -1,4 +1,5 @@
-"""Load and fault tests against the real server (uvicorn subprocess on 127.0.0.1).
+"""Load and fault tests against the real server (uvicorn subprocess on 127.0.0.1), on SQLite
+and on the suite's throwaway PostgreSQL server.
 
 50 simulated annotators each submit 20 judgments concurrently (k=3). Nothing may be lost
 or duplicated and no item may get more than k judgments. The fault test kills the server
@@ -18,21 +19,22 @@ import pytest
 from sqlalchemy import select
 
 from alignforge.annotate import service as svc
-from alignforge.annotate.db import Judgment, User, open_db
+from alignforge.annotate.db import Assignment, Judgment, User, open_db
 
 N_USERS, PER_USER, K = 50, 20, 3
 N_ITEMS = N_USERS * PER_USER // K + 20
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def loaded_db(sqlite_url, tmp_path, pairs_writer, fast_hasher):
-    engine, S = open_db(sqlite_url)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def loaded_db(request, tmp_path, pairs_writer, fast_hasher):
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    engine, S = open_db(url)
     svc.import_pairs(S, pairs_writer(tmp_path / "p.jsonl", N_ITEMS))
     for i in range(N_USERS):
         svc.create_user(S, f"load{i:02d}", "password-123", hasher=fast_hasher)
     engine.dispose()
-    return sqlite_url
+    return url
 
 
 def run_load(url, annotator_cls, retry_s=0.0, on_progress=None, deadline_s=180):
@@ -80,8 +82,10 @@ def run_load(url, annotator_cls, retry_s=0.0, on_progress=None, deadline_s=180):
 def check_db(url, acked):
     engine, S = open_db(url, migrate=False)
     with S() as s:
-        rows = s.execute(select(Judgment.submission_token, Judgment.item_id, User.username)
-                         .join(User, User.id == Judgment.user_id)).all()
+        rows = s.execute(select(Judgment.submission_token, Judgment.item_id, User.username,
+                                Assignment.submission_token.label("lease_token"))
+                         .join(User, User.id == Judgment.user_id)
+                         .join(Assignment, Assignment.id == Judgment.assignment_id)).all()
     engine.dispose()
     tokens = {r.submission_token for r in rows}
     missing = [t for _, t in acked if t not in tokens]
@@ -93,6 +97,7 @@ def check_db(url, acked):
     per_user = Counter(r.username for r in rows)
     assert set(per_user.values()) == {PER_USER}
     assert len({(r.item_id, r.username) for r in rows}) == len(rows)
+    assert all(r.submission_token == r.lease_token for r in rows)  # each under its own lease's token
     return rows
 
 

@@ -40,7 +40,7 @@ def test_claim_submit_flow_stores_canonical_orientation(S):
     a = svc.claim_next(S, u, k=2, lease_seconds=60)
     assert a is not None
     assert svc.claim_next(S, u, k=2, lease_seconds=60).id == a.id  # same lease until judged
-    res = svc.submit(S, u, a.id, "tok-1", FORM, k=2)
+    res = svc.submit(S, u, a.id, a.submission_token, FORM, k=2)
     assert res.status == "ok" and not res.late
     with S() as s:
         j = s.scalar(select(Judgment))
@@ -56,13 +56,14 @@ def test_claim_submit_flow_stores_canonical_orientation(S):
 def test_double_submit_records_one_judgment(S):
     u = uid(S, "u0")
     a = svc.claim_next(S, u, k=2, lease_seconds=60)
-    r1 = svc.submit(S, u, a.id, "same-token", FORM, k=2)
-    r2 = svc.submit(S, u, a.id, "same-token", FORM, k=2)
+    r1 = svc.submit(S, u, a.id, a.submission_token, FORM, k=2)
+    r2 = svc.submit(S, u, a.id, a.submission_token, FORM, k=2)
     assert (r1.status, r2.status) == ("ok", "duplicate") and r1.judgment_id == r2.judgment_id
     r3 = svc.submit(S, u, a.id, "other-token", FORM, k=2)
-    assert r3.status == "rejected" and "already judged" in r3.message
+    assert r3.status == "rejected" and "invalid submission token" in r3.message
     # another user cannot reuse the token or submit on someone else's assignment
     v = uid(S, "u1")
+    assert svc.submit(S, v, a.id, a.submission_token, FORM, k=2).status == "rejected"
     assert svc.submit(S, v, a.id, "x-token", FORM, k=2).status == "rejected"
     assert counts(S)[1] == 1
 
@@ -75,7 +76,7 @@ def test_concurrent_double_submit_same_token(S):
 
     def go():
         barrier.wait()
-        results.append(svc.submit(S, u, a.id, "race-token", FORM, k=2).status)
+        results.append(svc.submit(S, u, a.id, a.submission_token, FORM, k=2).status)
 
     ts = [threading.Thread(target=go) for _ in range(6)]
     [t.start() for t in ts]
@@ -98,7 +99,7 @@ def test_k_never_exceeded_under_concurrent_claims(S):
             if a is None:
                 break
             got.append(a.item_id)
-            assert svc.submit(S, u, a.id, f"t-{i}-{a.id}", FORM, k=k).status == "ok"
+            assert svc.submit(S, u, a.id, a.submission_token, FORM, k=k).status == "ok"
         claimed[i] = got
 
     ts = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
@@ -129,16 +130,16 @@ def test_expired_lease_late_submission(S):
     t0 = utcnow() - dt.timedelta(seconds=600)
     a = svc.claim_next(S, u0, k=1, lease_seconds=60, now=t0)
     # nobody took the item meanwhile: the late submission is accepted (marked late), once
-    r = svc.submit(S, u0, a.id, "late-1", FORM, k=1)
+    r = svc.submit(S, u0, a.id, a.submission_token, FORM, k=1)
     assert r.status == "ok" and r.late
-    assert svc.submit(S, u0, a.id, "late-1", FORM, k=1).status == "duplicate"
+    assert svc.submit(S, u0, a.id, a.submission_token, FORM, k=1).status == "duplicate"
     # second case: the item was given to u1 after u0's lease expired
     b = svc.claim_next(S, u0, k=1, lease_seconds=60, now=t0)
     b1 = svc.claim_next(S, u1, k=1, lease_seconds=60)
     assert b1.item_id == b.item_id
-    r = svc.submit(S, u0, b.id, "late-2", FORM, k=1)
+    r = svc.submit(S, u0, b.id, b.submission_token, FORM, k=1)
     assert r.status == "rejected" and "expired" in r.message
-    assert svc.submit(S, u1, b1.id, "on-time", FORM, k=1).status == "ok"
+    assert svc.submit(S, u1, b1.id, b1.submission_token, FORM, k=1).status == "ok"
     per_item, total = counts(S)
     assert total == 2 and max(per_item.values()) == 1
 
@@ -146,17 +147,17 @@ def test_expired_lease_late_submission(S):
 def test_skip_gives_item_back(S):
     u0, u1 = uid(S, "u0"), uid(S, "u1")
     a = svc.claim_next(S, u0, k=1, lease_seconds=60)
-    assert svc.skip(S, u0, a.id)
-    assert not svc.skip(S, u1, a.id)  # not u1's lease
+    assert svc.skip(S, u0, a.id).accepted
+    assert not svc.skip(S, u1, a.id).accepted  # not u1's lease
     assert svc.claim_next(S, u1, k=1, lease_seconds=60).item_id == a.item_id
     assert svc.claim_next(S, u0, k=1, lease_seconds=60).item_id != a.item_id
-    assert svc.submit(S, u0, a.id, "after-skip", FORM, k=1).status == "rejected"
+    assert svc.submit(S, u0, a.id, a.submission_token, FORM, k=1).status == "rejected"
 
 
 def test_judgments_are_append_only(S):
     u = uid(S, "u0")
     a = svc.claim_next(S, u, k=2, lease_seconds=60)
-    svc.submit(S, u, a.id, "t", FORM, k=2)
+    assert svc.submit(S, u, a.id, a.submission_token, FORM, k=2).status == "ok"
     with S() as s:
         j = s.scalar(select(Judgment))
         j.overall = -2
@@ -183,7 +184,7 @@ def test_invalid_forms_rejected(S):
     for form in (svc.JudgmentForm("", "clear"), svc.JudgmentForm("a1", "nope"),
                  svc.JudgmentForm("a1", "clear", fluency="x"),
                  svc.JudgmentForm("a1", "clear", comment="x" * 6000)):
-        assert svc.submit(S, u, a.id, "tok", form, k=2).status == "rejected"
+        assert svc.submit(S, u, a.id, a.submission_token, form, k=2).status == "rejected"
     assert svc.submit(S, u, a.id, "bad token!", FORM, k=2).status == "rejected"
     assert counts(S)[1] == 0
 
@@ -199,7 +200,7 @@ def test_gold_items_go_to_everyone_and_measure_accuracy(db, tmp_path, pairs_writ
         a = svc.claim_next(S, u, k=1, lease_seconds=60)
         assert a is not None  # k=1 does not apply to gold items
         shown = "a1" if (i == 0) != a.swapped else "b1"  # g0 right, others wrong
-        svc.submit(S, u, a.id, f"gold-{i}", svc.JudgmentForm(shown, "clear"), k=1)
+        svc.submit(S, u, a.id, a.submission_token, svc.JudgmentForm(shown, "clear"), k=1)
     prog = {p.username: p for p in svc.all_progress(S, 1)["users"]}
     assert prog["g0"].gold_accuracy == 1.0 and prog["g1"].gold_accuracy == 0.0
     assert prog["g2"].gold_judged == 1

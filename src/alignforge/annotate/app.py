@@ -11,16 +11,20 @@ Security model:
   route shows anything but the annotator's own item and counts.
 * Untrusted text is rendered by :mod:`alignforge.annotate.render`; every response carries a
   strict CSP (no inline scripts, no images) and ``nosniff``/``DENY`` headers.
-* Failed logins are rate-limited per user name and per client address.
+* Failed logins are rate-limited in the database (so the limit holds across ``uvicorn
+  --workers`` and several servers on one database), in two buckets: per (normalised user
+  name, client address), ``login_max_failures`` per window, and per client address,
+  ``login_ip_max_failures`` per window. Failures from one address never lock an account
+  for other addresses, so a stranger cannot lock someone out (only clients sharing the
+  stranger's address, e.g. behind one NAT, share a bucket). Behind a reverse proxy, let
+  uvicorn take the client address from ``X-Forwarded-For`` (trusted from
+  ``$FORWARDED_ALLOW_IPS``, loopback by default); otherwise every client has the proxy's.
 """
 
 from __future__ import annotations
 
 import secrets
 import tempfile
-import threading
-import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +51,7 @@ MESSAGES = {"ok": "Judgment recorded.", "late": "Judgment recorded (your lease h
             "dup": "That judgment was already recorded.", "skip": "Item skipped.",
             "created": "User saved.", "updated": "User updated."}
 EXPORTS = ("trl", "ties", "raw", "pointwise")
+ACTIVE_VALUES: dict[str, bool | None] = {"": None, "1": True, "0": False}  # the users form's choices
 
 
 @dataclass
@@ -55,40 +60,10 @@ class AppConfig:
     k: int = 3
     lease_seconds: float = 900.0
     secure_cookies: bool = False
-    login_max_failures: int = 5  # per user name, per window
+    login_max_failures: int = 5  # per (normalised user name, client address), per window
     login_ip_max_failures: int = 50  # per client address, per window
     login_window_s: float = 300.0
     migrate: bool = True
-
-
-class RateLimiter:
-    """Failures per key in a sliding window (in memory, per server process)."""
-
-    def __init__(self, window_s: float):
-        self.window = window_s
-        self.events: dict[str, deque] = defaultdict(deque)
-        self.lock = threading.Lock()
-
-    def _prune(self, key: str, now: float) -> deque:
-        q = self.events[key]
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        return q
-
-    def blocked_for(self, key: str, limit: int) -> float:
-        """Seconds until ``key`` may try again (0 if not blocked)."""
-        now = time.monotonic()
-        with self.lock:
-            q = self._prune(key, now)
-            return max(0.0, q[0] + self.window - now) if len(q) >= limit else 0.0
-
-    def fail(self, key: str) -> None:
-        with self.lock:
-            self.events[key].append(time.monotonic())
-
-    def reset(self, key: str) -> None:
-        with self.lock:
-            self.events.pop(key, None)
 
 
 class AuthRedirect(Exception):
@@ -112,7 +87,6 @@ class Ctx:
 
 def create_app(cfg: AppConfig) -> FastAPI:
     engine, S = open_db(cfg.db_url, migrate=cfg.migrate)
-    limiter = RateLimiter(cfg.login_window_s)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["md"] = render_markdown
     templates.env.globals.update(
@@ -120,7 +94,7 @@ def create_app(cfg: AppConfig) -> FastAPI:
         PROMPT_QUALITY_LABELS=svc.PROMPT_QUALITY_LABELS, CRITERIA=svc.CRITERIA, ROLES=ROLES)
 
     app = FastAPI(title="alignforge annotate", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.cfg, app.state.engine, app.state.S, app.state.limiter = cfg, engine, S, limiter
+    app.state.cfg, app.state.engine, app.state.S = cfg, engine, S
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.middleware("http")
@@ -152,6 +126,10 @@ def create_app(cfg: AppConfig) -> FastAPI:
         return templates.TemplateResponse(request, name, {"me": ctx.user if ctx else None,
                                                           "csrf": ctx.csrf if ctx else "", **kw},
                                           status_code=status)
+
+    def bad_id(request: Request, ctx: Ctx) -> Response:
+        return page(request, "message.html", ctx, status=422, title="Not recorded",
+                    message=f"invalid assignment id (expected 1 to {svc.MAX_ID}); reload the page")
 
     def _auth(*roles: str, csrf: bool = False) -> Callable:
         async def dep(request: Request) -> Ctx:
@@ -195,21 +173,19 @@ def create_app(cfg: AppConfig) -> FastAPI:
         if not cookie or not secrets.compare_digest(cookie, csrf_token):
             raise CSRFError()
         ip = request.client.host if request.client else "?"
-        ukey, ikey = f"user:{username.strip().lower()}", f"ip:{ip}"
-        wait = max(limiter.blocked_for(ukey, cfg.login_max_failures),
-                   limiter.blocked_for(ikey, cfg.login_ip_max_failures))
+        ukey, ikey = svc.login_buckets(username[:64], ip[:128])
+        wait, attempt = svc.begin_login_attempt(
+            S, [(ukey, cfg.login_max_failures), (ikey, cfg.login_ip_max_failures)], cfg.login_window_s)
         if wait > 0:
             resp = page(request, "login.html", None, status=429, login_csrf=cookie,
                         error=f"Too many failed login attempts. Try again in {int(wait) + 1} s.")
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         user = svc.authenticate(S, username[:64], password[:1024])
+        svc.end_login_attempt(S, attempt, ok=user is not None, reset=(ukey,))
         if user is None:
-            limiter.fail(ukey)
-            limiter.fail(ikey)
             return page(request, "login.html", None, status=401, login_csrf=cookie,
                         error="Wrong user name or password.")
-        limiter.reset(ukey)
         token = svc.create_session(S, user)
         resp = RedirectResponse("/admin" if user.role == "admin" else "/annotate", status_code=303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
@@ -238,7 +214,7 @@ def create_app(cfg: AppConfig) -> FastAPI:
             return page(request, "done.html", ctx, progress=prog, message=msg)
         view = svc.item_view(S, a)
         return page(request, "annotate.html", ctx, item=view, progress=prog, message=msg,
-                    submission_token=secrets.token_urlsafe(24),
+                    submission_token=view.submission_token,
                     lease_minutes=max(1, round((view.lease_expires_at - utcnow()).total_seconds() / 60)))
 
     @app.post("/annotate/submit")
@@ -247,6 +223,8 @@ def create_app(cfg: AppConfig) -> FastAPI:
                         prompt_quality: str = Form(""), helpfulness: str = Form(""),
                         harmlessness: str = Form(""), fluency: str = Form(""),
                         comment: str = Form(""), ctx: Ctx = Depends(anyone_post)) -> Response:
+        if not svc.valid_id(assignment_id):
+            return bad_id(request, ctx)
         form = svc.JudgmentForm(overall, prompt_quality, helpfulness, harmlessness, fluency, comment)
         res = svc.submit(S, ctx.user.id, assignment_id, submission_token, form, cfg.k)
         if res.accepted:
@@ -257,8 +235,13 @@ def create_app(cfg: AppConfig) -> FastAPI:
                     message=res.message)
 
     @app.post("/annotate/skip")
-    def annotate_skip(assignment_id: int = Form(...), ctx: Ctx = Depends(anyone_post)) -> Response:
-        svc.skip(S, ctx.user.id, assignment_id)
+    def annotate_skip(request: Request, assignment_id: int = Form(...),
+                      ctx: Ctx = Depends(anyone_post)) -> Response:
+        if not svc.valid_id(assignment_id):
+            return bad_id(request, ctx)
+        res = svc.skip(S, ctx.user.id, assignment_id)
+        if not res.accepted:
+            return page(request, "message.html", ctx, status=409, title="Not skipped", message=res.message)
         return RedirectResponse("/annotate?m=skip", status_code=303)
 
     # ------------------------------------------------------------------ admin
@@ -286,8 +269,9 @@ def create_app(cfg: AppConfig) -> FastAPI:
                           active: str = Form(""), password: str = Form(""),
                           ctx: Ctx = Depends(admin_post)) -> Response:
         try:
-            svc.set_user(S, username, role=role or None,
-                         active=None if active == "" else active == "1",
+            if active not in ACTIVE_VALUES:
+                raise AlignforgeError(f"invalid value for active: {active[:20]!r} (expected 1, 0 or empty)")
+            svc.set_user(S, username, role=role or None, active=ACTIVE_VALUES[active],
                          password=password or None)
         except AlignforgeError as e:
             return page(request, "users.html", ctx, status=400, users=svc.list_users(S),

@@ -24,6 +24,7 @@ import typer
 from alignforge.errors import AlignforgeError
 
 DB_ENV = "ALIGNFORGE_ANNOTATE_DB"
+PASSWORD_ENV = "ALIGNFORGE_ANNOTATE_PASSWORD"
 DEFAULT_DB = "sqlite:///annotate.db"
 
 annotate_app = typer.Typer(help="Pairwise human-preference annotation: web app, import, export, "
@@ -65,7 +66,16 @@ def _open(db: Optional[str]):
 
 # --------------------------------------------------------------------------- annotate
 
-@annotate_app.command("serve")
+SERVE_HELP = (
+    "Run the web app (migrates the database to the latest schema first).\n\n"
+    "Failed logins are rate-limited in the database, so the limit holds across worker processes and "
+    "several servers on one database: 5 failures per (user name, client address) and 50 per client "
+    "address in 5 minutes. Failures from one address never lock the account for other addresses. "
+    "Behind a reverse proxy, the client address comes from X-Forwarded-For, trusted only from "
+    "$FORWARDED_ALLOW_IPS (default: loopback).")
+
+
+@annotate_app.command("serve", help=SERVE_HELP)
 @_friendly
 def serve(db: Optional[str] = DbOpt,
           host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -74,7 +84,7 @@ def serve(db: Optional[str] = DbOpt,
           lease_minutes: float = typer.Option(15.0, min=0.01, help="How long an annotator holds an item."),
           secure_cookies: bool = typer.Option(False, help="Mark cookies Secure (behind HTTPS)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
-    """Run the web app (migrates the database to the latest schema first)."""
+    """Run the web app; see ``SERVE_HELP``."""
     import uvicorn
 
     from alignforge.annotate.app import AppConfig, create_app
@@ -92,7 +102,8 @@ def import_(path: Path = typer.Argument(..., help="JSONL of pairs: {prompt, resp
             skip_invalid: bool = typer.Option(False, help="Leave invalid records out (listed) "
                                                           "instead of importing nothing."),
             db: Optional[str] = DbOpt) -> None:
-    """Import pairs to annotate (all or nothing by default; re-importing is harmless)."""
+    """Import pairs to annotate (all or nothing by default; re-importing is harmless: an id stored
+    with different content keeps the stored item and is listed, with its file and line)."""
     from alignforge.annotate.service import import_pairs
 
     _, S = _open(db)
@@ -164,14 +175,20 @@ def agree(db: Optional[str] = DbOpt,
 @_friendly
 def users_add(username: str, role: str = typer.Option("annotator", help="admin or annotator."),
               password: Optional[str] = typer.Option(
-                  None, envvar="ALIGNFORGE_ANNOTATE_PASSWORD",
-                  help="Password (default: prompt; or $ALIGNFORGE_ANNOTATE_PASSWORD)."),
+                  None, envvar=PASSWORD_ENV,
+                  help=f"Password (default: prompt; or ${PASSWORD_ENV})."),
               db: Optional[str] = DbOpt) -> None:
     """Add a user."""
     from alignforge.annotate.service import create_user
 
     if password is None:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+        password = os.environ.get(PASSWORD_ENV)  # click treats a set but empty variable as unset
+    if password is None:
+        try:
+            password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+        except typer.Abort:
+            raise AlignforgeError(f"no password given: type one at the prompt, or use --password "
+                                  f"or ${PASSWORD_ENV}") from None
     _, S = _open(db)
     create_user(S, username, password, role)
     typer.echo(f"added {role} {username}")
@@ -204,7 +221,7 @@ def users_list(db: Optional[str] = DbOpt, k: int = typer.Option(3, "--k", min=1)
         typer.echo(f"{u.username}\t{u.role}\t{'active' if u.active else 'inactive'}\t"
                    f"judged={u.judged}\tskipped={u.skipped}\tgold={acc}")
     typer.echo(f"items={p['items']} gold={p['gold_items']} complete={p['complete_items']} "
-               f"judgments={p['judgments']}/{p['target_judgments']}")
+               f"judgments={p['item_judgments']}/{p['target_judgments']} (+{p['gold_judgments']} on gold)")
 
 
 # --------------------------------------------------------------------------- pairs

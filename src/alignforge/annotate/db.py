@@ -87,12 +87,14 @@ class Assignment(Base):
     """An item leased to an annotator. ``status``: active, done or skipped.
 
     ``swapped`` is the display order: when true, the left column ("A" on screen) shows
-    ``response_b``.
+    ``response_b``. ``submission_token`` is issued with the lease (kept when the lease is
+    renewed); a judgment is accepted only with this token, so a token is bound to its lease.
     """
 
     __tablename__ = "assignments"
     __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),
-                      Index("ix_assignments_item_status", "item_id", "status"))
+                      Index("ix_assignments_item_status", "item_id", "status"),
+                      Index("ix_assignments_submission_token", "submission_token", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
@@ -101,6 +103,8 @@ class Assignment(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     leased_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     lease_expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    # None only for leases issued before migration 0002 (one is issued on the next claim)
+    submission_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Judgment(Base):
@@ -131,6 +135,23 @@ class Judgment(Base):
     swapped: Mapped[bool] = mapped_column(Boolean)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class LoginAttempt(Base):
+    """One login attempt under a rate-limit bucket (see :func:`service.begin_login_attempt`).
+
+    Failed attempts stay until they leave the window; an attempt that succeeds or is
+    refused is deleted. ``key_hash`` is the SHA-256 of the bucket name (``"user:<ip>:<name>"``
+    or ``"ip:<ip>"``). Kept in the database so that the limit holds across worker processes
+    and servers."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (Index("ix_login_attempts_key_at", "key_hash", "at"),
+                      Index("ix_login_attempts_at", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
 class AppendOnlyError(AlignforgeError):

@@ -8,9 +8,10 @@ database through ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ... FOR UPDATE`` on t
 row) and re-count inside the lock, so ``k`` is never exceeded under concurrency. Gold
 items (known answer) go to every annotator, outside ``k``, to measure accuracy.
 
-Submissions are idempotent: the form carries a random ``submission_token`` that is unique
-in the judgments table, so a double click or a retry after a lost response records one
-judgment. A submission whose lease has expired is accepted if the item still has a free
+Submissions are idempotent: each lease is issued a random ``submission_token`` (stored on
+the assignment, unique in the judgments table) and a submission is accepted only with the
+token of its own lease, so a double click or a retry after a lost response records one
+judgment and a made-up token records none. A submission whose lease has expired is accepted if the item still has a free
 place (it is marked ``late``), otherwise it is rejected with a message; either way it is
 recorded at most once.
 """
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from alignforge.annotate.db import (
-    PROMPT_QUALITY, ROLES, Assignment, AuthSession, Item, Judgment, User, utcnow,
+    PROMPT_QUALITY, ROLES, Assignment, AuthSession, Item, Judgment, LoginAttempt, User, utcnow,
 )
 from alignforge.errors import AlignforgeError, DataError
 
@@ -45,6 +46,12 @@ PROMPT_QUALITY_LABELS = {"clear": "Clear intent", "unclear_intent": "Unclear int
                          "unclear_semantics": "Unclear semantics", "unanswerable": "Unanswerable"}
 MAX_COMMENT = 5000
 SESSION_HOURS = 12
+MAX_ID = 2**31 - 1  # ids are INTEGER columns: 32-bit on PostgreSQL
+
+
+def valid_id(x: Any) -> bool:
+    """Whether ``x`` can be a row id (a positive int that fits the column on every backend)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_ID
 
 
 # --------------------------------------------------------------------------- passwords
@@ -113,17 +120,29 @@ def create_user(S: sessionmaker[Session], username: str, password: str, role: st
 
 def set_user(S: sessionmaker[Session], username: str, *, password: str | None = None,
              role: str | None = None, active: bool | None = None, hasher: Any = None) -> User:
+    """Change a user; all or nothing. Refuses to demote or deactivate the last active admin
+    (the admin rows are locked, so two admins demoting each other at once cannot both win)."""
+    if role is not None and role not in ROLES:
+        raise AlignforgeError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if active is not None and not isinstance(active, bool):
+        raise AlignforgeError(f"invalid active flag {active!r} (expected true or false)")
+    if password is not None and len(password) < 8:
+        raise AlignforgeError("password too short: at least 8 characters")
     with S.begin() as s:
         u = s.scalar(select(User).where(User.username == username))
         if u is None:
             raise AlignforgeError(f"no such user: {username!r}")
+        loses_admin = u.role == "admin" and u.active and (
+            (role is not None and role != "admin") or active is False)
+        if loses_admin:
+            admins = list(s.scalars(select(User.id).where(User.role == "admin", User.active.is_(True))
+                                    .order_by(User.id).with_for_update()))
+            if admins == [u.id]:
+                raise AlignforgeError(f"{username!r} is the last active admin: make another user admin "
+                                      "first")
         if password is not None:
-            if len(password) < 8:
-                raise AlignforgeError("password too short: at least 8 characters")
             u.password_hash = hash_password(password, hasher)
         if role is not None:
-            if role not in ROLES:
-                raise AlignforgeError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
             u.role = role
         if active is not None:
             u.active = active
@@ -183,6 +202,64 @@ def delete_session(S: sessionmaker[Session], token: str | None) -> None:
             s.delete(sess)
 
 
+# --------------------------------------------------------------------------- login rate limit
+
+def _bucket_hash(bucket: str) -> str:
+    return hashlib.sha256(bucket.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def login_buckets(username: str, client: str) -> tuple[str, str]:
+    """The two rate-limit buckets of a login attempt: ``(user name, client address)`` and the
+    client address alone. The name is normalised (stripped, case-folded); the address is
+    part of the first bucket, so failures from one address never lock the account for
+    anyone at another address."""
+    return f"user:{client}:{username.strip().casefold()}", f"ip:{client}"
+
+
+def begin_login_attempt(S: sessionmaker[Session], buckets: list[tuple[str, int]], window_s: float,
+                        now: dt.datetime | None = None) -> tuple[float, list[int]]:
+    """Reserve one attempt in each ``(bucket, limit)``, in the database (so the limit holds
+    across worker processes and servers). Returns ``(wait_s, ids)``: ``wait_s > 0`` when a
+    bucket already holds ``limit`` attempts in the last ``window_s`` seconds (nothing is
+    reserved then); otherwise the ids to pass to :func:`end_login_attempt`.
+
+    The reservation is committed before the count, so of any number of concurrent attempts
+    at most ``limit`` get through: the last one to commit sees all the others."""
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=window_s)
+    hashed = [(_bucket_hash(b), limit) for b, limit in buckets]
+    with S.begin() as s:
+        s.execute(delete(LoginAttempt).where(LoginAttempt.at <= cutoff))
+        rows = [LoginAttempt(key_hash=h, at=now) for h, _ in hashed]
+        s.add_all(rows)
+        s.flush()
+        ids = [r.id for r in rows]
+    wait = 0.0
+    with S() as s:
+        for (h, limit), mine in zip(hashed, ids, strict=True):
+            n, oldest = s.execute(select(func.count(), func.min(LoginAttempt.at)).where(
+                LoginAttempt.key_hash == h, LoginAttempt.at > cutoff, LoginAttempt.id != mine)).one()
+            if n >= limit and oldest is not None:
+                wait = max(wait, (oldest + dt.timedelta(seconds=window_s) - now).total_seconds(), 0.001)
+    if wait > 0:
+        end_login_attempt(S, ids, ok=True)  # a refused attempt is not counted
+        return wait, []
+    return 0.0, ids
+
+
+def end_login_attempt(S: sessionmaker[Session], ids: list[int], ok: bool,
+                      reset: tuple[str, ...] = ()) -> None:
+    """After the password check: a failure keeps the reserved attempts (they count until
+    they leave the window); a success deletes them and clears the buckets in ``reset``."""
+    if not ok:
+        return
+    with S.begin() as s:
+        if ids:
+            s.execute(delete(LoginAttempt).where(LoginAttempt.id.in_(ids)))
+        if reset:
+            s.execute(delete(LoginAttempt).where(LoginAttempt.key_hash.in_([_bucket_hash(b) for b in reset])))
+
+
 # --------------------------------------------------------------------------- import
 
 @dataclass
@@ -194,6 +271,7 @@ class PairRecord:
     category: str | None = None
     gold_overall: int | None = None
     source: str | None = None
+    line: int | None = None
 
 
 GOLD_VALUES: dict[str, int] = {"a2": 2, "a": 1, "a1": 1, "tie": 0, "b": -1, "b1": -1, "b2": -2}
@@ -255,7 +333,7 @@ def parse_pair(obj: Any, fname: str, line: int) -> PairRecord:
         if not uid or len(uid) > 128:
             raise ctx.err("id", "must be 1-128 characters")
     return PairRecord(uid or _content_uid(prompt, a, b), prompt, a, b, category, gold_overall,
-                      f"{fname}:{line}")
+                      f"{fname}:{line}", line)
 
 
 def read_pairs(path: str | Path, skip_invalid: bool = False,
@@ -318,10 +396,17 @@ class ImportReport:
     skipped_existing: int
     gold: int
     invalid: list[DataError] = field(default_factory=list)
+    # lines whose id is already stored with different content (the stored content is kept)
+    conflicts: list[DataError] = field(default_factory=list)
 
     def summary(self) -> str:
         s = (f"imported {self.path}: {self.read} pairs read, {self.added} added "
              f"({self.gold} gold), {self.skipped_existing} already present")
+        if self.conflicts:
+            s += (f"; {len(self.conflicts)} of them with different content (stored content kept, "
+                  "give changed pairs a new id):\n" + "\n".join(e.format() for e in self.conflicts[:20]))
+            if len(self.conflicts) > 20:
+                s += f"\n... and {len(self.conflicts) - 20} more"
         if self.invalid:
             s += f"; {len(self.invalid)} invalid records skipped:\n" + "\n".join(
                 e.format() for e in self.invalid[:20])
@@ -331,23 +416,38 @@ class ImportReport:
 def import_pairs(S: sessionmaker[Session], path: str | Path, skip_invalid: bool = False) -> ImportReport:
     """Import a pair file: all or nothing, or leaving invalid records out with
     ``skip_invalid``. Items already present (same ``id``, or the same content when there is
-    no id) are skipped, so re-importing a file is harmless."""
+    no id) are skipped, so re-importing a file is harmless; a line whose ``id`` is stored
+    with different content (prompt, responses, category or gold) keeps the stored item and is
+    listed in ``conflicts`` (file, line, and what differs)."""
     invalid: list[DataError] = []
+    conflicts: list[DataError] = []
     recs = read_pairs(path, skip_invalid, invalid)
     added = gold = 0
     with S.begin() as s:
-        existing = set(s.scalars(select(Item.uid)))
+        existing = {it.uid: it for it in s.scalars(select(Item))}
         for r in recs:
-            if r.uid in existing:
+            old = existing.get(r.uid)
+            if old is not None:
+                diff = [name for name, new, was in (
+                    ("prompt", json.dumps(r.prompt, ensure_ascii=False), old.prompt_json),
+                    ("response_a", r.response_a, old.response_a),
+                    ("response_b", r.response_b, old.response_b),
+                    ("category", r.category, old.category),
+                    ("gold", r.gold_overall, old.gold_overall)) if new != was]
+                if diff:
+                    conflicts.append(DataError(
+                        f"id {r.uid!r} is already imported with a different {', '.join(diff)}; "
+                        "kept the stored item", file=str(path), line=r.line, field="id"))
                 continue
-            s.add(Item(uid=r.uid, prompt_json=json.dumps(r.prompt, ensure_ascii=False),
-                       response_a=r.response_a, response_b=r.response_b, category=r.category,
-                       is_gold=r.gold_overall is not None, gold_overall=r.gold_overall,
-                       source=(r.source or "")[-512:]))
-            existing.add(r.uid)
+            it = Item(uid=r.uid, prompt_json=json.dumps(r.prompt, ensure_ascii=False),
+                      response_a=r.response_a, response_b=r.response_b, category=r.category,
+                      is_gold=r.gold_overall is not None, gold_overall=r.gold_overall,
+                      source=(r.source or "")[-512:])
+            s.add(it)
+            existing[r.uid] = it
             added += 1
             gold += r.gold_overall is not None
-    return ImportReport(str(path), len(recs), added, len(recs) - added, gold, invalid)
+    return ImportReport(str(path), len(recs), added, len(recs) - added, gold, invalid, conflicts)
 
 
 # --------------------------------------------------------------------------- leases
@@ -368,6 +468,10 @@ def _places_taken(s: Session, item_id: int, now: dt.datetime, exclude_user: int 
     return j + (s.scalar(q) or 0)
 
 
+def _lease_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
 def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: float,
                now: dt.datetime | None = None) -> Assignment | None:
     """The user's current unexpired lease, or a new lease on the first item with a free place
@@ -380,6 +484,8 @@ def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: fl
             Assignment.user_id == user_id, Assignment.status == "active",
             Assignment.lease_expires_at > now).order_by(Assignment.id).limit(1))
         if cur is not None:
+            if cur.submission_token is None:  # a lease from before migration 0002
+                cur.submission_token = _lease_token()
             return cur
         jcount = select(func.count()).select_from(Judgment).where(
             Judgment.item_id == Item.id).correlate(Item).scalar_subquery()
@@ -388,39 +494,59 @@ def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: fl
             Assignment.lease_expires_at > now).correlate(Item).scalar_subquery()
         finished = select(Assignment.item_id).where(
             Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped")))
-        cands = list(s.scalars(
-            select(Item.id).where(Item.id.not_in(finished), or_(Item.is_gold, jcount + lcount < k))
-            .order_by(Item.id).limit(16)))
-        for item_id in cands:
-            item = _lock_item(s, item_id)
-            if item is None:
-                continue
-            mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                     Assignment.user_id == user_id))
-            if mine is not None and mine.status != "active":
-                continue
-            if not item.is_gold and _places_taken(s, item_id, now, exclude_user=user_id) >= k:
-                continue
-            expires = now + dt.timedelta(seconds=lease_seconds)
-            if mine is not None:  # the user's own expired lease: renew it
-                mine.leased_at, mine.lease_expires_at = now, expires
-                return mine
-            a = Assignment(item_id=item_id, user_id=user_id, swapped=bool(secrets.randbelow(2)),
-                           status="active", leased_at=now, lease_expires_at=expires)
-            s.add(a)
-            s.flush()
-            return a
-        return None
+        # Scan forward in id order. Under PostgreSQL's READ COMMITTED the candidate query reads
+        # a snapshot, so concurrent claimers may fill a whole batch before we lock it: then
+        # the next batch is read (a fresh snapshot), until no candidate is left.
+        after = 0
+        while True:
+            cands = list(s.scalars(
+                select(Item.id).where(Item.id > after, Item.id.not_in(finished),
+                                      or_(Item.is_gold, jcount + lcount < k))
+                .order_by(Item.id).limit(16)))
+            if not cands:
+                return None
+            for item_id in cands:
+                after = item_id
+                item = _lock_item(s, item_id)
+                if item is None:
+                    continue
+                mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
+                                                         Assignment.user_id == user_id))
+                if mine is not None and mine.status != "active":
+                    continue
+                if not item.is_gold and _places_taken(s, item_id, now, exclude_user=user_id) >= k:
+                    continue
+                expires = now + dt.timedelta(seconds=lease_seconds)
+                if mine is not None:  # the user's own expired lease: renew it (same token)
+                    mine.leased_at, mine.lease_expires_at = now, expires
+                    mine.submission_token = mine.submission_token or _lease_token()
+                    return mine
+                a = Assignment(item_id=item_id, user_id=user_id, swapped=bool(secrets.randbelow(2)),
+                               status="active", leased_at=now, lease_expires_at=expires,
+                               submission_token=_lease_token())
+                s.add(a)
+                s.flush()
+                return a
 
 
-def skip(S: sessionmaker[Session], user_id: int, assignment_id: int) -> bool:
-    """Give the item back (the user will not see it again). False if not the user's lease."""
+NOT_YOURS = "this item is not assigned to you"
+
+
+def skip(S: sessionmaker[Session], user_id: int, assignment_id: int) -> "SubmitResult":
+    """Give the item back (the user will not see it again). Status ``"ok"``, or
+    ``"rejected"`` with the reason: not the user's assignment, or already judged/skipped."""
+    if not valid_id(assignment_id):
+        return SubmitResult("rejected", NOT_YOURS)
     with S.begin() as s:
         a = s.get(Assignment, assignment_id)
-        if a is None or a.user_id != user_id or a.status != "active":
-            return False
+        if a is None or a.user_id != user_id:
+            return SubmitResult("rejected", NOT_YOURS)
+        if a.status == "skipped":
+            return SubmitResult("rejected", "you already skipped this item")
+        if a.status != "active":
+            return SubmitResult("rejected", "you already judged this item; it cannot be skipped")
         a.status = "skipped"
-        return True
+        return SubmitResult("ok", "skipped")
 
 
 @dataclass
@@ -463,18 +589,24 @@ def _canon(v: int | None, swapped: bool) -> int | None:
 
 def submit(S: sessionmaker[Session], user_id: int, assignment_id: int, token: str,
            form: JudgmentForm, k: int, now: dt.datetime | None = None) -> SubmitResult:
-    """Record one judgment (idempotent on ``token``); see the module docstring."""
+    """Record one judgment (idempotent on ``token``, which must be the one issued with the
+    lease ``assignment_id``); see the module docstring."""
     if not token or len(token) > 64 or not all(c.isalnum() or c in "-_" for c in token):
         return SubmitResult("rejected", "invalid submission token")
     bad = form.validate()
     if bad:
         return SubmitResult("rejected", bad)
+    if not valid_id(assignment_id):
+        return SubmitResult("rejected", NOT_YOURS)
     try:
         with S.begin() as s:
             now = now or utcnow()
             a = s.get(Assignment, assignment_id)
             if a is None or a.user_id != user_id:
-                return SubmitResult("rejected", "this item is not assigned to you")
+                return SubmitResult("rejected", NOT_YOURS)
+            if a.submission_token is None or not secrets.compare_digest(a.submission_token, token):
+                return SubmitResult("rejected", "invalid submission token: it was not issued for this "
+                                                "item; reload the page")
             item = _lock_item(s, a.item_id)
             prev = s.scalar(select(Judgment).where(Judgment.submission_token == token))
             if prev is not None:
@@ -575,11 +707,15 @@ def all_progress(S: sessionmaker[Session], k: int) -> dict:
         per_item = dict(s.execute(select(Judgment.item_id, func.count()).group_by(Judgment.item_id)).all())
         gold_ids = set(s.scalars(select(Item.id).where(Item.is_gold.is_(True))))
         complete = sum(1 for i, n in per_item.items() if i not in gold_ids and n >= k)
-        n_judgments = s.scalar(select(func.count()).select_from(Judgment)) or 0
+        n_judgments = sum(per_item.values())
+        n_gold_judgments = sum(n for i, n in per_item.items() if i in gold_ids)
         active = s.scalar(select(func.count()).select_from(Assignment).where(
             Assignment.status == "active", Assignment.lease_expires_at > utcnow())) or 0
+    # ``target_judgments`` (items x k) counts non-gold items only, so it is compared with
+    # ``item_judgments``; gold items go to everyone and are counted apart
     return {"users": rows, "items": n_items, "gold_items": n_gold, "complete_items": complete,
-            "judgments": n_judgments, "active_leases": active, "k": k,
+            "judgments": n_judgments, "item_judgments": n_judgments - n_gold_judgments,
+            "gold_judgments": n_gold_judgments, "active_leases": active, "k": k,
             "target_judgments": n_items * k}
 
 
@@ -602,6 +738,7 @@ class ItemView:
     left: str
     right: str
     lease_expires_at: dt.datetime
+    submission_token: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -610,4 +747,4 @@ def item_view(S: sessionmaker[Session], a: Assignment) -> ItemView:
         it = s.get(Item, a.item_id)
         prompt = json.loads(it.prompt_json)
         left, right = (it.response_b, it.response_a) if a.swapped else (it.response_a, it.response_b)
-        return ItemView(a.id, it.uid, prompt, left, right, a.lease_expires_at)
+        return ItemView(a.id, it.uid, prompt, left, right, a.lease_expires_at, a.submission_token or "")
