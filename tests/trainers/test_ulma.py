@@ -11,7 +11,6 @@ from .test_dpo import (
     first_batch,
     kill_resume_and_compare,
     load_f64,
-    other_model_dir,  # noqa: F401  (fixture)
     preference_config,
     write_pairs,
 )
@@ -20,6 +19,27 @@ from .test_dpo import (
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def distinct_model_dir(tmp_path_factory):
+    """A tiny model whose weights are redrawn with std 0.1: its answers depend on the prompt more than the
+    default init's do, so KL estimates on matched and on mismatched pairs differ clearly (by about 0.05
+    here, against fp32 rounding of about 1e-5 in the trainer)."""
+    import torch
+
+    from alignforge.models.loading import load_model
+    from alignforge.models.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("distinct") / "model", seed=1)
+    model = load_model(str(out))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(out)
+    return out
 
 
 def _sig(x: float) -> float:
@@ -51,7 +71,7 @@ def _hand_kto(points, idx, pol, ref, *, beta, lambda_d, lambda_u):
     return estimate, z0, sum(losses) / len(losses), scale
 
 
-def test_kto_step1_reference_point_and_loss_equal_hand_computation(tmp_path, tiny_model_dir, other_model_dir):
+def test_kto_step1_reference_point_and_loss_equal_hand_computation(tmp_path, tiny_model_dir, distinct_model_dir):
     """With another model as reference, step 1's logged z0 and loss are KTO's formulas on the first global
     batch; grad_accum=2 (z0 is one value for the global batch). Swapping policy and reference flips the sign
     of the KL estimate, so one order checks the value of z0 and the other its clamp at 0."""
@@ -63,8 +83,8 @@ def test_kto_step1_reference_point_and_loss_equal_hand_computation(tmp_path, tin
     points, _ = load_pointwise_dataset(data, load_tokenizer(str(tiny_model_dir)), 256)
     idx = first_batch(len(points), 4, seed=1)
     estimates = []
-    for name, (policy_dir, ref_dir) in {"a": (tiny_model_dir, other_model_dir),
-                                        "b": (other_model_dir, tiny_model_dir)}.items():
+    for name, (policy_dir, ref_dir) in {"a": (tiny_model_dir, distinct_model_dir),
+                                        "b": (distinct_model_dir, tiny_model_dir)}.items():
         args = _common(tmp_path, policy_dir, data, name) + [
             "train.max_steps=1", "train.group_by_length=false", "train.per_device_batch_size=2", "train.grad_accum=2",
             "ulma.loss=kto", f"ulma.beta={beta}", f"ulma.kto_lambda_d={lambda_d}", f"ulma.kto_lambda_u={lambda_u}",
