@@ -213,7 +213,8 @@ def test_ulma_continuous_labels_and_no_negatives(tmp_path, tiny_model_dir, other
 
     def mean_logps(e):
         n = len(e.completion_ids)
-        return direct_logp(pol, e.prompt_ids, e.completion_ids) / n, direct_logp(ref, e.prompt_ids, e.completion_ids) / n
+        x, y = e.prompt_ids, e.completion_ids
+        return direct_logp(pol, x, y) / n, direct_logp(ref, x, y) / n
 
     points, _ = load_pointwise_dataset(p, tok, 256)
     batch = [points[i] for i in first_batch(len(points), 4, seed=1)]

@@ -114,7 +114,7 @@ def test_planned_mismatched_pairs_cover_the_loop(tmp_path):
     assert planned == seen
     assert set(planned_mismatched_pairs(10, TrainConfig(per_device_batch_size=3, max_steps=2, seed=4), 1, lengths)) \
         == {pr for s in range(2) for idx in [step_indices(s, 10, 3, 4, lengths)]
-            for pr in zip(idx, idx[1:] + idx[:1])}
+            for pr in zip(idx, idx[1:] + idx[:1], strict=True)}
 
 
 def test_kto_needs_a_global_batch_of_two(tmp_path, tiny_model_dir):

@@ -211,7 +211,7 @@ def mismatched_reference_logps(model, points: list, pairs: list[tuple[int, int]]
                     {"kind": "kto_mismatched", "ref_model": params.ref_model,
                      "precision": str(accelerator.mixed_precision)})
     values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
-    return {pair: float(v) for pair, v in zip(pairs, values["logps"])}
+    return {pair: float(v) for pair, v in zip(pairs, values["logps"], strict=True)}
 
 
 def kto_z0_estimator(model, points: list, ref_kl: dict[tuple[int, int], float], pad_id: int, how: str,
@@ -310,7 +310,7 @@ def train_ulma(cfg: ULMAConfig) -> dict:
                     examples_digest(points, ("prompt_ids", "completion_ids")),
                     {"kind": "pointwise", "ref_model": p.ref_model, "precision": str(accelerator.mixed_precision)})
     ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
-    examples = [PointWithRef(e, float(r), i) for i, (e, r) in enumerate(zip(points, ref["logps"]))]
+    examples = [PointWithRef(e, float(r), i) for i, (e, r) in enumerate(zip(points, ref["logps"], strict=True))]
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in points]
 
     z0_of = None
