@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignforge.losses.preference import dpo_loss, kto_loss, pointwise_dpo_loss, ulma_loss
+from alignforge.losses.preference import dpo_loss, kto_loss, kto_reference_point, pointwise_dpo_loss, ulma_loss
 
 
 def sp(x):  # softplus(x) = -log sigmoid(-x)
@@ -96,3 +96,36 @@ def test_kto():
     losses, m = kto_loss(pol, ref, d, -0.3, beta=1.0)  # z0 = max(0, KL) = 0
     assert torch.allclose(losses, T([1 - 1 / (1 + math.exp(-0.5))] * 2), atol=1e-6)
     assert m["z0"].item() == 0.0
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_reference_point_from_mismatched_pairs():
+    # log-probs of three mismatched pairs (prompt k, completion k+1) under the policy and the reference
+    pol = torch.tensor([-3.0, -2.0, -4.0], requires_grad=True)
+    ref = T([-3.5, -2.5, -3.4])  # differences 0.5, 0.5, -0.6: KL estimate 0.4 / 3
+    z0 = kto_reference_point(pol, ref)
+    assert z0.item() == pytest.approx(0.4 / 3, abs=1e-7) and not z0.requires_grad
+    assert kto_reference_point(ref, pol).item() == 0.0  # estimate -0.4/3, clamped at 0
+    # split over two processes: each holds its share and the all-reduce adds the other's partial sum
+    rank0 = kto_reference_point(pol[:2], ref[:2], n_total=3, all_reduce=lambda t: t + (-4.0 + 3.4))
+    rank1 = kto_reference_point(pol[2:], ref[2:], n_total=3, all_reduce=lambda t: t + (0.5 + 0.5))
+    assert rank0.item() == pytest.approx(0.4 / 3, abs=1e-7) and rank1.item() == pytest.approx(0.4 / 3, abs=1e-7)
+    # a process with no pair of its own still takes part in the all-reduce
+    empty = kto_reference_point(T([]), T([]), n_total=3, all_reduce=lambda t: t + 0.4)
+    assert empty.item() == pytest.approx(0.4 / 3, abs=1e-7)
+    with pytest.raises(ValueError):
+        kto_reference_point(T([]), T([]))
+
+
+def test_kto_loss_with_mismatched_reference_point():
+    z0 = kto_reference_point(T([-3.0, -2.0, -4.0]), T([-3.5, -2.5, -3.4]))  # 0.4 / 3
+    pol, ref, d = T([-1.0, -1.0, -2.0]), T([-1.5, -0.5, -2.0]), T([1, 0, 1])  # h = [0.5, -0.5, 0]
+    losses, m = kto_loss(pol, ref, d, z0, beta=0.5, lambda_d=2.0, lambda_u=1.5)
+    z = 0.4 / 3
+    expected = [2.0 * (1 - sig(0.5 * (0.5 - z))), 1.5 * (1 - sig(0.5 * (z + 0.5))), 2.0 * (1 - sig(0.5 * (0 - z)))]
+    assert torch.allclose(losses, T(expected), atol=1e-6)
+    assert m["z0"].item() == pytest.approx(z, abs=1e-7)
+    assert torch.allclose(m["reward"], T([0.25, -0.25, 0.0]))

@@ -2,6 +2,7 @@
 LoRA uses the adapter-disabled base, and a batch without positives stays finite."""
 
 import json
+import math
 import random
 
 import pytest
@@ -97,14 +98,87 @@ def test_reference_values_match_a_direct_computation(tmp_path, tiny_model_dir, p
         assert ref["chosen_logps"][i].item() == pytest.approx(direct, rel=1e-5, abs=1e-4)
 
 
-@pytest.mark.parametrize("extra", [["dpo.loss_type=ipo"], ["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"],
-                                   ["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"]])
-def test_dpo_variants_run(tmp_path, tiny_model_dir, pairs_file, extra):
-    args = _common(tmp_path, tiny_model_dir, pairs_file, "v") + ["train.epochs=1", "train.lr=1e-3", *extra]
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """A second tiny model (same tokenizer, other random weights): as ``ref_model`` it makes the
+    step-1 log-ratios non-zero, so a step-1 loss depends on every term of the formula."""
+    from alignforge.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("other") / "model", seed=1)
+
+
+def direct_logp(lm, prompt_ids, response_ids) -> float:
+    """Summed log-prob of ``response_ids`` after ``prompt_ids``: one unpadded float64 forward, full log-softmax
+    (an independent path from the trainers' packed / masked one)."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(input_ids=ids).logits[0].double(), -1)
+    P = len(prompt_ids)
+    return sum(lp[P - 1 + k, t].item() for k, t in enumerate(response_ids))
+
+
+def load_f64(model_dir):
+    from alignforge.models.loading import load_model
+
+    return load_model(str(model_dir)).double().eval()
+
+
+def first_batch(n: int, global_batch: int, seed: int) -> list[int]:
+    from alignforge.trainers.common import step_indices
+
+    return step_indices(0, n, global_batch, seed)
+
+
+def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum", ipo=False):
+    """The DPO / cDPO / IPO (+ alpha * mean-token NLL of the chosen) step-1 loss over the batch ``idx``, by hand."""
+    total, scale = 0.0, 0.0
+    for i in idx:
+        p = pairs[i]
+        nc, nr = len(p.chosen_ids), len(p.rejected_ids)
+        pc, pr = direct_logp(pol, p.prompt_ids, p.chosen_ids), direct_logp(pol, p.prompt_ids, p.rejected_ids)
+        rc, rr = direct_logp(ref, p.prompt_ids, p.chosen_ids), direct_logp(ref, p.prompt_ids, p.rejected_ids)
+        scale = max(scale, abs(pc), abs(pr), abs(rc), abs(rr))
+        if how == "mean":
+            h_w, h_l = (pc - rc) / nc, (pr - rr) / nr
+        else:
+            h_w, h_l = pc - rc, pr - rr
+        delta = h_w - h_l
+        if ipo:
+            loss = (delta - 1 / (2 * beta)) ** 2
+        else:
+            loss = (1 - eps) * math.log1p(math.exp(-beta * delta)) + eps * math.log1p(math.exp(beta * delta))
+        total += loss + alpha * (-pc / nc)
+    return total / len(idx), scale
+
+
+@pytest.mark.parametrize("extra,hand", [
+    (["dpo.loss_type=ipo"], dict(ipo=True, how="mean")),  # IPO: per-token means by default
+    (["dpo.loss_type=ipo", "dpo.logp_reduction=sum"], dict(ipo=True, how="sum")),  # an explicit setting wins
+    (["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"], dict(eps=0.1, alpha=0.5)),  # cDPO + NTP, summed log-probs
+    (["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"], dict(how="mean")),
+])
+def test_dpo_variants_step1_loss_equals_hand_computation(tmp_path, tiny_model_dir, other_model_dir, pairs_file,
+                                                         extra, hand):
+    """Against another model as reference, the step-1 loss is the formula of the variant on the batch's
+    log-probs (LoRA starts as the base model: B = 0)."""
+    from alignforge.data.tokenize import load_preference_dataset
+    from alignforge.models.loading import load_tokenizer
+
+    beta = 0.5
+    args = _common(tmp_path, tiny_model_dir, pairs_file, "v") + [
+        "train.max_steps=1", "train.group_by_length=false", f"dpo.beta={beta}", f"dpo.ref_model={other_model_dir}",
+        *extra]
     hist = train_dpo(load_config(DPOConfig, None, args))["history"]
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    if "dpo.loss_type=ipo" in extra:  # (0 - 1/(2*0.1))^2 = 25 at the start
-        assert hist[0]["loss"] == pytest.approx(25.0, abs=1e-2)
+    pairs, _ = load_preference_dataset(pairs_file, load_tokenizer(str(tiny_model_dir)), 256)
+    idx = first_batch(len(pairs), 4, seed=1)
+    expected, scale = _hand_dpo_loss(pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta,
+                                     **hand)
+    # fp32 forward in the trainer vs float64 here: rounding of log-probs of magnitude `scale`
+    assert hist[0]["loss"] == pytest.approx(expected, abs=1e-5 * scale)
+    if hand.get("alpha"):  # the NTP term adds exactly alpha * the logged mean-token NLL of the chosen
+        base, _ = _hand_dpo_loss(pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta,
+                                 eps=hand["eps"])
+        assert hist[0]["loss"] - base == pytest.approx(hand["alpha"] * hist[0]["nll_chosen"], abs=1e-5 * scale)
 
 
 @pytest.mark.parametrize("loss", ["ulma", "pointwise_dpo", "kto"])
@@ -119,18 +193,49 @@ def test_pointwise_trainers_learn(tmp_path, tiny_model_dir, pairs_file, loss):
     assert "binary labels, 16 positive, 16 other" in (tmp_path / loss / "data_report.txt").read_text()
 
 
-def test_ulma_continuous_labels_and_no_negatives(tmp_path, tiny_model_dir):
-    rows = [{"prompt": f"q{i}", "completion": GOOD[i % 2], "label": 1.0 if i < 8 else 0.7} for i in range(12)]
+def test_ulma_continuous_labels_and_no_negatives(tmp_path, tiny_model_dir, other_model_dir):
+    """Step-1 losses against another model as reference equal the ULMA formulas by hand: SFT on the
+    positives plus ``(z - βh - c)²`` on the others (continuous), and pure SFT with positives only."""
+    from alignforge.data.tokenize import load_pointwise_dataset
+    from alignforge.models.loading import load_tokenizer
+
+    beta, c = 0.5, 0.1
+    rows = [{"prompt": f"q{i}", "completion": GOOD[i % 2] if i < 8 else BAD[i % 2], "label": 1.0 if i < 8 else 0.7}
+            for i in range(12)]
     p = tmp_path / "pw.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = _common(tmp_path, tiny_model_dir, p, "u") + ["train.epochs=1", "train.lr=1e-3"]
+    args = _common(tmp_path, tiny_model_dir, p, "u") + [
+        "train.max_steps=1", "train.group_by_length=false", f"ulma.beta={beta}", f"ulma.c={c}",
+        f"ulma.ref_model={other_model_dir}"]
     s = train_ulma(load_config(ULMAConfig, None, args))
     assert "continuous labels, 8 positive, 4 other" in (tmp_path / "u" / "data_report.txt").read_text()
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in s["history"])
-    # only positives: pure SFT, finite
-    p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": GOOD[0], "label": True}) + "\n" for i in range(8)))
+    tok = load_tokenizer(str(tiny_model_dir))
+    pol, ref = load_f64(tiny_model_dir), load_f64(other_model_dir)
+
+    def mean_logps(e):
+        n = len(e.completion_ids)
+        x, y = e.prompt_ids, e.completion_ids
+        return direct_logp(pol, x, y) / n, direct_logp(ref, x, y) / n
+
+    points, _ = load_pointwise_dataset(p, tok, 256)
+    batch = [points[i] for i in first_batch(len(points), 4, seed=1)]
+    pos = [e for e in batch if e.label == 1.0]
+    neg = [e for e in batch if e.label != 1.0]
+    assert pos and neg  # the batch has both parts, so both terms are checked
+    sft = sum(-mean_logps(e)[0] for e in pos) / len(pos)
+    reg = sum((e.label - beta * (lp - lr) - c) ** 2 for e in neg for lp, lr in [mean_logps(e)]) / len(neg)
+    # per-token means are of magnitude ~10: fp32 rounding in the trainer is far below 1e-4
+    assert s["history"][0]["loss"] == pytest.approx(sft + reg, abs=1e-4)
+    assert s["history"][0]["pos_nll"] == pytest.approx(sft, abs=1e-4)
+
+    # only positives: pure SFT on the per-token mean log-probs, no reference term
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": GOOD[i % 2], "label": True}) + "\n"
+                         for i in range(8)))
     s = train_ulma(load_config(ULMAConfig, None, args + [f"train.output_dir={tmp_path / 'u2'}"]))
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in s["history"])
+    points, _ = load_pointwise_dataset(p, tok, 256)
+    batch = [points[i] for i in first_batch(len(points), 4, seed=1)]
+    sft = sum(-mean_logps(e)[0] for e in batch) / len(batch)
+    assert s["history"][0]["loss"] == pytest.approx(sft, abs=1e-4)
 
 
 def test_bad_pointwise_label_names_file_and_line(tmp_path, tiny_model_dir):
@@ -159,3 +264,70 @@ def test_bf16_reference_is_computed_in_the_training_precision(tmp_path, tiny_mod
     train_dpo(load_config(DPOConfig, None, base + [f"train.output_dir={tmp_path / 'f'}"]))
     # one cache entry per precision: a bf16 reference is never reused for an fp32 run
     assert len(list((tmp_path / "cache" / "reflogps").glob("*.pt"))) == 2
+
+
+def write_pairs(path, n: int):
+    rng = random.Random(3)
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def preference_config(tmp_path, model_dir, data, out: str, section: str, extra: str = ""):
+    """A DPO/ULMA YAML: global batch 2 x accum 2 = 4, two epochs, lr high enough that every step moves the weights."""
+    cfg = tmp_path / f"{out}.yaml"
+    cfg.write_text(f"""
+model: {{name_or_path: {model_dir}}}
+data: {{train_files: [{data}], max_length: 256}}
+train:
+  output_dir: {tmp_path / out}
+  epochs: 2
+  per_device_batch_size: 2
+  grad_accum: 2
+  lr: 0.01
+  warmup_steps: 2
+  seed: 5
+  progress: false
+  save_every: 2
+{section}
+{extra}
+""")
+    return cfg
+
+
+def kill_resume_and_compare(tmp_path, command: str, cfg_uninterrupted, cfg_killed, kill_after: int, steps: int):
+    """Run uninterrupted; run again, SIGKILLed after ``kill_after``; resume it: the final weights are equal."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from .test_sft import _run
+
+    done = _run([command, str(cfg_uninterrupted)])
+    assert f"done: {steps} steps" in done.stdout
+    killed = _run([command, str(cfg_killed)], {"ALIGNFORGE_FAULT_AFTER_STEP": f"{kill_after}:KILL"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    resumed = _run([command, str(cfg_killed), "--resume"])
+    assert "resumed from" in resumed.stdout and f"done: {steps} steps" in resumed.stdout
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diffs, f"weights differ after resume: {diffs}"
+    return a
+
+
+def test_dpo_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 12)  # 3 steps per epoch, 6 in all
+    section = "dpo: {beta: 0.5}"
+    ref = preference_config(tmp_path, tiny_model_dir, data, "ref", section)
+    run = preference_config(tmp_path, tiny_model_dir, data, "run", section)
+    final = kill_resume_and_compare(tmp_path, "dpo", ref, run, kill_after=3, steps=6)  # checkpoint at 2; 3 redone
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max((final[k] - init[k]).abs().max().item() for k in final if k in init) > 1e-3  # training moved them

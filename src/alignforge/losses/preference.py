@@ -1,17 +1,17 @@
 """Offline preference losses: pairwise DPO/cDPO/IPO, point-wise DPO, ULMA and KTO.
 
 All are pure functions of log-probabilities (METHODS.md §1d, §3, §4). ``*_logps`` are the
-log-probabilities of whole responses under the policy or the frozen reference: **summed** over
-response tokens for DPO/IPO (as in the DPO paper and TRL), **averaged** per token for ULMA and
-point-wise DPO (as in the ULMA code, ``average_log_prob=True``); the trainers make this a config
-option and these functions do not care which one they get.
+log-probabilities of whole responses under the policy or the frozen reference. The trainers' defaults:
+**summed** over response tokens for DPO (DPO paper, TRL) and KTO (KTO paper, TRL), **averaged** per
+token for IPO (IPO paper, TRL), ULMA and point-wise DPO (the ULMA code, ``average_log_prob=True``).
+Each is a config option; these functions do not care which one they get.
 
 Notation: ``h = logπ_θ(y|x) − logπ_ref(y|x)``; pairwise ``Δ = h_w − h_l``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,11 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, k
     """KTO (Ethayarajh et al.), the unpaired peer baseline: ``λ_y − v(x, y)`` per sample.
 
     ``v = λ_D·σ(β(h − z0))`` for desirable and ``λ_U·σ(β(z0 − h))`` for undesirable samples, with
-    ``z0 = max(0, KL̂)`` detached (the caller estimates KL̂ from mismatched pairs).
+    ``z0 = max(0, KL̂)`` detached (KL̂ from mismatched pairs: :func:`kto_reference_point`).
+
+    Args:
+        policy, ref: ``(B,)`` response log-probs; desirable: ``(B,)`` bool;
+        kl_estimate: scalar KL̂ (clamped at 0 here, and detached).
 
     Returns:
         ``(losses (B,), metrics)``; metrics ``(B,)``: ``reward = β·h`` and ``z0`` (scalar).
@@ -122,3 +126,32 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, k
     v = torch.where(d, lambda_d * torch.sigmoid(beta * (h - z0)), lambda_u * torch.sigmoid(beta * (z0 - h)))
     lam = torch.where(d, torch.full_like(h, lambda_d), torch.full_like(h, lambda_u))
     return lam - v, {"reward": (beta * h).detach(), "z0": z0}
+
+
+def kto_reference_point(policy_kl: torch.Tensor, ref_kl: torch.Tensor, *, n_total: int | None = None,
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """KTO's reference point ``z0 = max(0, KL̂(π_θ‖π_ref))``, detached (Ethayarajh et al.; TRL).
+
+    ``KL̂ = (1/n) Σ_i [logπ_θ(y'_i|x_i) − logπ_ref(y'_i|x_i)]`` over the ``n`` *mismatched* pairs
+    ``(x_i, y'_i)`` of the whole global batch (a prompt with another example's completion). When
+    the pairs are split over processes, each passes its share and ``all_reduce`` sums the partial
+    sum over processes, so every process gets the same z0.
+
+    Args:
+        policy_kl, ref_kl: ``(K,)`` log-probs of this process's share of the mismatched pairs
+            (``K`` may be 0).
+        n_total: ``n``, the number of mismatched pairs in the global batch (default ``K``).
+        all_reduce: sums a tensor over processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``);
+            ``None``: this process holds every pair.
+
+    Returns:
+        ``()`` tensor: z0 ≥ 0, no grad.
+    """
+    total = torch.as_tensor(policy_kl, dtype=torch.float64).detach().sum() - torch.as_tensor(
+        ref_kl, dtype=torch.float64).detach().sum()
+    if all_reduce is not None:
+        total = all_reduce(total)
+    n = len(policy_kl) if n_total is None else n_total
+    if n <= 0:
+        raise ValueError("kto_reference_point: no mismatched pairs (n_total must be > 0)")
+    return (total / n).clamp(min=0).to(torch.float32)

@@ -12,8 +12,8 @@ Where this departs from the papers:
   data step is ``alignforge dpo-data``. This trainer takes any preference file.
 * Whether ChatGLM-RLHF adds an SFT/NTP term to DPO is not determinable [unv]. ``dpo.ntp_coef``
   (default 0) adds ``α·(−mean-token log π(y_w|x))`` per pair (the "DPO+NTP" variant).
-* Log-probs are summed over response tokens by default (DPO paper, TRL); ``dpo.logp_reduction:
-  mean`` uses per-token means, as ULMA's code does for its losses.
+* Log-probs are summed over response tokens by default for the sigmoid loss and cDPO (DPO paper,
+  TRL) and averaged per token for IPO (IPO paper, TRL); an explicit ``dpo.logp_reduction`` wins.
 * IPO uses β as τ (``(Δ − 1/(2β))²``), as TRL does.
 """
 
@@ -34,7 +34,7 @@ class DPOParams:
     beta: float = 0.1
     label_smoothing: float = 0.0  # > 0: conservative DPO (cDPO)
     ntp_coef: float = 0.0  # DPO+NTP: weight of the NLL on chosen responses
-    logp_reduction: Literal["sum", "mean"] = "sum"
+    logp_reduction: Optional[Literal["sum", "mean"]] = None  # unset: sum (sigmoid, cDPO), mean (ipo)
     ref_model: Optional[str] = None  # default: the initial policy (adapter disabled with LoRA)
     ref_batch_size: int = 8
 
@@ -54,6 +54,13 @@ class PairWithRef:
     pair: object  # TokenizedPair
     ref_chosen: float  # summed reference log-probs
     ref_rejected: float
+
+
+def resolve_logp_reduction(params: DPOParams) -> str:
+    """``dpo.logp_reduction``, or the loss's default when unset: per-token mean for IPO, sum otherwise."""
+    if params.logp_reduction is not None:
+        return params.logp_reduction
+    return "mean" if params.loss_type == "ipo" else "sum"
 
 
 def reduce_logps(sums: torch.Tensor, counts: torch.Tensor, how: str) -> torch.Tensor:
@@ -109,9 +116,10 @@ def collate_pairs(examples: list, pad_id: int) -> dict:
 def make_loss(params: DPOParams):
     from alignforge.losses.preference import dpo_loss
 
+    how = resolve_logp_reduction(params)
+
     def loss_fn(module, batch: dict, normalizer: float):
         out = module(batch)
-        how = params.logp_reduction
         nc, nr = out["chosen_tokens"], out["rejected_tokens"]
         pc = reduce_logps(out["chosen_logps"], nc, how)
         pr = reduce_logps(out["rejected_logps"], nr, how)

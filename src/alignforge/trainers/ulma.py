@@ -8,16 +8,29 @@ the initial policy (with LoRA: the adapter-disabled base) and cached on disk.
   ``(z - βh - c)²`` (continuous). Positives and negatives are each averaged over their own count
   in the global batch (as the ULMA code averages per subset); an empty subset adds 0, never NaN.
 * ``pointwise_dpo``: the log-loss (binary) or regression (continuous) on ``βh + c`` for all samples.
-* ``kto``: ``λ_y − v(x, y)``.
+* ``kto``: ``λ_y − v(x, y)`` with the reference point ``z0 = max(0, KL̂(π_θ‖π_ref))``, detached,
+  estimated on *mismatched* pairs as in the KTO paper and TRL: in a global batch of examples
+  ``e_0 … e_{G-1}`` (the loop's order), prompt ``k`` is paired with the completion of example
+  ``k+1`` (and the last with that of the first). Every process computes the policy log-probs of
+  its share of those pairs (no grad, eval mode, the training autocast) and the partial sums are
+  all-reduced, so z0 is the same on every process and for any split into processes and
+  micro-batches. Log-probs are summed over tokens (paper, TRL) unless ``ulma.logp_reduction``
+  says otherwise.
 
 Where this departs from the papers / code:
 
-* ULMA's code averages log-probs per token (``average_log_prob=True``); so does
-  ``ulma.logp_reduction: mean`` (the default here); ``sum`` is available.
+* ULMA's code averages log-probs per token (``average_log_prob=True``); so does the default
+  here for ``ulma`` and ``pointwise_dpo`` (``ulma.logp_reduction`` unset = ``mean``; KTO: ``sum``).
 * ``label_type: auto`` treats labels that are all 0/1 as binary, anything else as continuous.
-* KTO's reference point z0 is estimated from *mismatched* pairs in the paper and TRL; here it is
-  the detached mean of ``h`` over the micro-batch, clamped at 0 (no extra forward passes).
-  KTO is a baseline here, not a method of the three papers.
+* KTO's mismatched pairs: TRL shifts completions within fixed chunks of the data set before
+  shuffling; here the shift is within each global batch, which the loop makes a pure function of
+  the step (``trainers/common.py``). The batch plan of the whole run is therefore known before
+  training, and the reference log-probs of every mismatched pair it will meet (about ``epochs ×``
+  the data set, each distinct pair once) are computed then and cached on disk, like the matched
+  ones; a changed plan (batch size, processes, seed, steps) is a new cache entry. A global batch
+  must hold at least 2 examples; a last, short batch of a single example pairs it with itself.
+  z0 is estimated over the global batch, not per micro-batch as in TRL. KTO is a baseline here,
+  not a method of the three papers.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ class ULMAParams:
     beta: float = 0.1
     c: float = 0.0  # stands in for beta*log Z(x); the ULMA code's ulma_constant_zx (default 0)
     label_type: Literal["auto", "binary", "continuous"] = "auto"
-    logp_reduction: Literal["mean", "sum"] = "mean"
+    logp_reduction: Optional[Literal["mean", "sum"]] = None  # unset: mean (ulma, pointwise_dpo), sum (kto)
     kto_lambda_d: float = 1.0
     kto_lambda_u: float = 1.0
     ref_model: Optional[str] = None
@@ -54,10 +67,28 @@ class ULMAConfig:
     ulma: ULMAParams = field(default_factory=ULMAParams)
 
 
+def resolve_logp_reduction(params: ULMAParams) -> str:
+    """``ulma.logp_reduction``, or the loss's default when unset: per-token mean for ULMA and point-wise
+    DPO (the ULMA code), sum for KTO (the KTO paper and TRL)."""
+    if params.logp_reduction is not None:
+        return params.logp_reduction
+    return "sum" if params.loss == "kto" else "mean"
+
+
 @dataclass
 class PointWithRef:
     example: object  # TokenizedPointwise
     ref_logp: float  # summed reference log-prob
+    index: int = -1  # position in the training set (KTO's mismatched pairs are looked up by it)
+
+
+@dataclass
+class MismatchedPoint:
+    """A prompt with another example's completion (KTO's KL estimate); collates like a ``TokenizedPointwise``."""
+
+    prompt_ids: list
+    completion_ids: list
+    label: float = 0.0
 
 
 def collate_points(examples: list, pad_id: int) -> dict:
@@ -99,12 +130,14 @@ def resolve_label_type(examples: list, label_type: str) -> str:
 def make_loss(params: ULMAParams, continuous: bool):
     from alignforge.losses.preference import kto_loss, pointwise_dpo_loss, ulma_loss
 
+    how = resolve_logp_reduction(params)
+
     def loss_fn(module, batch: dict, norm: dict):
         lp = module(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
         n_tok = batch["target_mask"].sum(1).clamp(min=1)
         policy = lp.sum(1)
         ref = batch["ref_logp"]
-        if params.logp_reduction == "mean":
+        if how == "mean":
             policy, ref = policy / n_tok, ref / n_tok
         z = batch["labels"]
         if params.loss == "ulma":
@@ -118,9 +151,8 @@ def make_loss(params: ULMAParams, continuous: bool):
             metrics = {"sigmoid_reward_pos": (m["sigmoid_reward"] * pos).sum(),
                        "sigmoid_reward_neg": (m["sigmoid_reward"] * (1 - pos)).sum()}
         else:
-            h = (policy - ref).detach()
-            losses, m = kto_loss(policy, ref, z >= 0.5, h.mean(), beta=params.beta, lambda_d=params.kto_lambda_d,
-                                 lambda_u=params.kto_lambda_u)
+            losses, m = kto_loss(policy, ref, z >= 0.5, norm["kto_z0"], beta=params.beta,
+                                 lambda_d=params.kto_lambda_d, lambda_u=params.kto_lambda_u)
             loss = losses.sum() / norm["items"]
             metrics = {"kto_z0": m["z0"] * len(z)}
         pos = (z == 1).to(policy.dtype)
@@ -129,6 +161,87 @@ def make_loss(params: ULMAParams, continuous: bool):
         return loss, metrics
 
     return loss_fn
+
+
+def mismatched_pairs(indices: list[int]) -> list[tuple[int, int]]:
+    """KTO's mismatched pairs of one global batch: ``(prompt of e_k, completion of e_{k+1 mod G})``."""
+    n = len(indices)
+    return [(indices[k], indices[(k + 1) % n]) for k in range(n)]
+
+
+def planned_mismatched_pairs(n_examples: int, cfg: TrainConfig, world: int,
+                             lengths: list[int] | None) -> list[tuple[int, int]]:
+    """Every distinct mismatched pair that the run's batch plan will meet, sorted.
+
+    The plan is the loop's (``trainers/common.py``: ``epoch_order`` of each epoch, cut into global
+    batches of ``per_device_batch_size × grad_accum × world``), for ``max_steps`` or ``epochs``.
+    """
+    from alignforge.trainers.common import epoch_order, steps_per_epoch
+
+    G = cfg.per_device_batch_size * cfg.grad_accum * world
+    spe = steps_per_epoch(n_examples, G)
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+    out: set[tuple[int, int]] = set()
+    for epoch in range((total + spe - 1) // spe):
+        order = epoch_order(epoch, n_examples, G, cfg.seed, lengths)
+        for k in range(min(spe, total - epoch * spe)):
+            out.update(mismatched_pairs(order[k * G:(k + 1) * G]))
+    return sorted(out)
+
+
+def mismatched_reference_logps(model, points: list, pairs: list[tuple[int, int]], pad_id: int,
+                               params: ULMAParams, accelerator) -> dict[tuple[int, int], float]:
+    """Summed reference log-probs of KTO's mismatched ``pairs`` (from the disk cache, or computed once)."""
+    from alignforge.models.loading import model_fingerprint
+    from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
+
+    kl_points = [MismatchedPoint(points[i].prompt_ids, points[j].completion_ids) for i, j in pairs]
+
+    def compute():
+        with accelerator.autocast(), reference_policy(model, params.ref_model) as ref:  # in the training precision
+            return {"logps": point_logps(ref, kl_points, pad_id, params.ref_batch_size)}
+
+    key = cache_key(params.ref_model or model_fingerprint(model),
+                    examples_digest(kl_points, ("prompt_ids", "completion_ids")),
+                    {"kind": "kto_mismatched", "ref_model": params.ref_model,
+                     "precision": str(accelerator.mixed_precision)})
+    values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
+    return {pair: float(v) for pair, v in zip(pairs, values["logps"], strict=True)}
+
+
+def kto_z0_estimator(model, points: list, ref_kl: dict[tuple[int, int], float], pad_id: int, how: str,
+                     batch_size: int, accelerator):
+    """``global batch (PointWithRef list, loop order) -> z0``: the policy's log-probs of this process's
+    share of the batch's mismatched pairs (every ``world``-th pair; no grad, eval mode, training
+    autocast), all-reduced with the reference values into :func:`kto_reference_point`."""
+    from alignforge.errors import TrainingError
+    from alignforge.losses.preference import kto_reference_point
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
+
+    def estimate(exs: list) -> torch.Tensor:
+        pairs = mismatched_pairs([e.index for e in exs])
+        mine = pairs[rank::world]
+        missing = [pr for pr in mine if pr not in ref_kl]
+        if missing:
+            raise TrainingError(f"KTO: no cached reference log-prob for mismatched pair {missing[0]}: the batch plan "
+                                "differs from the one planned before training")
+        ref = torch.tensor([ref_kl[pr] for pr in mine], dtype=torch.float64)
+        kl_points = [MismatchedPoint(points[i].prompt_ids, points[j].completion_ids) for i, j in mine]
+        if kl_points:
+            with accelerator.autocast():
+                pol = point_logps(model, kl_points, pad_id, batch_size).double()
+        else:
+            pol = torch.zeros(0, dtype=torch.float64)
+        if how == "mean":
+            n_tok = torch.tensor([max(1, len(p.completion_ids)) for p in kl_points], dtype=torch.float64)
+            pol, ref = pol / n_tok, ref / n_tok
+        return kto_reference_point(pol, ref, n_total=len(pairs), all_reduce=all_reduce if world > 1 else None)
+
+    return estimate
 
 
 def summarize(sums: dict[str, float], items: float) -> dict[str, float]:
@@ -166,6 +279,9 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     if p.beta <= 0:
         raise ConfigError(f"ulma.beta must be > 0, got {p.beta}")
     accelerator = make_accelerator(cfg.train)
+    if p.loss == "kto" and cfg.train.per_device_batch_size * cfg.train.grad_accum * accelerator.num_processes < 2:
+        raise ConfigError("ulma.loss=kto needs a global batch (train.per_device_batch_size × train.grad_accum × "
+                          "processes) of at least 2: its reference point z0 comes from mismatched pairs")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     points, report = load_pointwise_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
                                             max_prompt_length=cfg.data.max_prompt_length,
@@ -189,18 +305,31 @@ def train_ulma(cfg: ULMAConfig) -> dict:
                     examples_digest(points, ("prompt_ids", "completion_ids")),
                     {"kind": "pointwise", "ref_model": p.ref_model, "precision": str(accelerator.mixed_precision)})
     ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
-    examples = [PointWithRef(e, float(r)) for e, r in zip(points, ref["logps"])]
+    examples = [PointWithRef(e, float(r), i) for i, (e, r) in enumerate(zip(points, ref["logps"], strict=True))]
+    lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in points]
+
+    z0_of = None
+    if p.loss == "kto":
+        world = accelerator.num_processes
+        kl_pairs = planned_mismatched_pairs(len(points), cfg.train, world,
+                                            lengths if cfg.train.group_by_length else None)
+        ref_kl = mismatched_reference_logps(model, points, kl_pairs, pad_id, p, accelerator)
+        z0_of = kto_z0_estimator(model, points, ref_kl, pad_id, resolve_logp_reduction(p),
+                                 cfg.train.per_device_batch_size, accelerator)
 
     def normalizer(exs: list) -> dict:
         pos = sum(e.example.label == 1.0 for e in exs)
-        return {"items": len(exs), "n_pos": pos, "n_neg": len(exs) - pos}
+        out = {"items": len(exs), "n_pos": pos, "n_neg": len(exs) - pos}
+        if z0_of is not None:  # one z0 per global step, the same on every process and micro-batch
+            out["kto_z0"] = z0_of(exs)
+        return out
 
     def save(unwrapped, out: Path) -> None:
         save_trained(unwrapped.lm, tokenizer, out)
 
     task = Task(module=TokenLogProbs(model), examples=examples, collate=lambda ex: collate_points(ex, pad_id),
                 normalizer=normalizer, loss=make_loss(p, label_type == "continuous"), save_model=save,
-                lengths=[len(e.prompt_ids) + len(e.completion_ids) for e in points], summarize=summarize,
+                lengths=lengths, summarize=summarize,
                 probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]))
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title=f"ULMA ({p.loss})")
     summary["data_report"] = summary_line
