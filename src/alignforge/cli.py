@@ -18,7 +18,7 @@ from alignforge.errors import AlignforgeError
 
 app = typer.Typer(
     name="alignforge",
-    help="Align LLMs with human preferences: data, annotation, SFT, reward models, DPO/IPO, ULMA/KTO, generation.",
+    help="Align LLMs with human preferences: data, annotation, SFT, reward models, DPO/IPO, ULMA/KTO, PPO/GRPO, generation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -60,13 +60,13 @@ def _load_cfg(cls, config: Optional[Path], overrides: Optional[List[str]], resum
     return load_config(cls, config, ov)
 
 
-def _run_trainer(cls, train_fn, config, overrides, resume, extra_keys: tuple[str, ...] = ()) -> None:
+def _run_trainer(cls, train_fn, config, overrides, resume, extra_keys: tuple[str, ...] = (), unit: str = "steps") -> None:
     cfg = _load_cfg(cls, config, overrides, resume)
     summary = train_fn(cfg)
     out = Path(cfg.train.output_dir)
     last = summary["history"][-1] if summary["history"] else {}
     extras = "".join(f", {k} {last[k]:.4f}" for k in extra_keys if k in last)
-    typer.echo(f"done: {summary['step']} steps, final loss {last.get('loss', float('nan')):.4f}{extras}")
+    typer.echo(f"done: {summary['step']} {unit}, final loss {last.get('loss', float('nan')):.4f}{extras}")
     typer.echo(f"model: {summary['final_dir']}")
     typer.echo(f"curves: {out / 'loss.png'}  metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tb'}")
 
@@ -101,6 +101,15 @@ def ulma(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = 
     from alignforge.trainers.ulma import ULMAConfig, train_ulma
 
     _run_trainer(ULMAConfig, train_ulma, config, overrides, resume, ("sigmoid_reward_pos", "sigmoid_reward_neg"))
+
+
+@app.command()
+def ppo(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+        resume: bool = _RESUME_OPT) -> None:
+    """PPO with ChatGLM-RLHF's reference-response reward and NTP loss, or GRPO/RLOO/ReMax (ppo.advantage)."""
+    from alignforge.trainers.ppo import PPOConfig, train_ppo
+
+    _run_trainer(PPOConfig, train_ppo, config, overrides, resume, ("reward", "kl_ref"), unit="iterations")
 
 
 @app.command("dpo-data")

@@ -47,3 +47,13 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, side: Literal["righ
                 raise ValueError(f"mask '{name}' row {i} has {len(m[i])} entries for {n} tokens")
             extra[name][i, cols] = torch.tensor(list(m[i]), dtype=torch.bool)
     return {"input_ids": ids, "attention_mask": att, **extra}
+
+
+def collate_sft(examples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``TokenizedSFT`` examples: ``input_ids``/``attention_mask``/``target_mask`` ``(B, T)``.
+
+    ``target_mask`` marks the trained (assistant) tokens; column 0 is never a target (no context).
+    """
+    b = pad_batch([e.input_ids for e in examples], pad_id, masks={"target_mask": [e.loss_mask for e in examples]})
+    b["target_mask"][:, 0] = False
+    return b

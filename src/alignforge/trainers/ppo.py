@@ -121,7 +121,8 @@ class PromptReport:
     kept: int = 0
 
     def summary(self) -> str:
-        s = f"prompts: {self.read} read, {self.truncated} truncated from the left, {self.dropped_long} dropped as over-long"
+        s = (f"prompts: {self.read} read, {self.truncated} truncated from the left, "
+             f"{self.dropped_long} dropped as over-long")
         if self.dropped_filter:
             s += f", {self.dropped_filter} dropped by the reward-variance filter"
         return s + f"; {self.kept} used"
@@ -182,20 +183,16 @@ def right_pad(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     Returns ``input_ids``/``attention_mask`` ``(B, T)``; ``resp_pos`` ``(B, R)``: the sequence position of
     response token ``k`` (clamped inside the row where ``k`` is past the end); ``resp_mask`` ``(B, R)``.
     """
-    B = len(prompts)
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    from alignforge.data.collate import pad_batch
+
+    b = pad_batch([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)
+    ids, att = b["input_ids"], b["attention_mask"]
     R = max(1, max(len(r) for r in responses))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    pos = torch.zeros((B, R), dtype=torch.long)
-    rmask = torch.zeros((B, R), dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        s = list(p) + list(r)
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        att[b, :len(s)] = 1
-        k = torch.arange(R)
-        pos[b] = (len(p) + k).clamp(max=len(s) - 1)
-        rmask[b, :len(r)] = 1
+    k = torch.arange(R)
+    lens_p = torch.tensor([len(p) for p in prompts])
+    lens_s = lens_p + torch.tensor([len(r) for r in responses])
+    pos = torch.minimum(lens_p[:, None] + k, (lens_s - 1)[:, None])
+    rmask = (k[None, :] < (lens_s - lens_p)[:, None]).long()
     return {"input_ids": ids, "attention_mask": att, "resp_pos": pos, "resp_mask": rmask}
 
 
@@ -340,6 +337,7 @@ class _Trainer:
         _check(cfg, self.acc.num_processes)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.out = Path(cfg.train.output_dir)
+        self.guard_lr = cfg.train.lr  # the learning rate of the last update, for the log
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -417,17 +415,17 @@ class _Trainer:
         from accelerate.utils import gather_object
 
         from alignforge.models.loading import cache_dir, model_fingerprint
-        from alignforge.models.refcache import cache_key, examples_digest
+        from alignforge.trainers.common import examples_digest
 
         p = self.p
         with self.reference_policy() as ref:
             fp = model_fingerprint(ref)
-        rm_fp = model_fingerprint(self.scorer.rm)
-        key = cache_key(fp, examples_digest(self.prompts, ("ids",)),
-                        {"kind": "ppo_ref_responses", "rm": rm_fp, "greedy": p.ref_greedy, "temperature": p.temperature,
-                         "top_p": p.top_p, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens,
-                         "ignore_eos": p.ignore_eos, "seed": self.cfg.train.seed,
-                         "precision": str(self.acc.mixed_precision)})
+        blob = json.dumps({"ref": fp, "rm": model_fingerprint(self.scorer.rm), "prompts": examples_digest(self.prompts),
+                           "greedy": p.ref_greedy, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+                           "max_new_tokens": p.max_new_tokens, "ignore_eos": p.ignore_eos,
+                           "gen_batch_prompts": p.gen_batch_prompts, "seed": self.cfg.train.seed,
+                           "precision": str(self.acc.mixed_precision)}, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:24]
         path = cache_dir() / "ppo_ref" / f"{key}.pt"
         if path.is_file():
             self.acc.print(f"reference responses from cache {path}")
@@ -521,7 +519,8 @@ class _Trainer:
         if not bool(torch.isfinite(raw).all()):
             from alignforge.errors import TrainingError
 
-            raise TrainingError(f"non-finite reward at iteration {it + 1}; {self.last_good()}")
+            raise TrainingError(f"non-finite reward at iteration {it + 1}; stopped before the update, "
+                                f"{self.ck.last_good()}")
         score = raw.clone()
         if self.ref_rewards is not None:
             score = score - self.ref_rewards[[j for j, _ in prompts]]
@@ -573,10 +572,6 @@ class _Trainer:
                 "responses": responses, "old_lp": old_lp, "ref_lp": ref_lp, "mask": mask, "adv": adv,
                 "ret": ret, "values": vals, "raw": raw, "score": score, "finished": finished, "kl": kl,
                 "lens": lens, "gen_s": gen_s, "score_s": score_s}
-
-    def last_good(self) -> str:
-        return (f"last good checkpoint: {self.last_saved}" if self.last_saved
-                else "no checkpoint was written yet")
 
     # ----------------------------------------------------------------- update
     def minibatch_rows(self, ro: dict, it: int, epoch: int, mb: int) -> list[int]:
@@ -660,7 +655,8 @@ class _Trainer:
                         acc.backward(loss * self.world)
                     loss_total += float(loss.detach())
                 step_loss = float(acc.reduce(torch.tensor(loss_total, device=acc.device), "sum"))
-                gnorm = guard(step_loss, f"iteration {it + 1}, update {self.update_step + 1}")
+                gnorm = guard(step_loss, f"iteration {it + 1} (update {self.update_step + 1})")
+                self.guard_lr = guard.last_lr
                 add("grad_norm", gnorm)
                 add("updates", 1)
                 add("tokens", n_tok)
@@ -672,16 +668,17 @@ class _Trainer:
 
     # ----------------------------------------------------------------- main
     def run(self) -> dict:
+        from alignforge.errors import TrainingInterrupted
         from alignforge.losses.ppo import adaptive_kl_coef
         from alignforge.trainers.common import (
             Checkpointer,
             GuardedStep,
             Logger,
             build_optimizer,
+            examples_digest,
             sigint_flag,
             write_metrics,
         )
-        from alignforge.errors import TrainingInterrupted
 
         cfg, p, acc = self.cfg, self.p, self.acc
         self.setup()
@@ -694,17 +691,24 @@ class _Trainer:
         shape = {"prompts_per_iteration": p.prompts_per_iteration, "samples_per_prompt": p.samples_per_prompt,
                  "gen_batch_prompts": p.gen_batch_prompts, "minibatches": p.minibatches,
                  "ppo_epochs": p.ppo_epochs, "world_size": self.world, "seed": cfg.train.seed,
-                 "examples_digest": _prompts_digest(self.prompts), "total_steps": p.iterations}
-        ck = Checkpointer(acc, cfg.train, shape)
+                 "n_examples": len(self.prompts), "examples_digest": examples_digest(self.prompts),
+                 "total_steps": p.iterations}
+        self.ck = ck = Checkpointer(acc, cfg.train, shape, p.iterations)
         self.kl_coef = p.kl_coef
         self.update_step, it, history = 0, 0, []
         state = ck.resume() if cfg.train.resume else None
         if state is not None:
             it, history = state["step"], state["history"]
             self.update_step, self.kl_coef = state["update_step"], state["kl_coef"]
-        self.last_saved = ck.last_saved
-        guard = GuardedStep(acc, module, optimizer, scheduler, cfg.train, lambda: self.last_good())
-        logger = Logger(acc, cfg.train, p.iterations, it, history, unit="iter")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from alignforge.config import dump_config
+
+            dump_config(cfg, self.out / "config.yaml")
+            drop_later_samples(self.out / "samples.jsonl", it)
+        guard = GuardedStep(acc, module, optimizer, scheduler, cfg.train, ck.last_good)
+        logger = Logger(acc, cfg.train, p.iterations, it, history, label="ppo", rate_key="reward",
+                        rate_label="reward", rate_format="+.3f")
         try:
             with sigint_flag() as sigint:
                 while it < p.iterations:
@@ -724,15 +728,15 @@ class _Trainer:
                     extra = {"update_step": self.update_step, "kl_coef": self.kl_coef}
                     saved = (cfg.train.save_every > 0 and it % cfg.train.save_every == 0) or it == p.iterations
                     if saved:
-                        self.last_saved = ck.save(it, history, extra)
+                        ck.save(it, history, extra)
                     stop = sigint["set"]
                     if self.world > 1:
                         flag = torch.tensor(1.0 if stop else 0.0, device=acc.device)
                         stop = float(acc.reduce(flag, "sum")) > 0
                     if stop:
                         if not saved:
-                            self.last_saved = ck.save(it, history, extra)
-                        raise TrainingInterrupted(f"interrupted: checkpoint saved at {self.last_saved}; "
+                            ck.save(it, history, extra)
+                        raise TrainingInterrupted(f"interrupted: checkpoint saved at {ck.last_saved}; "
                                                   "continue with train.resume=true")
         finally:
             logger.close()
@@ -785,7 +789,7 @@ class _Trainer:
         return row
 
     def _lr(self) -> float:
-        return float(self.cfg.train.lr)
+        return float(self.guard_lr)
 
     def write_samples(self, it: int, ro: dict) -> None:
         if not self.acc.is_main_process:
@@ -800,10 +804,16 @@ class _Trainer:
                     "n_tokens": len(ro["responses"][k]), "finished": bool(ro["finished"][k])}) + "\n")
 
 
-def _prompts_digest(prompts: list[Prompt]) -> str:
-    from alignforge.models.refcache import examples_digest
-
-    return examples_digest(prompts, ("ids",))
+def drop_later_samples(path: Path, iteration: int) -> None:
+    """On resume, drop the sample rows that iterations after ``iteration`` wrote (they are rerun)."""
+    if not path.is_file():
+        return
+    rows = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    keep = [x for x in rows if json.loads(x)["step"] <= iteration]
+    if len(keep) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        tmp.replace(path)
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

@@ -1,0 +1,273 @@
+"""`alignforge ppo` on tiny models: the algorithm's parts, exact resume, two processes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignforge.config import load_config
+from alignforge.errors import ConfigError, TrainingError
+from alignforge.trainers.ppo import PPOConfig, iteration_prompts, right_pad, train_ppo
+
+PROMPTS = [f"Tell me something about topic {i}." for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tiny_model_dir):
+    from alignforge.models.loading import load_tokenizer
+    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
+
+    torch.manual_seed(0)
+    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
+    with torch.no_grad():
+        rm.model.score.weight.normal_(std=5.0)  # spread the scores
+    return save_reward_model(rm, load_tokenizer(str(tiny_model_dir)), tmp_path_factory.mktemp("rm") / "rm",
+                             {"mean": 0.0, "std": 1.0})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": t}]}) + "\n" for t in PROMPTS))
+    return p
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"The answer is {i}."}]} for i in range(6)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
+
+
+def _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out="ppo", *extra):
+    return [f"model.name_or_path={tiny_model_dir}", f"ppo.reward_model={rm_dir}", f"data.train_files=[{prompts_file}]",
+            f"train.output_dir={tmp_path / out}", "train.progress=false", "train.tensorboard=false",
+            "train.lr=1e-3", "train.seed=5", "ppo.iterations=2", "ppo.prompts_per_iteration=4",
+            "ppo.gen_batch_prompts=2", "ppo.samples_per_prompt=2", "ppo.max_new_tokens=6", "ppo.minibatches=2",
+            "ppo.ppo_epochs=2", "ppo.forward_batch_size=3", *extra]
+
+
+def _run(args):
+    return train_ppo(load_config(PPOConfig, None, args))
+
+
+def test_iteration_prompts_are_exact_slices_of_seeded_epochs():
+    seen = [iteration_prompts(i, 5, 2, seed=3) for i in range(5)]
+    assert all(len(x) == 2 for x in seen)
+    flat = [j for x in seen for j in x]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))  # two whole epochs
+    assert iteration_prompts(3, 5, 2, seed=3) == seen[3]  # a pure function of the iteration
+
+
+def test_right_pad_aligns_responses():
+    b = right_pad([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert b["resp_pos"].tolist() == [[3, 4, 4], [1, 2, 3]]
+    assert b["resp_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_ppo_gae_trains_logs_and_saves(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    res = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file))
+    hist = res["history"]
+    assert [h["step"] for h in hist] == [1, 2]
+    for key in ("reward_raw", "reward", "kl_ref", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl",
+                "response_len", "cut_share", "gen_s", "score_s", "train_s", "kl_coef"):
+        assert key in hist[0] and torch.isfinite(torch.tensor(hist[0][key])), key
+    assert 0 < hist[0]["response_len"] <= 6
+    assert hist[0]["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy's
+    out = tmp_path / "ppo"
+    assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all("response" in s and "reward" in s for s in samples)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max((final[k] - init[k]).abs().max().item() for k in init) > 1e-4  # it trained
+    assert "prompts: 8 read" in (out / "data_report.txt").read_text()
+
+
+def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(tmp_path, tiny_model_dir, rm_dir,
+                                                                         prompts_file):
+    """Greedy rollouts of the untrained policy are the reference answers, so r(x,y) - r(x,y_ref) = 0."""
+    base = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "greedy", "ppo.temperature=0", "ppo.iterations=1")
+    row = _run(base)["history"][0]
+    scale = max(1.0, abs(row["reward_raw"]))
+    assert abs(row["reward_raw"]) > 1e-3
+    assert abs(row["reward"]) < 1e-5 * scale
+    cached = list((tmp_path / "cache" / "ppo_ref").glob("*.pt"))
+    assert len(cached) == 1
+    data = torch.load(cached[0])
+    assert len(data["responses"]) == len(PROMPTS) and data["rewards"].shape == (len(PROMPTS),)
+    # the ablation: no baseline, reward == raw reward
+    row = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "nobase", "ppo.temperature=0",
+                     "ppo.iterations=1", "ppo.reference_reward=false"))["history"][0]
+    assert row["reward"] == row["reward_raw"]
+
+
+@pytest.mark.parametrize("adv", ["grpo", "rloo", "remax"])
+def test_critic_free_estimators_run(tmp_path, tiny_model_dir, rm_dir, prompts_file, adv):
+    hist = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, adv, f"ppo.advantage={adv}",
+                      "ppo.iterations=1"))["history"]
+    assert "value_loss" not in hist[0] and torch.isfinite(torch.tensor(hist[0]["policy_loss"]))
+
+
+def test_ntp_term_is_the_policy_nll_on_the_sft_batch(tmp_path, tiny_model_dir, rm_dir, prompts_file, sft_file):
+    from alignforge.data.collate import collate_sft
+    from alignforge.data.tokenize import load_sft_dataset
+    from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.models.logprobs import target_logprobs
+    from alignforge.trainers.common import micro_slice, step_indices
+
+    row = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "ntp", "ppo.iterations=1", "ppo.ppo_epochs=1",
+                     "ppo.minibatches=1", "ppo.ntp_coef=0.5", f"ppo.ntp_file={sft_file}", "ppo.ntp_batch_size=2"))
+    row = row["history"][0]
+    tok = load_tokenizer(str(tiny_model_dir))
+    ex, _ = load_sft_dataset(str(sft_file), tok, 512)
+    idx = micro_slice(step_indices(0, len(ex), 2, 5), 0, 0, 1, 2)
+    b = collate_sft([ex[i] for i in idx], tok.pad_token_id)
+    with torch.no_grad():
+        lp = target_logprobs(load_model(str(tiny_model_dir)), b["input_ids"], b["attention_mask"], b["target_mask"])
+    nll = float(-(lp * b["target_mask"]).sum() / b["target_mask"].sum())
+    assert row["ntp_loss"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_rm_with_another_tokenizer_scores_the_text(tmp_path, tiny_model_dir):
+    """A reward model whose tokenizer differs from the policy's gets the responses re-tokenised."""
+    from alignforge.data.tokenize import tokenize_prompt, tokenize_prompt_completion
+    from alignforge.models.loading import load_tokenizer
+    from alignforge.models.reward import RewardModel, load_reward_backbone, load_reward_model, save_reward_model
+    from alignforge.models.tiny import build_tiny_model
+    from alignforge.trainers.ppo import Prompt, RewardScorer
+
+    other = build_tiny_model(tmp_path / "other", vocab_size=300, seed=3)
+    rm = RewardModel(load_reward_backbone(str(other)))
+    with torch.no_grad():
+        rm.model.score.weight.normal_(std=5.0)
+    rm_dir = save_reward_model(rm, load_tokenizer(str(other)), tmp_path / "rm_other", {})
+    ptok = load_tokenizer(str(tiny_model_dir))
+    scorer = RewardScorer(str(rm_dir), ptok, torch.device("cpu"), batch_size=2)
+    assert not scorer.same
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS[:3]]
+    prompts = [Prompt(m, tokenize_prompt(m, ptok)) for m in msgs]
+    texts = ["Paris is the capital of France.", "I'm sorry, but I cannot help.", "Hello!"]
+    responses = [ptok(t, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for t in texts]
+    got = scorer(prompts, responses)
+    model, rtok, _ = load_reward_model(str(rm_dir))
+    for m, t, g in zip(msgs, texts, got):
+        p, c = tokenize_prompt_completion(m, [{"role": "assistant", "content": t}], rtok)
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            direct = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
+        assert float(g) == pytest.approx(direct, rel=1e-5, abs=1e-5)
+
+
+def test_prompt_filter_overlong_prompts_and_empty_sets(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    args = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "filt", "ppo.iterations=1", "ppo.filter_samples=2",
+                 "ppo.filter_eps=0")
+    _run(args)
+    kept = (tmp_path / "filt" / "kept_prompts.jsonl").read_text().splitlines()
+    assert len(kept) == len(PROMPTS)
+    with pytest.raises(ConfigError, match="no prompts left.*8 dropped by the reward-variance filter"):
+        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "filt2", "ppo.filter_samples=2",
+                   "ppo.filter_eps=1e12"))
+    _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "trunc", "ppo.iterations=1",
+               "data.max_prompt_length=12"))
+    assert "8 truncated from the left" in (tmp_path / "trunc" / "data_report.txt").read_text()
+    with pytest.raises(ConfigError, match="8 dropped as over-long"):
+        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "drop", "data.max_prompt_length=12",
+                   "data.overlong=drop"))
+
+
+def test_nan_reward_stops_the_run(tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch):
+    from alignforge.trainers import ppo
+
+    real = ppo.RewardScorer.__call__
+    calls = {"n": 0}
+
+    def nan_later(self, prompts, responses):
+        calls["n"] += 1
+        out = real(self, prompts, responses)
+        return out * float("nan") if calls["n"] > 4 else out  # 4 reference blocks, then the rollouts
+
+    monkeypatch.setattr(ppo.RewardScorer, "__call__", nan_later)
+    with pytest.raises(TrainingError, match="non-finite reward at iteration 1"):
+        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "nan"))
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ConfigError, match="ppo.kl_coef"):
+        load_config(PPOConfig, None, ["ppo.kl_cof=0.1"])
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]", "ppo.advantage=grpo"]))
+    with pytest.raises(ConfigError, match="multiple of"):
+        train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]",
+                                                "ppo.prompts_per_iteration=6", "ppo.gen_batch_prompts=4"]))
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _cli(args, env_extra=None, check=True):
+    env = {**os.environ, "ALIGNFORGE_FAULT_AFTER_STEP": "", "ALIGNFORGE_FAULT_AFTER_ROLLOUT": "", **(env_extra or {})}
+    p = subprocess.run([sys.executable, "-m", "alignforge.cli", "ppo", *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"rc={p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
+    return p
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_killed_runs_resume_to_identical_weights(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    """SIGKILL after the rollout of iteration 2, and in the middle of iteration 2's updates: each resumed
+    run ends with bit-identical weights to an uninterrupted one (rollout = f(seed, iteration, weights))."""
+    base = lambda out: _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=3",  # noqa: E731
+                             "train.save_every=1")
+    _cli(base("full"))
+    ref = _weights(tmp_path / "full")
+    for out, env in (("killgen", {"ALIGNFORGE_FAULT_AFTER_ROLLOUT": "2"}),
+                     ("killupd", {"ALIGNFORGE_FAULT_AFTER_STEP": "6:KILL"})):  # 4 updates per iteration
+        p = _cli(base(out), env, check=False)
+        assert p.returncode == -9, p.stderr
+        assert not (tmp_path / out / "final").exists()
+        p = _cli(base(out) + ["train.resume=true"])
+        assert "resumed from" in p.stdout and "step-00000001" in p.stdout
+        got = _weights(tmp_path / out)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), out
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_rollout_shape(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    args = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "shape", "ppo.iterations=1")
+    _run(args)
+    with pytest.raises(ConfigError, match="samples_per_prompt: 2 → 4"):
+        _run(args + ["ppo.samples_per_prompt=4", "train.resume=true"])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    from .test_distributed import _launch_two
+
+    base = lambda out: _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=2")  # noqa: E731
+    _cli(base("one"))
+    _launch_two(["ppo", *base("two")])
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    moved = max((a[k] - init[k]).abs().max().item() for k in init)
+    print(f"max |one - two| = {worst:.3g}; training moved the weights by up to {moved:.3g}")
+    assert worst < 1e-5 and moved > 1e-4
