@@ -10,18 +10,31 @@ given ``cpu:0``, a device string distinct from the default ``cpu``, so a command
 """
 
 import json
+import random
 
 import pytest
 import torch
 
 from alignforge.config import load_config
 
-from .test_dpo import _common, pairs_file  # noqa: F401  (a fixture)
+from .test_dpo import BAD, GOOD, _common
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    """16 preference pairs: a helpful answer chosen over a curt one."""
+    rng = random.Random(0)
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(16)]
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
 
 
 class DeviceSpy:

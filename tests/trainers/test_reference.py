@@ -19,12 +19,24 @@ from alignforge.trainers.dpo import DPOConfig, train_dpo
 from alignforge.trainers.ulma import ULMAConfig, train_ulma
 
 from .test_distributed import _free_port
-from .test_dpo import BAD, GOOD, _common, pairs_file  # noqa: F401  (a fixture)
+from .test_dpo import BAD, GOOD, _common
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    """16 preference pairs: a helpful answer chosen over a curt one."""
+    rng = random.Random(0)
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(16)]
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
 
 
 def _entries(tmp_path, cache="cache") -> list[Path]:
@@ -64,13 +76,17 @@ def test_two_process_reference_pass_equals_one_process(tmp_path, tiny_model_dir)
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="",
                ALIGNFORGE_CACHE=str(tmp_path / "cache2"))
-    p = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-         "-m", "alignforge.cli", "dpo", *args, f"train.output_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, env=env, timeout=300)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out
+
+    def launch(out_dir: str):
+        p = subprocess.run(
+            [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+             "-m", "alignforge.cli", "dpo", *args, f"train.output_dir={tmp_path / out_dir}"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout + p.stderr
+
+    out = launch("two")
     # each rank computed its own share (no rank computing alone while the other waits)
     assert "process 0/2 computed 8 of 15" in out and "process 1/2 computed 7 of 15" in out, out
     (two_path,) = _entries(tmp_path, "cache2")
@@ -82,8 +98,12 @@ def test_two_process_reference_pass_equals_one_process(tmp_path, tiny_model_dir)
         if k.endswith("tokens"):
             assert torch.equal(one[k], two[k]), k
         else:
+            print(f"{k}: max |1 process - 2 processes| = {(one[k] - two[k]).abs().max().item():.3g}")
             assert _close(one[k], two[k]), (k, (one[k] - two[k]).abs().max().item())
     assert one["chosen_logps"].std() > 0.1  # distinct values: a misplaced share would show
+    # a second 2-process run: both ranks read the cache, none computes
+    out = launch("two_again")
+    assert "reference log-probs from cache" in out and "computed" not in out, out
 
 
 # --------------------------------------------------------------------------- the cache key

@@ -68,9 +68,7 @@ def load_or_compute(key: str, compute: Callable[..., dict[str, torch.Tensor]], a
     world = 1 if accelerator is None else accelerator.num_processes
     hit = path.is_file()
     if world > 1:  # every rank takes the main process's view, so all compute (and gather) or none
-        from accelerate.utils import broadcast_object_list
-
-        hit = broadcast_object_list([hit])[0]
+        hit = bool(accelerator.gather(torch.tensor([float(hit)], device=accelerator.device))[0].item())
     if hit:
         echo(f"reference log-probs from cache {path}")
         if accelerator is not None and n is None:

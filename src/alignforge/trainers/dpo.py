@@ -84,19 +84,24 @@ def reference_logps(lm, pairs: list, pad_id: int, params: DPOParams, accelerator
     Computed on ``accelerator.device`` (where ``lm`` must already be) under the training autocast,
     each process its share of the pairs (``models/refcache.py``)."""
     from alignforge.models.refcache import (
-        cache_key, examples_digest, load_or_compute, reference_fingerprint, reference_policy,
+        cache_key,
+        examples_digest,
+        load_or_compute,
+        reference_fingerprint,
+        reference_policy,
     )
 
     with reference_policy(lm, params.ref_model, accelerator.device) as ref:
         def compute(idx: list[int]):
-            # in the training precision (half the time of fp32 under bf16). Step-0 log-ratios are then exactly 0
-            # when the reference and training batches have the same shapes; otherwise bf16 rounding differs with
-            # the padded shape, about as much as against an fp32 reference (16 HH pairs: step-0 loss 0.698834
-            # vs 0.698836 with an fp32 reference; mean |Δ logp| 0.16 vs 0.18)
+            # in the training precision (half the time of fp32 under bf16). Step-0 log-ratios are then exactly
+            # 0 when the reference and training batches have the same shapes; otherwise bf16 rounding differs
+            # with the padded shape, about as much as against an fp32 reference (16 HH pairs: step-0 loss
+            # 0.698834 vs 0.698836 with an fp32 reference; mean |Δ logp| 0.16 vs 0.18)
             with accelerator.autocast():
                 return pair_logps(ref, [pairs[i] for i in idx], pad_id, params.ref_batch_size)
 
-        key = cache_key(reference_fingerprint(ref), examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids")),
+        digest = examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids"))
+        key = cache_key(reference_fingerprint(ref), digest,
                         {"kind": "pairs", "precision": str(accelerator.mixed_precision)})
         values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(pairs))
     return values
@@ -147,10 +152,10 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
     from alignforge.data.tokenize import load_preference_dataset
     from alignforge.errors import ConfigError
+    from alignforge.inference.probe import policy_probe
     from alignforge.models.loading import load_tokenizer
     from alignforge.models.lora import save_trained
     from alignforge.models.packing import PackedPairLogProbs
-    from alignforge.inference.probe import policy_probe
     from alignforge.models.policy import build_policy
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
 

@@ -164,7 +164,11 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     from alignforge.models.lora import save_trained
     from alignforge.models.policy import build_policy
     from alignforge.models.refcache import (
-        cache_key, examples_digest, load_or_compute, reference_fingerprint, reference_policy,
+        cache_key,
+        examples_digest,
+        load_or_compute,
+        reference_fingerprint,
+        reference_policy,
     )
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
 
