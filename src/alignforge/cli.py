@@ -74,6 +74,7 @@ def _run_trainer(cls, train_fn, config, overrides, resume, extra_keys: tuple[str
 _CONFIG_ARG = typer.Argument(None, help="YAML config (see configs/); a first key=value is taken as an override.")
 _OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-5 lora.enabled=true")
 _RESUME_OPT = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.output_dir.")
+_DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available, else the CPU).")
 
 
 @app.command()
@@ -125,12 +126,14 @@ def dpo_data(
     max_new_tokens: int = typer.Option(128),
     seed: int = typer.Option(0),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
+    device: Optional[str] = _DEVICE_OPT,
 ) -> None:
     """ChatGLM-RLHF's DPO data: sample K responses per prompt, label best/worst with the reward model."""
     from alignforge.inference.dpo_data import build_dpo_pairs
 
     report = build_dpo_pairs(str(prompts), str(out), reward_model, policy=policy, k=k, temperature=temperature,
-                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, min_gap=min_gap, limit=limit)
+                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, min_gap=min_gap, limit=limit,
+                             device=device)
     typer.echo(report.summary())
 
 
@@ -155,6 +158,7 @@ def rm_eval(
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the accuracy CI."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+    device: Optional[str] = _DEVICE_OPT,
 ) -> None:
     """Evaluate a reward model: accuracy (bootstrap CI), by length-difference bucket, length bias."""
     from alignforge.eval.rm_eval import format_eval, run_rm_eval
@@ -162,7 +166,7 @@ def rm_eval(
     if on_error not in ("raise", "skip"):
         _err(f"--on-error must be raise or skip, not {on_error!r}")
     s = run_rm_eval(rm_dir, data, out, max_length=max_length, batch_size=batch_size, limit=limit,
-                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots)
+                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots, device=device)
     typer.echo(s["data_report"]["summary"])
     typer.echo(format_eval(s))
     typer.echo(f"\nsummary: {s['files']['summary']}  scores: {s['files']['scores']}")
@@ -179,11 +183,13 @@ def rm_score(
     max_length: int = typer.Option(1024, help="Truncate prompt + completion to this many tokens."),
     normalize: bool = typer.Option(False, "--normalize",
                                    help="Also write score_normalized = (score - mean) / std (RM reference stats)."),
+    device: Optional[str] = _DEVICE_OPT,
 ) -> None:
     """Score (prompt, completion) records with a reward model."""
     from alignforge.eval.rm_eval import score_file
 
-    r = score_file(rm_dir, src, dst, batch_size=batch_size, max_length=max_length, normalize=normalize)
+    r = score_file(rm_dir, src, dst, batch_size=batch_size, max_length=max_length, normalize=normalize,
+                   device=device)
     std = r["score_std"]
     typer.echo(f"scored {r['n']} records ({r['n_truncated']} truncated to {max_length} tokens); "
                f"score mean {r['score_mean']:.4f}" + (f", std {std:.4f}" if std is not None else ""))
@@ -210,13 +216,14 @@ def generate(
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     seed: int = typer.Option(0),
+    device: Optional[str] = _DEVICE_OPT,
 ) -> None:
     """Generate responses to one or more single-turn prompts."""
     from alignforge.inference.generate import GenerationConfig, HFBackend
-    from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.models.loading import load_model, load_tokenizer, resolve_device
 
     tok = load_tokenizer(model, padding_side="left")
-    lm = load_model(model)
+    lm = load_model(model).to(resolve_device(device))
     backend = HFBackend(lm, tok)
     outs = backend.generate([[{"role": "user", "content": p}] for p in prompt],
                             GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))

@@ -236,10 +236,13 @@ def pairs_generate(prompts: Path = typer.Argument(..., help="Prompt file (any fo
                    max_new_tokens: int = typer.Option(128, min=1),
                    seed: int = typer.Option(0),
                    max_tries: int = typer.Option(4, min=1),
-                   limit: Optional[int] = typer.Option(None, min=1, help="Use the first N prompts.")) -> None:
+                   limit: Optional[int] = typer.Option(None, min=1, help="Use the first N prompts."),
+                   device: Optional[str] = typer.Option(
+                       None, help="cpu, cuda or cuda:N (default: CUDA when available, else the CPU).")) -> None:
     """Sample two different responses per prompt from an SFT model."""
     from alignforge.inference.pairs import generate_pairs
 
     rep = generate_pairs(prompts, out, model=model, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, seed=seed, max_tries=max_tries, limit=limit)
+                         max_new_tokens=max_new_tokens, seed=seed, max_tries=max_tries, limit=limit,
+                         device=device)
     typer.echo(rep.summary())

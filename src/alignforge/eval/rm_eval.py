@@ -260,10 +260,9 @@ def _pad_id(tok) -> int:
 
 
 def _to_device(rm, device: str | None):
-    import torch
+    from alignforge.models.loading import resolve_device
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return rm.to(dev)
+    return rm.to(resolve_device(device))
 
 
 def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: int | None):

@@ -33,13 +33,16 @@ class DPODataReport:
 def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model: str, policy: str = "embedded",
                     k: int = 4, temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 128,
                     seed: int = 0, min_gap: float = 0.0, batch_size: int = 8, max_length: int = 1024,
-                    limit: int | None = None, backend=None, rm=None, progress: bool = True) -> DPODataReport:
+                    limit: int | None = None, backend=None, rm=None, progress: bool = True,
+                    device: str | None = None) -> DPODataReport:
     """See the module docstring. ``backend`` / ``rm`` (a loaded RewardModel with its tokenizer as
-    ``(rm, tokenizer)``) override loading ``policy`` / ``reward_model``."""
+    ``(rm, tokenizer)``) override loading ``policy`` / ``reward_model``, which are otherwise loaded
+    onto ``device`` (default: CUDA when available, else the CPU)."""
     from alignforge.data.convert import write_jsonl
     from alignforge.data.readers import read_prompts
     from alignforge.data.tokenize import tokenize_prompt_completion, truncate_prompt_responses
     from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.models.loading import resolve_device
     from alignforge.models.reward import load_reward_model, score_sequences
 
     if k < 2:
@@ -47,17 +50,22 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
     if temperature <= 0:
         raise ConfigError("temperature must be > 0: greedy decoding gives the same response K times")
     recs = read_prompts(prompts_path).records[:limit]
+    dev = resolve_device(device)
     if backend is None:
         from alignforge.models.loading import load_model, load_tokenizer
 
-        backend = HFBackend(load_model(policy), load_tokenizer(policy, padding_side="left"))
+        backend = HFBackend(load_model(policy).to(dev), load_tokenizer(policy, padding_side="left"))
     samples = [[] for _ in recs]
     for j in range(k):
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=seed + j * 100003, batch_size=batch_size)
         for i, text in enumerate(backend.generate([r.prompt for r in recs], cfg)):
             samples[i].append(text)
-    model, tok = rm if rm is not None else load_reward_model(reward_model)[:2]
+    if rm is None:
+        model, tok = load_reward_model(reward_model)[:2]
+        model.to(dev)
+    else:
+        model, tok = rm
     seqs, owner = [], []
     for i, (r, texts) in enumerate(zip(recs, samples)):
         for t in texts:

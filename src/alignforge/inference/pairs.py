@@ -35,8 +35,9 @@ class PairsReport:
 def generate_pairs(prompts_path: str | Path, out_path: str | Path, model: str = "embedded",
                    temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 128,
                    seed: int = 0, max_tries: int = 4, limit: int | None = None,
-                   batch_size: int = 8, backend=None) -> PairsReport:
-    """See the module docstring. ``backend`` (a ``GenerationBackend``) overrides ``model``."""
+                   batch_size: int = 8, backend=None, device: str | None = None) -> PairsReport:
+    """See the module docstring. ``backend`` (a ``GenerationBackend``) overrides ``model``, which is
+    otherwise loaded onto ``device`` (default: CUDA when available, else the CPU)."""
     from alignforge.data.convert import write_jsonl
     from alignforge.data.readers import read_prompts
     from alignforge.inference.generate import GenerationConfig, HFBackend
@@ -49,9 +50,9 @@ def generate_pairs(prompts_path: str | Path, out_path: str | Path, model: str = 
     if limit is not None:
         recs = recs[:limit]
     if backend is None:
-        from alignforge.models.loading import load_model, load_tokenizer
+        from alignforge.models.loading import load_model, load_tokenizer, resolve_device
 
-        backend = HFBackend(load_model(model), load_tokenizer(model, padding_side="left"))
+        backend = HFBackend(load_model(model).to(resolve_device(device)), load_tokenizer(model, padding_side="left"))
     samples: list[list[str]] = [[] for _ in recs]
     todo = list(range(len(recs)))
     rounds = 0

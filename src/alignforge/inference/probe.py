@@ -114,3 +114,13 @@ class GenerationProbe:
         n = len(gens)
         return {"gen_len_mean": sum(len(g.response_ids) for g in gens) / n,
                 "gen_finished": sum(g.finished for g in gens) / n}
+
+
+def policy_probe(train_cfg: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]):
+    """The ``Task.probe`` of a policy trainer (SFT, DPO, ULMA): greedy answers of ``module.lm``, or
+    ``None`` when ``train.probe_every`` is 0. The training loop calls it on the unwrapped module (on
+    the accelerator's device) under the training autocast."""
+    probe = GenerationProbe.from_config(train_cfg, tokenizer, prompt_ids)
+    if probe is None:
+        return None
+    return lambda module, step: probe(module.lm, step)

@@ -338,20 +338,54 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: str = "floa
     return model, tok
 
 
+# ------------------------------------------------------------------ devices
+def resolve_device(device: str | None = None) -> Any:
+    """The device a model runs on outside training: ``device`` when given (``cpu``, ``cuda``,
+    ``cuda:1``, ...), else CUDA when available, else the CPU. Training uses ``accelerator.device``.
+    """
+    import torch
+
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
 # ------------------------------------------------------------------ fingerprints
-def model_fingerprint(model: Any, sample: int = 4096) -> str:
+_PEFT_ADAPTER_PARTS = (".lora_", ".modules_to_save.")
+
+
+def _base_param_name(name: str) -> str | None:
+    """The name a PEFT model's parameter has in the bare model, or ``None`` for an adapter weight."""
+    if any(part in name for part in _PEFT_ADAPTER_PARTS):
+        return None
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def model_fingerprint(model: Any, sample: int = 4096, *, base_only: bool = False) -> str:
     """A cheap, stable sha256 (hex, 16 chars) of a model's parameters.
 
     Every parameter contributes its name, shape and dtype; tensors with at most
     ``4 * sample`` elements are hashed in full, larger ones through ``sample``
     evenly strided elements plus their last element. Trainable adapter weights of a
-    PEFT model are parameters too, so they change the fingerprint.
+    PEFT model are parameters too, so they change the fingerprint; with ``base_only``
+    they are left out and the base weights are named as in the bare model, so a PEFT
+    model fingerprints as its base does.
     """
     import torch
 
+    named = list(model.named_parameters())
+    if base_only:
+        named = [(n2, p) for n2, p in ((_base_param_name(n), p) for n, p in named) if n2 is not None]
     h = hashlib.sha256()
     with torch.no_grad():
-        for pname, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for pname, p in sorted(named, key=lambda kv: kv[0]):
             h.update(f"{pname}|{tuple(p.shape)}|{p.dtype}|".encode())
             flat = p.detach().reshape(-1)
             if flat.numel() > 4 * sample:

@@ -66,6 +66,15 @@ def unwrap_base(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def adapter_is_identity(model: Any) -> bool:
+    """True for a PEFT model whose LoRA adapter does not change the function (every ``lora_B`` is
+    zero, as in a freshly applied adapter): its adapter-disabled base computes the same outputs."""
+    if not is_peft(model):
+        return False
+    b = [p for n, p in _unwrap_ddp(model).named_parameters() if ".lora_B." in n or ".lora_embedding_B." in n]
+    return bool(b) and all(not p.detach().any() for p in b)
+
+
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
     """Wrap ``model`` with a fresh LoRA adapter (``settings.task_type``); no-op when disabled."""
     if not settings.enabled:

@@ -3,8 +3,9 @@
 Each pair is packed into one sequence ``[prompt | chosen | rejected]`` with a block attention mask,
 so the prompt is computed once, and the 49k-vocabulary LM head is applied only at response
 tokens (``models/packing.py``). Reference log-probs are computed once before training with the
-initial policy (with LoRA: the adapter-disabled base) and cached on disk
-(``models/refcache.py``); no reference model is held during training.
+initial policy, the model as loaded (with a fresh LoRA adapter: the adapter-disabled base), on the
+accelerator's device, each process its share, and cached on disk (``models/refcache.py``); no
+reference model is held during training.
 
 Where this departs from the papers:
 
@@ -35,7 +36,7 @@ class DPOParams:
     label_smoothing: float = 0.0  # > 0: conservative DPO (cDPO)
     ntp_coef: float = 0.0  # DPO+NTP: weight of the NLL on chosen responses
     logp_reduction: Optional[Literal["sum", "mean"]] = None  # unset: sum (sigmoid, cDPO), mean (ipo)
-    ref_model: Optional[str] = None  # default: the initial policy (adapter disabled with LoRA)
+    ref_model: Optional[str] = None  # default: the initial policy, as loaded (a fresh LoRA adapter disabled)
     ref_batch_size: int = 8
 
 
@@ -85,22 +86,31 @@ def pair_logps(lm, pairs: list, pad_id: int, batch_size: int = 8) -> dict[str, t
 
 
 def reference_logps(lm, pairs: list, pad_id: int, params: DPOParams, accelerator) -> dict[str, torch.Tensor]:
-    """Reference log-probs for every pair: from the disk cache, or computed once and cached."""
-    from alignforge.models.loading import model_fingerprint
-    from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
+    """Reference log-probs for every pair: from the disk cache, or computed once and cached.
 
-    def compute():
-        # in the training precision (half the time of fp32 under bf16). Step-0 log-ratios are then exactly 0
-        # when the reference and training batches have the same shapes; otherwise bf16 rounding differs with
-        # the padded shape, about as much as against an fp32 reference (16 HH pairs: step-0 loss 0.698834
-        # vs 0.698836 with an fp32 reference; mean |Δ logp| 0.16 vs 0.18)
-        with accelerator.autocast(), reference_policy(lm, params.ref_model) as ref:
-            return pair_logps(ref, pairs, pad_id, params.ref_batch_size)
+    Computed on ``accelerator.device`` (where ``lm`` must already be) under the training autocast,
+    each process its share of the pairs (``models/refcache.py``)."""
+    from alignforge.models.refcache import (
+        cache_key,
+        examples_digest,
+        load_or_compute,
+        reference_fingerprint,
+        reference_policy,
+    )
 
-    fp = params.ref_model or model_fingerprint(lm)
-    key = cache_key(fp, examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids")),
-                    {"kind": "pairs", "ref_model": params.ref_model, "precision": str(accelerator.mixed_precision)})
-    values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
+    with reference_policy(lm, params.ref_model, accelerator.device) as ref:
+        def compute(idx: list[int]):
+            # in the training precision (half the time of fp32 under bf16). Step-0 log-ratios are then exactly
+            # 0 when the reference and training batches have the same shapes; otherwise bf16 rounding differs
+            # with the padded shape, about as much as against an fp32 reference (16 HH pairs: step-0 loss
+            # 0.698834 vs 0.698836 with an fp32 reference; mean |Δ logp| 0.16 vs 0.18)
+            with accelerator.autocast():
+                return pair_logps(ref, [pairs[i] for i in idx], pad_id, params.ref_batch_size)
+
+        digest = examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids"))
+        key = cache_key(reference_fingerprint(ref), digest,
+                        {"kind": "pairs", "precision": str(accelerator.mixed_precision)})
+        values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(pairs))
     return values
 
 
@@ -150,11 +160,12 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
     from alignforge.data.tokenize import load_preference_dataset
     from alignforge.errors import ConfigError
+    from alignforge.inference.probe import policy_probe
     from alignforge.models.loading import load_tokenizer
     from alignforge.models.lora import save_trained
     from alignforge.models.packing import PackedPairLogProbs
+    from alignforge.models.policy import build_policy
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
-    from alignforge.trainers.sft import build_policy, policy_probe
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one preference file")
@@ -168,7 +179,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     write_data_report(accelerator, cfg.train.output_dir, report.summary())
 
     set_seed(cfg.train.seed)
-    model = build_policy(cfg.model, cfg.lora)
+    model = build_policy(cfg.model, cfg.lora, accelerator.device)
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
     ref = reference_logps(model, pairs, pad_id, cfg.dpo, accelerator)
     examples = [PairWithRef(p, float(c), float(r)) for p, c, r in zip(pairs, ref["chosen_logps"], ref["rejected_logps"])]

@@ -53,29 +53,6 @@ def sft_step_loss(module, batch: dict, normalizer: float):
     return loss, {}
 
 
-def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig):
-    """Load the model named in the config, with LoRA and gradient checkpointing as configured."""
-    from alignforge.models.loading import load_model
-    from alignforge.models.lora import LoraSettings, apply_lora
-
-    model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return apply_lora(model, LoraSettings.from_config(lora_cfg))
-
-
-def policy_probe(train_cfg: TrainConfig, tokenizer, prompt_ids: list[list[int]]):
-    """The ``Task.probe`` of a policy trainer (SFT, DPO, ULMA): greedy answers of ``module.lm``
-    (see ``inference/probe.py``), or ``None`` when ``train.probe_every`` is 0."""
-    from alignforge.inference.probe import GenerationProbe
-
-    probe = GenerationProbe.from_config(train_cfg, tokenizer, prompt_ids)
-    if probe is None:
-        return None
-    return lambda module, step: probe(module.lm, step)
-
-
 def sft_prompt_ids(example) -> list[int]:
     """The tokens before the first trained (assistant) token: the example's first prompt."""
     first = next((i for i, m in enumerate(example.loss_mask) if m), len(example.input_ids))
@@ -86,9 +63,11 @@ def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the loop summary (``final_dir`` holds the model)."""
     from alignforge.data.tokenize import load_sft_dataset
     from alignforge.errors import ConfigError
+    from alignforge.inference.probe import policy_probe
     from alignforge.models.loading import load_tokenizer
     from alignforge.models.logprobs import TokenLogProbs
     from alignforge.models.lora import save_trained
+    from alignforge.models.policy import build_policy
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
 
     if not cfg.data.train_files:
@@ -102,7 +81,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # LoRA init is random: seed before building
-    model = build_policy(cfg.model, cfg.lora)
+    model = build_policy(cfg.model, cfg.lora, accelerator.device)
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
     def save(unwrapped, out_dir: Path) -> None:

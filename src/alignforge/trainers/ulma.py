@@ -2,7 +2,7 @@
 
 Data are point-wise ``{prompt, completion, label}`` (bool or float in [0, 1]); a preference file
 is converted on the fly (chosen → 1, rejected → 0). Reference log-probs are computed once with
-the initial policy (with LoRA: the adapter-disabled base) and cached on disk.
+the initial policy, as loaded (with a fresh LoRA adapter: the adapter-disabled base), and cached on disk.
 
 * ``ulma``: SFT on positives (z = 1) plus ``-log σ(-βh - c)`` on the others (binary) or
   ``(z - βh - c)²`` (continuous). Positives and negatives are each averaged over their own count
@@ -192,20 +192,24 @@ def planned_mismatched_pairs(n_examples: int, cfg: TrainConfig, world: int,
 def mismatched_reference_logps(model, points: list, pairs: list[tuple[int, int]], pad_id: int,
                                params: ULMAParams, accelerator) -> dict[tuple[int, int], float]:
     """Summed reference log-probs of KTO's mismatched ``pairs`` (from the disk cache, or computed once)."""
-    from alignforge.models.loading import model_fingerprint
-    from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
+    from alignforge.models.refcache import (
+        cache_key,
+        examples_digest,
+        load_or_compute,
+        reference_fingerprint,
+        reference_policy,
+    )
 
     kl_points = [MismatchedPoint(points[i].prompt_ids, points[j].completion_ids) for i, j in pairs]
+    # on the accelerator's device, each process its share, keyed by the reference weights (as the matched pass)
+    with reference_policy(model, params.ref_model, accelerator.device) as ref_lm:
+        def compute(idx: list[int]):
+            with accelerator.autocast():  # in the training precision
+                return {"logps": point_logps(ref_lm, [kl_points[i] for i in idx], pad_id, params.ref_batch_size)}
 
-    def compute():
-        with accelerator.autocast(), reference_policy(model, params.ref_model) as ref:  # in the training precision
-            return {"logps": point_logps(ref, kl_points, pad_id, params.ref_batch_size)}
-
-    key = cache_key(params.ref_model or model_fingerprint(model),
-                    examples_digest(kl_points, ("prompt_ids", "completion_ids")),
-                    {"kind": "kto_mismatched", "ref_model": params.ref_model,
-                     "precision": str(accelerator.mixed_precision)})
-    values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
+        key = cache_key(reference_fingerprint(ref_lm), examples_digest(kl_points, ("prompt_ids", "completion_ids")),
+                        {"kind": "kto_mismatched", "precision": str(accelerator.mixed_precision)})
+        values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(kl_points))
     return {pair: float(v) for pair, v in zip(pairs, values["logps"], strict=True)}
 
 
@@ -266,12 +270,19 @@ def train_ulma(cfg: ULMAConfig) -> dict:
 
     from alignforge.data.tokenize import load_pointwise_dataset
     from alignforge.errors import ConfigError
-    from alignforge.models.loading import load_tokenizer, model_fingerprint
+    from alignforge.inference.probe import policy_probe
+    from alignforge.models.loading import load_tokenizer
     from alignforge.models.logprobs import TokenLogProbs
     from alignforge.models.lora import save_trained
-    from alignforge.models.refcache import cache_key, examples_digest, load_or_compute, reference_policy
+    from alignforge.models.policy import build_policy
+    from alignforge.models.refcache import (
+        cache_key,
+        examples_digest,
+        load_or_compute,
+        reference_fingerprint,
+        reference_policy,
+    )
     from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
-    from alignforge.trainers.sft import build_policy, policy_probe
 
     p = cfg.ulma
     if not cfg.data.train_files:
@@ -294,17 +305,18 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     write_data_report(accelerator, cfg.train.output_dir, summary_line)
 
     set_seed(cfg.train.seed)
-    model = build_policy(cfg.model, cfg.lora)
+    model = build_policy(cfg.model, cfg.lora, accelerator.device)
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
-    def compute():
-        with accelerator.autocast(), reference_policy(model, p.ref_model) as ref:  # in the training precision
-            return {"logps": point_logps(ref, points, pad_id, p.ref_batch_size)}
+    # on the accelerator's device, each process its share (models/refcache.py)
+    with reference_policy(model, p.ref_model, accelerator.device) as ref_lm:
+        def compute(idx: list[int]):
+            with accelerator.autocast():  # in the training precision
+                return {"logps": point_logps(ref_lm, [points[i] for i in idx], pad_id, p.ref_batch_size)}
 
-    key = cache_key(p.ref_model or model_fingerprint(model),
-                    examples_digest(points, ("prompt_ids", "completion_ids")),
-                    {"kind": "pointwise", "ref_model": p.ref_model, "precision": str(accelerator.mixed_precision)})
-    ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print)
+        key = cache_key(reference_fingerprint(ref_lm), examples_digest(points, ("prompt_ids", "completion_ids")),
+                        {"kind": "pointwise", "precision": str(accelerator.mixed_precision)})
+        ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(points))
     examples = [PointWithRef(e, float(r), i) for i, (e, r) in enumerate(zip(points, ref["logps"], strict=True))]
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in points]
 
