@@ -338,6 +338,8 @@ class _Trainer:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.out = Path(cfg.train.output_dir)
         self.guard_lr = cfg.train.lr  # the learning rate of the last update, for the log
+        # log-probs of the samples at the sampling temperature (greedy decoding: the model's own distribution)
+        self.lp_temperature = cfg.ppo.temperature if cfg.ppo.temperature > 0 else 1.0
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -354,11 +356,12 @@ class _Trainer:
         self.prompts, self.prompt_report = load_prompts(cfg.data.train_files, self.tok, mpl, cfg.data.overlong,
                                                         cfg.data.on_error)
         set_seed(cfg.train.seed)
-        self.policy = build_policy(cfg.model, cfg.lora)
-        self.policy.to(acc.device)
-        from alignforge.models.lora import is_peft
+        self.policy = build_policy(cfg.model, cfg.lora, acc.device)
+        from alignforge.models.lora import adapter_is_identity
 
-        self.lora = is_peft(self.policy)
+        # the reference: a fresh LoRA adapter switched off (no second copy), else a frozen copy of the
+        # model as loaded (or of ppo.ref_model)
+        self.lora = not p.ref_model and adapter_is_identity(self.policy)
         self.ref = None
         if not self.lora:
             self.ref = load_model(p.ref_model or cfg.model.name_or_path).to(acc.device).eval()
@@ -533,9 +536,9 @@ class _Trainer:
             for s in range(0, len(recs), B):
                 batch = right_pad(ids_p[s:s + B], responses[s:s + B], pad)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                lp, _ = response_logps(policy, batch, p.temperature)
+                lp, _ = response_logps(policy, batch, self.lp_temperature)
                 with self.reference_policy() as ref:
-                    rl, _ = response_logps(ref, batch, p.temperature)
+                    rl, _ = response_logps(ref, batch, self.lp_temperature)
                 old_lp.append(lp.float().cpu())
                 ref_lp.append(rl.float().cpu())
                 masks.append(batch["resp_mask"].cpu())
@@ -626,7 +629,7 @@ class _Trainer:
                     mask = batch["resp_mask"]
                     sync = contextlib.nullcontext() if last else acc.no_sync(module)
                     with sync, acc.autocast():
-                        lp, ent, vals, ntp_lp = module(batch, p.temperature, True, ntp_batch if last else None)
+                        lp, ent, vals, ntp_lp = module(batch, self.lp_temperature, True, ntp_batch if last else None)
                         lp = lp.float()
                         pl, pm = policy_loss(lp, sl["old_lp"], sl["adv"], mask, p.clip)
                         loss = pl.sum()
