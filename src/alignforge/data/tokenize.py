@@ -234,7 +234,8 @@ def tokenize_prompt_completion(prompt_msgs: Sequence[Message], completion_msgs: 
 
 # --------------------------------------------------------------------------- truncation
 
-def _starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
+def starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether ``ids`` start with the tokenizer's BOS (which truncation keeps)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos is not None and ids[:1] == [bos]
 
@@ -280,7 +281,7 @@ def tokenize_sft(record: SFTRecord, tokenizer: Any, max_length: int, overlong: O
         return None, True
     idx = list(range(len(ids)))
     p, (r,), _ = truncate_prompt_responses(idx[:cut], [idx[cut:]], max_length, max_prompt_length,
-                                           _starts_with_bos(tokenizer, ids))
+                                           starts_with_bos(tokenizer, ids))
     keep = p + r
     return TokenizedSFT([ids[i] for i in keep], [mask[i] for i in keep], record.source), True
 
@@ -299,7 +300,7 @@ def tokenize_preference(record: PreferenceRecord, tokenizer: Any, max_length: in
     if overlong == "drop":
         return None, True
     p, (c, r), _ = truncate_prompt_responses(p_ids, [c, r], max_length, max_prompt_length,
-                                             _starts_with_bos(tokenizer, p_ids))
+                                             starts_with_bos(tokenizer, p_ids))
     return TokenizedPair(p, c, r, record.category, src), True
 
 
@@ -317,7 +318,7 @@ def tokenize_pointwise(record: PointwiseRecord, tokenizer: Any, max_length: int,
     if overlong == "drop":
         return None, True
     p, (c,), _ = truncate_prompt_responses(p_ids, [c], max_length, max_prompt_length,
-                                           _starts_with_bos(tokenizer, p_ids))
+                                           starts_with_bos(tokenizer, p_ids))
     return TokenizedPointwise(p, c, label, record.category, src), True
 
 

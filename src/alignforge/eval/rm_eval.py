@@ -29,11 +29,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from alignforge.data.balance import DEFAULT_EDGES, bucket_index, bucket_labels
+from alignforge.data.readers import read_unlabeled  # re-exported
 from alignforge.eval.plots import plot_eval
 
 __all__ = ["score_pairs", "score_sequences", "evaluate_pairs", "plot_eval", "run_rm_eval", "score_file",
@@ -346,36 +347,6 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
 
 # --------------------------------------------------------------------------- score a file
 
-def read_unlabeled(path: str | Path) -> Iterable[tuple[int, dict, list, list]]:
-    """Yield ``(line, object, prompt_messages, completion_messages)`` for ``{prompt, completion}``
-    or ``{prompt, response}`` records (strings or message lists, as in pointwise data; the prompt
-    may be implicit in a conversational completion). Raises ``DataError`` with file:line."""
-    from alignforge.data.readers import (
-        _Ctx, _check_prompt, _check_response, _messages, _prompt_value, _require, _response_value,
-        _split_last_response, is_hh_string, iter_json_objects, parse_hh,
-    )
-
-    fname = str(path)
-    for line, obj in iter_json_objects(path):
-        ctx = _Ctx(fname, line)
-        fld = "completion" if obj.get("completion") is not None or "response" not in obj else "response"
-        if obj.get("prompt") is not None:
-            standard = isinstance(obj["prompt"], str)
-            prompt, conv = _prompt_value(obj["prompt"], ctx)
-            completion = _response_value(_require(obj, fld, ctx), fld, conv, standard, ctx)
-        else:
-            comp = _require(obj, fld, ctx)
-            if isinstance(comp, list):
-                prompt, completion = _split_last_response(_messages(comp, fld, ctx), fld, ctx)
-            elif is_hh_string(comp):
-                prompt, completion = _split_last_response(parse_hh(comp), fld, ctx)
-            else:
-                raise ctx.err("prompt", "missing field")
-            _check_prompt(prompt, "prompt", ctx)
-            _check_response(completion, fld, ctx)
-        yield line, obj, prompt, completion
-
-
 def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, batch_size: int = 8,
                max_length: int = 1024, normalize: bool = False, progress: bool = True,
                device: str | None = None) -> dict:
@@ -386,7 +357,7 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
     Returns ``{n, n_truncated, score_mean, score_std, out}``."""
     from alignforge.data.convert import write_jsonl
     from alignforge.data.records import Source
-    from alignforge.data.tokenize import _starts_with_bos, tokenize_prompt_completion, truncate_prompt_responses
+    from alignforge.data.tokenize import starts_with_bos, tokenize_prompt_completion, truncate_prompt_responses
     from alignforge.errors import DataError, ModelError
     from alignforge.models.reward import load_reward_model
 
@@ -398,7 +369,7 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
     records, seqs, n_trunc = [], [], 0
     for line, obj, prompt, completion in read_unlabeled(in_path):
         p, c = tokenize_prompt_completion(prompt, completion, tok, Source(str(in_path), line))
-        p, (c,), cut = truncate_prompt_responses(p, [c], max_length, keep_first=_starts_with_bos(tok, p))
+        p, (c,), cut = truncate_prompt_responses(p, [c], max_length, keep_first=starts_with_bos(tok, p))
         n_trunc += int(cut)
         records.append(obj)
         seqs.append(p + c)
