@@ -282,8 +282,9 @@ def test_report_counts_pairs_cut_and_dropped(jl, tiny_tokenizer):
     pairs, rep = load_preference_dataset(p, tiny_tokenizer, 48, overlong="truncate_prompt")
     assert (rep.n_out, rep.n_truncated, rep.n_response_truncated, rep.n_overlong_dropped) == (2, 1, 0, 2)
     assert [x.source.line for x in pairs] == [1, 2]
-    assert ("2 examples from 4 records" in rep.summary() and "1 truncated to max_length 48 (0 with a response cut)"
-            in rep.summary() and "2 dropped: a response would not fit in max_length 48 even with the prompt cut" in rep.summary())
+    s = rep.summary()
+    assert "2 examples from 4 records" in s and "1 truncated to max_length 48 (0 with a response cut)" in s
+    assert "2 dropped: a response would not fit in max_length 48 even with the prompt cut" in s
     assert rep.counts()["n_overlong_dropped"] == 2 and rep.counts()["overlong"] == "truncate_prompt"
     pairs, rep = load_preference_dataset(p, tiny_tokenizer, 48)
     assert (rep.n_out, rep.n_truncated, rep.n_response_truncated, rep.n_overlong_dropped) == (4, 3, 2, 0)

@@ -249,8 +249,8 @@ def test_run_rm_eval_raise_on_bad_pair(tmp_path, trained_rm):
 
 
 def test_rm_eval_cuts_the_prompt_and_drops_pairs_whose_response_would_be_cut(tmp_path, trained_rm):
-    from alignforge.data.tokenize import tokenize_preference
     from alignforge.data.readers import read_preference
+    from alignforge.data.tokenize import tokenize_preference
     from alignforge.models.reward import load_reward_model
 
     long_prompt = "Question 1: tell me about topic 5. " * 8

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from alignforge.models.reward import (
-    RewardModel, last_token_index, load_reward_backbone, load_reward_model, rendering_end_id, save_reward_model,
-    score_pairs, score_sequences, scoring_tokenizer,
+    RewardModel,
+    last_token_index,
+    load_reward_backbone,
+    load_reward_model,
+    rendering_end_id,
+    save_reward_model,
+    score_pairs,
+    score_sequences,
+    scoring_tokenizer,
 )
 
 
@@ -148,7 +155,7 @@ def test_saved_rm_scores_the_same_under_plain_transformers(tmp_path):
 
     eot = [sum(tokenize_prompt_completion(c[:-1], c[-1:], tok), []) for c in CONVS]
     old = score_sequences(rm, eot, tok.pad_token_id, progress=False)
-    assert all(abs(a - b) > 1e-3 for a, b in zip(old, alone))
+    assert all(abs(a - b) > 1e-3 for a, b in zip(old, alone, strict=True))
 
 
 def test_pad_token_is_switched_when_the_rendering_ends_with_it(tmp_path):

@@ -278,7 +278,7 @@ def _fit(prompt: list, responses: list[list], max_length: int, max_prompt_length
     if len(prompt) + max((len(r) for r in responses), default=0) <= max_length:
         return prompt, responses, Cut.NONE, True
     p, rs, _ = truncate_prompt_responses(prompt, responses, max_length, max_prompt_length, keep_first)
-    cut = Cut.RESPONSE if any(len(a) < len(b) for a, b in zip(rs, responses)) else Cut.PROMPT
+    cut = Cut.RESPONSE if any(len(a) < len(b) for a, b in zip(rs, responses, strict=True)) else Cut.PROMPT
     keep = overlong == "truncate" or (overlong == "truncate_prompt" and cut == Cut.PROMPT)
     return p, rs, cut, keep
 
