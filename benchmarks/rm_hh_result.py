@@ -96,7 +96,7 @@ def main() -> None:
         t1 = time.perf_counter()
         rm, tok, _ = load_reward_model(s["final_dir"])
         pad_id = tok.pad_token_id
-        pairs = [tokenize_preference(rec, tok, args.max_length)[0] for rec in held_recs]
+        pairs = [tokenize_preference(rec, tok, args.max_length, full_render=True)[0] for rec in held_recs]
         c, r = score_pairs(rm, pairs, pad_id, batch_size=8, progress=False)
         res = evaluate(c, r, pairs, seed=args.seed)
         res.update({"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),

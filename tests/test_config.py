@@ -83,3 +83,17 @@ def test_shipped_configs_load():
 
     for p in (Path(__file__).parents[1] / "configs").glob("sft*.yaml"):
         load_config(SFTConfig, p)
+
+
+def test_a_trainer_section_default_survives_overrides_in_that_section(tmp_path):
+    """RMConfig's data section defaults to max_length=512, overlong=truncate_prompt (DataConfig's own
+    defaults are 1024 and truncate): naming data.train_files must not reset the others."""
+    from alignforge.trainers.rm import RMConfig
+
+    cfg = load_config(RMConfig, None, ["data.train_files=a.jsonl", "train.seed=3"])
+    assert (cfg.data.max_length, cfg.data.overlong, cfg.data.train_files) == (512, "truncate_prompt", ["a.jsonl"])
+    assert (cfg.train.output_dir, cfg.train.lr, cfg.train.seed) == ("outputs/rm", 1e-5, 3)
+    p = tmp_path / "rm.yaml"
+    p.write_text("data:\n  max_length: 64\n")
+    cfg = load_config(RMConfig, p, ["data.overlong=truncate"])
+    assert (cfg.data.max_length, cfg.data.overlong) == (64, "truncate")

@@ -151,7 +151,7 @@ def rm_eval(
     rm_dir: Path = typer.Argument(..., help="A saved reward model (e.g. outputs/rm/final)."),
     data: List[Path] = typer.Argument(..., help="Held-out preference file(s): TRL formats or raw HH-RLHF."),
     out: Path = typer.Option(Path("outputs/rm_eval"), "--out", help="Where summary.json, scores.jsonl and plots go."),
-    max_length: int = typer.Option(512, help="Truncate prompt + response to this many tokens (as in training)."),
+    max_length: int = typer.Option(512, help="Fit prompt + response in this many tokens (as in training)."),
     batch_size: int = typer.Option(8, help="Pairs per forward pass."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N valid pairs."),
     on_error: str = typer.Option("skip", help="skip: drop invalid records and report them; raise: stop at the first."),
@@ -159,6 +159,8 @@ def rm_eval(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     device: Optional[str] = _DEVICE_OPT,
+    overlong: str = typer.Option("truncate_prompt", help="Pairs longer than --max-length: truncate_prompt (cut the "
+                                 "prompt; drop the pair if a response must be cut) | truncate | drop."),
 ) -> None:
     """Evaluate a reward model: accuracy (bootstrap CI), by length-difference bucket, length bias."""
     from alignforge.eval.rm_eval import format_eval, run_rm_eval
@@ -166,7 +168,7 @@ def rm_eval(
     if on_error not in ("raise", "skip"):
         _err(f"--on-error must be raise or skip, not {on_error!r}")
     s = run_rm_eval(rm_dir, data, out, max_length=max_length, batch_size=batch_size, limit=limit,
-                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots, device=device)
+                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots, device=device, overlong=overlong)
     typer.echo(s["data_report"]["summary"])
     typer.echo(format_eval(s))
     typer.echo(f"\nsummary: {s['files']['summary']}  scores: {s['files']['scores']}")

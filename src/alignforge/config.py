@@ -52,7 +52,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     max_length: int = 1024
     max_prompt_length: Optional[int] = None  # default: max_length // 2 when a prompt must be cut
-    overlong: Literal["truncate", "drop"] = "truncate"
+    # too long: cut prompt then responses | drop | cut only the prompt, drop if a response must be cut
+    # (the reward model's default); see data/tokenize.py
+    overlong: Literal["truncate", "drop", "truncate_prompt"] = "truncate"
     on_error: Literal["raise", "skip"] = "raise"  # bad records: fail at once, or drop with a summary
 
 
@@ -203,7 +205,15 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type, data: dict, prefix: str, source: str, base: Any = None) -> Any:
+    """``cls`` from ``data``; keys not in ``data`` keep their values in ``base`` (the parent's
+    default for this section, e.g. the RM's ``DataConfig(max_length=512, ...)``), else the class defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -220,13 +230,13 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
         tp = hints[f.name]
         v = data[f.name]
         if _is_dataclass_type(tp):
-            kwargs[f.name] = _build(tp, v if v is not None else {}, f"{prefix}{f.name}.", source)
+            kwargs[f.name] = _build(tp, v if v is not None else {}, f"{prefix}{f.name}.", source, _field_default(f))
         else:
             try:
                 kwargs[f.name] = _coerce(v, tp, f"{prefix}{f.name}")
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if isinstance(base, cls) else cls(**kwargs)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -182,12 +182,13 @@ def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int
 
 
 def score_answers(rm, tokenizer, chats: list, answers: list[str]) -> list[float]:
-    """Reward of each (chat, answer), read at the answer's end-of-turn token."""
+    """Reward of each (chat, answer), read at the last token of its rendering (the reward model's convention)."""
     from alignforge.data.tokenize import tokenize_prompt_completion
     from alignforge.models.reward import score_sequences
 
     seqs = []
     for chat, ans in zip(chats, answers):
-        p, c = tokenize_prompt_completion(chat, [{"role": "assistant", "content": ans or " "}], tokenizer)
+        p, c = tokenize_prompt_completion(chat, [{"role": "assistant", "content": ans or " "}], tokenizer,
+                                          full_render=True)
         seqs.append(p + c)
     return [float(x) for x in score_sequences(rm, seqs, tokenizer.pad_token_id, progress=False)]

@@ -150,7 +150,7 @@ def test_fuzz_mask_covers_exactly_assistant_text(tiny_tokenizer, turns, system):
     decoded = [tiny_tokenizer.decode(r, skip_special_tokens=False) for r in runs]
     assert decoded == [a + "<|im_end|>" for _, a in turns]
     ex, over = tokenize_sft(SFTRecord(msgs), tiny_tokenizer, max_length=24)
-    assert len(ex.input_ids) == len(ex.loss_mask) <= 24 and over == (len(ids) > 24)
+    assert len(ex.input_ids) == len(ex.loss_mask) <= 24 and bool(over) == (len(ids) > 24)
     assert sum(ex.loss_mask) >= 1 and not math.isnan(sum(ex.loss_mask))
 
 

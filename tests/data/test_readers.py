@@ -254,6 +254,51 @@ def test_detect_kind_and_read_any(jl):
         read_any(p, "bogus")
 
 
+@pytest.mark.parametrize("content, line, reason", [
+    (b'[1, 2]\n["x"]\n', 1, "not a JSON object: got list"),                      # records are JSON arrays
+    (b'\n[[1], [2]]\n', 1, "not a JSON object: got list"),                        # a JSON array of arrays
+    ('\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"), 2, "invalid UTF-8: invalid continuation byte"),
+    ('{"prompt": "q"}\n'.encode("utf-16"), 1, "invalid UTF-8: invalid start byte at byte 0"),
+    (b'\n\n{"prompt": \n', 3, "invalid JSON: Expecting value"),
+    (b'{"x": 1, "y": 2}\n[3]\n', 1, "no prompt/chosen/rejected/completion/label/messages field (keys: 'x', 'y')"),
+], ids=["jsonl-arrays", "array-of-arrays", "latin-1", "utf-16", "bad-json", "unknown-keys"])
+def test_detect_kind_failure_names_first_bad_line_and_why(tmp_path, content, line, reason):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as ei:
+        detect_kind(p)
+    e = ei.value
+    assert (e.file, e.line) == (str(p), line)
+    assert str(e).startswith(f"{p}:{line}: cannot detect the data kind: ")
+    assert reason in str(e)
+
+
+def test_detect_kind_of_empty_file(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n")
+    with pytest.raises(DataError, match="cannot detect the data kind: the file has no records"):
+        detect_kind(p)
+
+
+def test_read_unlabeled_is_public_in_data(jl):
+    from alignforge.data.readers import Ctx, check_prompt, check_response, read_unlabeled
+
+    p = jl([{"prompt": "q", "completion": "a", "extra": 1}, {"completion": [U("x"), A("y")]},
+            {"prompt": "q", "response": "r"}, {"prompt": "q"}])
+    it = read_unlabeled(p)
+    assert next(it) == (1, {"prompt": "q", "completion": "a", "extra": 1}, [U("q")], [A("a")])
+    assert next(it)[2:] == ([U("x")], [A("y")])
+    assert next(it)[2:] == ([U("q")], [A("r")])
+    with pytest.raises(DataError) as ei:
+        next(it)
+    assert str(ei.value) == f"{p}:4: field 'completion': missing field"
+    ctx = Ctx("f.jsonl", 7)
+    with pytest.raises(DataError, match="f.jsonl:7: field 'p\\[0\\].role': prompt does not end on a user turn"):
+        check_prompt([A("x")], "p", ctx)
+    with pytest.raises(DataError, match="f.jsonl:7: field 'c\\[0\\].role': non-assistant message"):
+        check_response([U("x")], "c", ctx)
+
+
 # --------------------------------------------------------------------------- validation
 
 CASES = [

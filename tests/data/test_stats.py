@@ -31,6 +31,7 @@ def test_preference_stats_by_hand_in_words(jl):
     s = compute_stats(p, None)
     assert (s["records"], s["valid"], s["pairs"], s["dropped"]) == (4, 3, 3, 1)
     assert s["dropped_reasons"] == {"missing field": 1} and s["identical_pairs"] == 0
+    assert s["first_dropped"] == f"{p}:4: field 'rejected': missing field"
     single, multi, all_ = (s["rows"][g] for g in ("single_turn", "multi_turn", "all"))
     assert single == {"count": 2, "avg_turns": 1.0, "avg_history_tokens": 0.0, "avg_prompt_tokens": 1.5,
                       "avg_chosen_tokens": 2.5, "avg_rejected_tokens": 1.5, "avg_response_tokens": 2.0}
@@ -98,3 +99,26 @@ def test_real_hh_harmless_stats(hh_dir, tiny_tokenizer):
     assert 0.0 < s["longer_chosen_share"] < 1.0
     json.dumps(s, allow_nan=False)
     assert "2312" in format_stats(s)
+
+
+def test_data_stats_cli_names_first_dropped_line(jl, tiny_model_dir, capsys):
+    from alignforge.cli import main
+
+    p = jl([{"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "a", "rejected": 3},
+            {"prompt": "p", "chosen": "a"}])
+    assert main(["data", "stats", str(p), "--tokenizer", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "dropped: 1× wrong type, 1× missing field" in out
+    assert f"first dropped: {p}:2: field 'rejected': wrong type: expected a string, got number" in out
+    assert compute_stats(jl([{"prompt": "p", "chosen": "a", "rejected": "b"}]), None)["first_dropped"] is None
+
+
+def test_data_stats_cli_on_undetectable_file(tmp_path, tiny_model_dir, capsys):
+    from alignforge.cli import main
+
+    p = tmp_path / "arrays.jsonl"
+    p.write_text('\n[{"prompt": "p"}]\n[{"prompt": "q"}]\n')  # JSONL whose records are arrays
+    assert main(["data", "stats", str(p), "--tokenizer", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:2: cannot detect the data kind" in err and "not a JSON object: got list" in err

@@ -6,7 +6,7 @@ import pytest
 
 from alignforge.data.records import PreferenceRecord, SFTRecord, Source
 from alignforge.data.tokenize import (
-    load_preference_dataset, load_sft_dataset, render, tokenize_messages, tokenize_preference,
+    Cut, load_preference_dataset, load_sft_dataset, render, tokenize_messages, tokenize_preference,
     tokenize_prompt_completion, tokenize_sft, truncate_prompt_responses,
 )
 from alignforge.errors import ConfigError, DataError
@@ -156,6 +156,34 @@ def test_prompt_completion_matches_full_render(tiny_tokenizer):
     assert p + c == full[:-1]
 
 
+def _chat_template_ids(tok, conv):
+    out = tok.apply_chat_template(conv, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("which", ["tiny", "plain", "smollm2"])
+def test_full_render_ids_are_apply_chat_template(which, request):
+    """The reward model's sequence is exactly what HF users feed: apply_chat_template(conversation)."""
+    tok = request.getfixturevalue({"tiny": "tiny_tokenizer", "plain": "plain_tokenizer",
+                                   "smollm2": "smollm2_tokenizer"}[which])
+    prompt, comp = [S("Be kind."), U("Hi"), A("Hello"), U("Poem?")], [A("The sea and the sky.")]
+    p, c = tokenize_prompt_completion(prompt, comp, tok, full_render=True)
+    p0, c0 = tokenize_prompt_completion(prompt, comp, tok)
+    if has_template := which != "plain":
+        assert p + c == _chat_template_ids(tok, prompt + comp)
+    assert p == p0 and c[:len(c0)] == c0
+    if has_template:  # ChatML: the newline after <|im_end|> is kept, and it is the last token
+        assert len(c) == len(c0) + 1 and dec(tok, c[len(c0):]) == "\n"
+    else:  # the plain format ends with EOS: nothing follows it
+        assert c == c0
+    rec = PreferenceRecord(prompt, comp, [A("No.")])
+    pair, _ = tokenize_preference(rec, tok, 4096, full_render=True)
+    assert pair.prompt_ids + pair.chosen_ids == p + c
+    assert pair.prompt_ids + pair.rejected_ids == tokenize_prompt_completion(prompt, [A("No.")], tok,
+                                                                             full_render=True)[0] + \
+        tokenize_prompt_completion(prompt, [A("No.")], tok, full_render=True)[1]
+
+
 def test_prompt_completion_boundary_merge_falls_back(tiny_model_dir):
     tok = _fresh(tiny_model_dir)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
@@ -210,11 +238,60 @@ def test_tokenize_preference_truncate_and_drop(tiny_tokenizer):
     keep2 = L - len(C)  # max(L - len(C), 10) > 10 here, and < L // 2
     assert 10 < keep2 < L // 2
     assert len(t2.prompt_ids) == keep2 and t2.chosen_ids == C[:L - keep2]
-    assert tokenize_preference(rec, tiny_tokenizer, L, overlong="drop") == (None, True)
+    assert tokenize_preference(rec, tiny_tokenizer, L, overlong="drop") == (None, Cut.RESPONSE)
     with pytest.raises(ConfigError):
         tokenize_preference(rec, tiny_tokenizer, 1)
     with pytest.raises(ConfigError):
         tokenize_preference(rec, tiny_tokenizer, 10, overlong="cut")  # type: ignore[arg-type]
+
+
+LONG_PROMPT = "Write a function in Python that returns the sum of a list. " * 3
+LONG_ANSWER = "Sure, here is a short poem about the sea and the sky. " * 2
+
+
+def test_truncate_prompt_cuts_the_prompt_first_and_drops_a_cut_response(tiny_tokenizer):
+    L = 48
+    fits = PreferenceRecord([U("Hi")], [A("Hello!")], [A("No.")])
+    long_prompt = PreferenceRecord([U(LONG_PROMPT)], [A("I'm sorry.")], [A("No.")])
+    long_answer = PreferenceRecord([U(LONG_PROMPT)], [A(LONG_ANSWER)], [A("No.")])
+    full, _ = tokenize_preference(long_prompt, tiny_tokenizer, 4096)
+    P, C, R = full.prompt_ids, full.chosen_ids, full.rejected_ids
+    assert len(P) + len(C) > L and len(C) <= L // 2  # cutting the prompt to L // 2 tokens suffices
+    for mode in ("truncate", "truncate_prompt"):
+        assert tokenize_preference(fits, tiny_tokenizer, L, overlong=mode)[1] == Cut.NONE
+        t, cut = tokenize_preference(long_prompt, tiny_tokenizer, L, overlong=mode)
+        assert cut == Cut.PROMPT and t.chosen_ids == C and t.rejected_ids == R  # responses whole
+        assert t.prompt_ids == [P[0]] + P[len(P) - (L - len(C)) + 1:]  # cut from the left, BOS kept
+        assert len(t.prompt_ids) + len(t.chosen_ids) == L
+    # a response that does not fit even with the prompt cut to min_prompt
+    t, cut = tokenize_preference(long_answer, tiny_tokenizer, L, overlong="truncate")
+    assert cut == Cut.RESPONSE and len(t.prompt_ids) == L // 2 and len(t.chosen_ids) == L // 2
+    assert t.chosen_ids[-1] != tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")  # cut in mid-text
+    assert tokenize_preference(long_answer, tiny_tokenizer, L, overlong="truncate_prompt") == (None, Cut.RESPONSE)
+    # a lower prompt floor keeps the response whole
+    t, cut = tokenize_preference(long_answer, tiny_tokenizer, L, max_prompt_length=4, overlong="truncate_prompt")
+    n_c = len(tokenize_preference(long_answer, tiny_tokenizer, 4096)[0].chosen_ids)
+    assert cut == Cut.PROMPT and len(t.chosen_ids) == n_c and len(t.prompt_ids) == L - n_c
+
+
+def test_report_counts_pairs_cut_and_dropped(jl, tiny_tokenizer):
+    p = jl([{"prompt": "Hi", "chosen": "Hello!", "rejected": "No."},
+            {"prompt": LONG_PROMPT, "chosen": "I'm sorry.", "rejected": "No."},
+            {"prompt": LONG_PROMPT, "chosen": LONG_ANSWER, "rejected": "No."},
+            {"prompt": "Hi", "chosen": LONG_ANSWER * 2, "rejected": "No."}])
+    pairs, rep = load_preference_dataset(p, tiny_tokenizer, 48, overlong="truncate_prompt")
+    assert (rep.n_out, rep.n_truncated, rep.n_response_truncated, rep.n_overlong_dropped) == (2, 1, 0, 2)
+    assert [x.source.line for x in pairs] == [1, 2]
+    s = rep.summary()
+    assert "2 examples from 4 records" in s and "1 truncated to max_length 48 (0 with a response cut)" in s
+    assert "2 dropped: a response would not fit in max_length 48 even with the prompt cut" in s
+    assert rep.counts()["n_overlong_dropped"] == 2 and rep.counts()["overlong"] == "truncate_prompt"
+    pairs, rep = load_preference_dataset(p, tiny_tokenizer, 48)
+    assert (rep.n_out, rep.n_truncated, rep.n_response_truncated, rep.n_overlong_dropped) == (4, 3, 2, 0)
+    assert "3 truncated to max_length 48 (2 with a response cut)" in rep.summary()
+    _, rep = load_preference_dataset(p, tiny_tokenizer, 48, overlong="drop")
+    assert (rep.n_out, rep.n_truncated, rep.n_overlong_dropped) == (1, 0, 3)
+    assert "3 dropped as longer than max_length 48" in rep.summary()
 
 
 def test_tokenize_sft_truncate_and_drop(tiny_tokenizer):
@@ -233,7 +310,12 @@ def test_tokenize_sft_truncate_and_drop(tiny_tokenizer):
     kept = [0] + list(range(cut - keep + 1, cut)) + list(range(cut, cut + L - keep))
     assert t.input_ids == [ids[i] for i in kept] and t.loss_mask == [mask[i] for i in kept]
     assert t.loss_mask[keep] == 1 and sum(t.loss_mask[:keep]) == sum(mask[cut - keep + 1:cut])
-    assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L, overlong="drop") == (None, True)
+    assert over == Cut.PROMPT and n_resp <= L - keep  # the prompt was cut, the last response is whole
+    assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L, overlong="drop") == (None, Cut.PROMPT)
+    assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L, overlong="truncate_prompt") == (t, Cut.PROMPT)
+    assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L // 2, overlong="truncate_prompt") == (None, Cut.RESPONSE)
+    t, over = tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L // 2)
+    assert over == Cut.RESPONSE and len(t.input_ids) == L // 2
 
 
 # --------------------------------------------------------------------------- datasets

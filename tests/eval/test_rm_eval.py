@@ -207,12 +207,13 @@ def test_score_file_round_trip(tmp_path, trained_rm):
     rep = score_file(trained_rm, src, out, batch_size=2, normalize=True, progress=False)
     rows = [json.loads(x) for x in gzip.decompress(out.read_bytes()).decode().splitlines()]
     assert rep["n"] == 3 and [r["id"] for r in rows] == ["a", "b", "c"]
+    assert rep["n_truncated"] == rep["n_response_truncated"] == 0
     for r, orig in zip(rows, recs):
         assert {k: v for k, v in r.items() if not k.startswith("score")} == orig
     rm, tok, stats = load_reward_model(trained_rm)
     expect = []
     for _, _, prompt, completion in read_unlabeled(src):
-        p, c = tokenize_prompt_completion(prompt, completion, tok)
+        p, c = tokenize_prompt_completion(prompt, completion, tok, full_render=True)  # the RM's convention
         expect.append(score_sequences(rm, [p + c], tok.pad_token_id, progress=False)[0])
     np.testing.assert_allclose([r["score"] for r in rows], expect, rtol=1e-5,
                                atol=1e-5 * max(1.0, float(np.abs(expect).max())))
@@ -247,6 +248,38 @@ def test_run_rm_eval_raise_on_bad_pair(tmp_path, trained_rm):
         run_rm_eval(trained_rm, data, tmp_path / "o", on_error="raise", plots=False, progress=False)
     s = run_rm_eval(trained_rm, data, tmp_path / "o", on_error="skip", plots=False, progress=False)
     assert s["n_pairs"] == 3 and s["data_report"]["n_dropped"] == 1
+
+
+def test_rm_eval_cuts_the_prompt_and_drops_pairs_whose_response_would_be_cut(tmp_path, trained_rm):
+    from alignforge.data.readers import read_preference
+    from alignforge.data.tokenize import tokenize_preference
+    from alignforge.models.reward import load_reward_model
+
+    long_prompt = "Question 1: tell me about topic 5. " * 8
+    rows = [{"prompt": "Question 2: tell me about topic 3.", "chosen": GOOD[0], "rejected": BAD[0]},  # fits
+            {"prompt": long_prompt, "chosen": GOOD[1], "rejected": BAD[1]},  # fits once the prompt is cut
+            {"prompt": "Question 4: tell me about topic 8.", "chosen": GOOD[2] * 6, "rejected": BAD[2]}]  # too long
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, tok, _ = load_reward_model(trained_rm)
+    L = 96
+    full = [tokenize_preference(r, tok, 4096, full_render=True)[0] for r in read_preference(data).records]
+    assert [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > L for p in full] == [False, True, True]
+    assert len(full[1].chosen_ids) <= L // 2 < len(full[2].chosen_ids)
+    for limit in (None, 10):  # both loading paths
+        s = run_rm_eval(trained_rm, data, tmp_path / "o", max_length=L, limit=limit, plots=False, progress=False)
+        r = s["data_report"]
+        assert (s["n_pairs"], r["n_out"], r["n_truncated"], r["n_response_truncated"], r["n_overlong_dropped"]) == \
+            (2, 2, 1, 0, 1)
+        assert "1 dropped: a response would not fit in max_length 96 even with the prompt cut" in r["summary"]
+        scores = [json.loads(x) for x in (tmp_path / "o" / "scores.jsonl").read_text().splitlines()]
+        assert [x["line"] for x in scores] == [1, 2]
+        assert scores[1]["len_chosen"] == len(full[1].chosen_ids)  # the response kept whole
+        assert scores[1]["len_prompt"] == L - len(full[1].chosen_ids)  # the prompt cut from the left
+    s = run_rm_eval(trained_rm, data, tmp_path / "o", max_length=L, plots=False, progress=False, overlong="truncate")
+    r = s["data_report"]
+    assert (s["n_pairs"], r["n_truncated"], r["n_response_truncated"], r["n_overlong_dropped"]) == (3, 2, 1, 0)
+    assert s["config"]["overlong"] == "truncate"
 
 
 # --------------------------------------------------------------------------- CLI and real data

@@ -40,7 +40,7 @@ def test_best_and_worst_of_k_by_reward(tmp_path, tiny_model_dir, tiny_rm_dir, pr
     from alignforge.models.reward import load_reward_model
 
     rm, tok, _ = load_reward_model(str(tiny_rm_dir))
-    p, c = tokenize_prompt_completion(recs[0].prompt, recs[0].chosen, tok)
+    p, c = tokenize_prompt_completion(recs[0].prompt, recs[0].chosen, tok, full_render=True)  # the RM's convention
     ids = torch.tensor([p + c])
     with torch.no_grad():
         s = rm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()

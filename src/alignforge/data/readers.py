@@ -168,8 +168,9 @@ def _tname(v: Any) -> str:
     return type(v).__name__
 
 
-class _Ctx:
-    """Where we are: file and line, used to build errors."""
+class Ctx:
+    """Where a record is (file and line), used to build its errors; public for readers of other
+    record shapes (e.g. :func:`read_unlabeled`)."""
 
     def __init__(self, file: str | None, line: int | None, lenient: bool = False):
         self.file, self.line = file, line
@@ -183,14 +184,17 @@ class _Ctx:
         return Source(self.file, self.line)
 
 
-def _require(obj: dict, key: str, ctx: _Ctx) -> Any:
+_Ctx = Ctx  # old private name, still used by annotate/service.py
+
+
+def _require(obj: dict, key: str, ctx: Ctx) -> Any:
     v = obj.get(key)
     if v is None:
         raise ctx.err(key, "missing field")
     return v
 
 
-def _messages(v: Any, fld: str, ctx: _Ctx) -> list[Message]:
+def _messages(v: Any, fld: str, ctx: Ctx) -> list[Message]:
     """Validate a message list; returns normalised ``{"role", "content"}`` dicts."""
     if not isinstance(v, list):
         raise ctx.err(fld, f"wrong type: expected a list of messages, got {_tname(v)}")
@@ -215,7 +219,8 @@ def _messages(v: Any, fld: str, ctx: _Ctx) -> list[Message]:
     return out
 
 
-def _check_prompt(msgs: list[Message], fld: str, ctx: _Ctx) -> None:
+def check_prompt(msgs: list[Message], fld: str, ctx: Ctx) -> None:
+    """Raise ``ctx.err`` unless ``msgs`` is a non-empty prompt ending on a user turn."""
     if not msgs or all(not m["content"].strip() for m in msgs):
         raise ctx.err(fld, "empty prompt")
     if msgs[-1]["role"] != "user":
@@ -223,7 +228,9 @@ def _check_prompt(msgs: list[Message], fld: str, ctx: _Ctx) -> None:
                       f"prompt does not end on a user turn: last role is {msgs[-1]['role']!r}")
 
 
-def _check_response(msgs: list[Message], fld: str, ctx: _Ctx) -> None:
+def check_response(msgs: list[Message], fld: str, ctx: Ctx) -> None:
+    """Raise ``ctx.err`` unless ``msgs`` is a non-empty list of assistant turns (non-empty
+    content unless ``ctx.lenient``)."""
     if not msgs:
         raise ctx.err(fld, "empty response: no messages")
     for i, m in enumerate(msgs):
@@ -234,13 +241,13 @@ def _check_response(msgs: list[Message], fld: str, ctx: _Ctx) -> None:
             raise ctx.err(fld if len(msgs) == 1 else f"{fld}[{i}].content", "empty response")
 
 
-def _string(v: Any, fld: str, ctx: _Ctx) -> str:
+def _string(v: Any, fld: str, ctx: Ctx) -> str:
     if not isinstance(v, str):
         raise ctx.err(fld, f"wrong type: expected a string, got {_tname(v)}")
     return v
 
 
-def _category(obj: dict, ctx: _Ctx) -> str | None:
+def _category(obj: dict, ctx: Ctx) -> str | None:
     c = obj.get("category")
     if c is None:
         return None
@@ -249,7 +256,7 @@ def _category(obj: dict, ctx: _Ctx) -> str | None:
     return c
 
 
-def _label(v: Any, ctx: _Ctx) -> Union[bool, float]:
+def _label(v: Any, ctx: Ctx) -> Union[bool, float]:
     if v is None:
         raise ctx.err("label", "missing field")
     if isinstance(v, bool):
@@ -287,7 +294,7 @@ def parse_hh(text: str) -> list[Message]:
     return msgs
 
 
-def _split_last_response(msgs: list[Message], fld: str, ctx: _Ctx) -> tuple[list[Message], list[Message]]:
+def _split_last_response(msgs: list[Message], fld: str, ctx: Ctx) -> tuple[list[Message], list[Message]]:
     """Split a full conversation into (prompt, [final assistant turn])."""
     if not msgs:
         raise ctx.err(fld, "empty conversation")
@@ -297,7 +304,7 @@ def _split_last_response(msgs: list[Message], fld: str, ctx: _Ctx) -> tuple[list
     return msgs[:-1], msgs[-1:]
 
 
-def _split_pair(chosen: list[Message], rejected: list[Message], ctx: _Ctx
+def _split_pair(chosen: list[Message], rejected: list[Message], ctx: Ctx
                 ) -> tuple[list[Message], list[Message], list[Message]]:
     """Implicit prompt: the common turns before the final assistant turns must be identical."""
     pc, rc = _split_last_response(chosen, "chosen", ctx)
@@ -310,7 +317,7 @@ def _split_pair(chosen: list[Message], rejected: list[Message], ctx: _Ctx
     return pc, rc, rr
 
 
-def _split_hh_pair(chosen: str, rejected: str, ctx: _Ctx
+def _split_hh_pair(chosen: str, rejected: str, ctx: Ctx
                    ) -> tuple[list[Message], list[Message], list[Message]]:
     """Raw HH pair -> (prompt, chosen, rejected), by the convention of Anthropic's and TRL's loaders.
 
@@ -341,26 +348,26 @@ def _as_assistant(s: str) -> list[Message]:
     return [{"role": "assistant", "content": s}]
 
 
-def _prompt_value(v: Any, ctx: _Ctx, fld: str = "prompt") -> tuple[list[Message], bool]:
+def _prompt_value(v: Any, ctx: Ctx, fld: str = "prompt") -> tuple[list[Message], bool]:
     """(messages, conversational) for a ``prompt`` value: string, HH string, or message list."""
     if isinstance(v, str):
         if is_hh_string(v):
             msgs = parse_hh(v)
             if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"].strip():
                 msgs = msgs[:-1]  # "...\n\nAssistant:" generation cue
-            _check_prompt(msgs, fld, ctx)
+            check_prompt(msgs, fld, ctx)
             return msgs, True
         if not v.strip():
             raise ctx.err(fld, "empty prompt")
         return _as_user(v), False
     if isinstance(v, list):
         msgs = _messages(v, fld, ctx)
-        _check_prompt(msgs, fld, ctx)
+        check_prompt(msgs, fld, ctx)
         return msgs, True
     raise ctx.err(fld, f"wrong type: expected a string or a list of messages, got {_tname(v)}")
 
 
-def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: bool, ctx: _Ctx
+def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: bool, ctx: Ctx
                     ) -> list[Message]:
     if standard_prompt:
         s = _string(v, fld, ctx) if not isinstance(v, list) else None
@@ -373,13 +380,13 @@ def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: boo
         if isinstance(v, str):
             raise ctx.err(fld, "wrong type: expected a list of messages (prompt is conversational), got string")
         msgs = _messages(v, fld, ctx)
-    _check_response(msgs, fld, ctx)
+    check_response(msgs, fld, ctx)
     return msgs
 
 
 # --------------------------------------------------------------------------- record parsers
 
-def parse_preference(obj: dict, ctx: _Ctx) -> PreferenceRecord:
+def parse_preference(obj: dict, ctx: Ctx) -> PreferenceRecord:
     """Validate one preference object (any supported form)."""
     category = _category(obj, ctx)
     if obj.get("prompt") is not None:
@@ -396,9 +403,9 @@ def parse_preference(obj: dict, ctx: _Ctx) -> PreferenceRecord:
                     raise ctx.err("prompt", "missing field")
                 raise ctx.err(bad, "wrong type: not an HH transcript (must start with '\\n\\nHuman:')")
             prompt, chosen, rejected = _split_hh_pair(c, r, ctx)
-            _check_prompt(prompt, "prompt", ctx)
-            _check_response(chosen, "chosen", ctx)
-            _check_response(rejected, "rejected", ctx)
+            check_prompt(prompt, "prompt", ctx)
+            check_response(chosen, "chosen", ctx)
+            check_response(rejected, "rejected", ctx)
             if chosen == rejected and not ctx.lenient:
                 raise ctx.err("rejected", "chosen identical to rejected")
             return PreferenceRecord(prompt, chosen, rejected, category, True, ctx.source)
@@ -409,16 +416,16 @@ def parse_preference(obj: dict, ctx: _Ctx) -> PreferenceRecord:
             raise ctx.err(bad, f"wrong type: expected a list of messages or an HH string, "
                                f"got {_tname(obj[bad])}")
         prompt, chosen, rejected = _split_pair(cm, rm, ctx)
-        _check_prompt(prompt, "prompt", ctx)
-        _check_response(chosen, "chosen", ctx)
-        _check_response(rejected, "rejected", ctx)
+        check_prompt(prompt, "prompt", ctx)
+        check_response(chosen, "chosen", ctx)
+        check_response(rejected, "rejected", ctx)
         conv = True
     if chosen == rejected and not ctx.lenient:
         raise ctx.err("rejected", "chosen identical to rejected")
     return PreferenceRecord(prompt, chosen, rejected, category, conv, ctx.source)
 
 
-def parse_pointwise(obj: dict, ctx: _Ctx) -> PointwiseRecord:
+def parse_pointwise(obj: dict, ctx: Ctx) -> PointwiseRecord:
     """Validate one ``{prompt, completion, label}`` object (``prompt`` may be implicit)."""
     category = _category(obj, ctx)
     label = _label(obj.get("label"), ctx)
@@ -434,13 +441,34 @@ def parse_pointwise(obj: dict, ctx: _Ctx) -> PointwiseRecord:
             prompt, completion = _split_last_response(parse_hh(comp), "completion", ctx)
         else:
             raise ctx.err("prompt", "missing field")
-        _check_prompt(prompt, "prompt", ctx)
-        _check_response(completion, "completion", ctx)
+        check_prompt(prompt, "prompt", ctx)
+        check_response(completion, "completion", ctx)
         conv = True
     return PointwiseRecord(prompt, completion, label, category, conv, ctx.source)
 
 
-def _check_sft_messages(msgs: list[Message], ctx: _Ctx) -> None:
+def parse_unlabeled(obj: dict, ctx: Ctx) -> tuple[list[Message], list[Message]]:
+    """Validate one unlabeled ``{prompt, completion}`` or ``{prompt, response}`` object (strings
+    or message lists, as in pointwise data; the prompt may be implicit in a conversational
+    completion) -> ``(prompt, completion)`` messages."""
+    fld = "completion" if obj.get("completion") is not None or "response" not in obj else "response"
+    if obj.get("prompt") is not None:
+        standard = isinstance(obj["prompt"], str)
+        prompt, conv = _prompt_value(obj["prompt"], ctx)
+        return prompt, _response_value(_require(obj, fld, ctx), fld, conv, standard, ctx)
+    comp = _require(obj, fld, ctx)
+    if isinstance(comp, list):
+        prompt, completion = _split_last_response(_messages(comp, fld, ctx), fld, ctx)
+    elif is_hh_string(comp):
+        prompt, completion = _split_last_response(parse_hh(comp), fld, ctx)
+    else:
+        raise ctx.err("prompt", "missing field")
+    check_prompt(prompt, "prompt", ctx)
+    check_response(completion, fld, ctx)
+    return prompt, completion
+
+
+def _check_sft_messages(msgs: list[Message], ctx: Ctx) -> None:
     if not msgs:
         raise ctx.err("messages", "empty conversation")
     if not any(m["role"] == "assistant" for m in msgs):
@@ -452,7 +480,7 @@ def _check_sft_messages(msgs: list[Message], ctx: _Ctx) -> None:
         raise ctx.err(f"messages[{len(msgs) - 1}].content", "empty response")
 
 
-def parse_sft(obj: dict, ctx: _Ctx) -> SFTRecord:
+def parse_sft(obj: dict, ctx: Ctx) -> SFTRecord:
     """Validate one SFT object: ``{messages}``, ``{prompt, completion}`` or a preference record."""
     if obj.get("messages") is not None:
         msgs = _messages(obj["messages"], "messages", ctx)
@@ -474,7 +502,7 @@ def parse_sft(obj: dict, ctx: _Ctx) -> SFTRecord:
     return SFTRecord(prompt + completion, conv, ctx.source)
 
 
-def parse_prompt(obj: dict, ctx: _Ctx) -> PromptRecord:
+def parse_prompt(obj: dict, ctx: Ctx) -> PromptRecord:
     """Validate one prompt object: ``{prompt}``, ``{messages}`` ending on a user turn, or a
     preference record without an explicit prompt (HH / implicit prompt)."""
     if obj.get("prompt") is not None:
@@ -482,7 +510,7 @@ def parse_prompt(obj: dict, ctx: _Ctx) -> PromptRecord:
         return PromptRecord(prompt, conv, ctx.source)
     if obj.get("messages") is not None:
         msgs = _messages(obj["messages"], "messages", ctx)
-        _check_prompt(msgs, "messages", ctx)
+        check_prompt(msgs, "messages", ctx)
         return PromptRecord(msgs, True, ctx.source)
     if "chosen" in obj and "rejected" in obj:
         pref = parse_preference(obj, ctx)
@@ -490,7 +518,7 @@ def parse_prompt(obj: dict, ctx: _Ctx) -> PromptRecord:
     raise ctx.err("prompt", "missing field")
 
 
-_PARSERS: dict[str, Callable[[dict, _Ctx], Any]] = {
+_PARSERS: dict[str, Callable[[dict, Ctx], Any]] = {
     "preference": parse_preference, "pointwise": parse_pointwise,
     "sft": parse_sft, "prompt": parse_prompt,
 }
@@ -544,7 +572,7 @@ def _read(path: str | Path, kind: str, on_error: OnError, lenient: bool = False)
                 raise v
             if not isinstance(v, dict):
                 raise _not_object(v, fname, idx)
-            res.records.append(parse(v, _Ctx(fname, idx, lenient)))
+            res.records.append(parse(v, Ctx(fname, idx, lenient)))
         except DataError as e:
             if on_error == "raise":
                 raise
@@ -574,6 +602,15 @@ def read_sft(path: str | Path, on_error: OnError = "raise") -> ReadResult:
 def read_prompts(path: str | Path, on_error: OnError = "raise") -> ReadResult:
     """Read prompts -> ``ReadResult`` of :class:`PromptRecord`."""
     return _read(path, "prompt", on_error)
+
+
+def read_unlabeled(path: str | Path) -> Iterator[tuple[int, dict, list[Message], list[Message]]]:
+    """Yield ``(line, object, prompt_messages, completion_messages)`` for the unlabeled records of
+    ``path`` (:func:`parse_unlabeled`). Raises ``DataError`` with file:line on the first bad one."""
+    fname = str(path)
+    for line, obj in iter_json_objects(path):
+        prompt, completion = parse_unlabeled(obj, Ctx(fname, line))
+        yield line, obj, prompt, completion
 
 
 def read_any(path: str | Path, kind: str | None = None, on_error: OnError = "raise",
@@ -607,11 +644,30 @@ def kind_of_object(obj: dict) -> str | None:
 
 
 def detect_kind(path: str | Path) -> str:
-    """The kind of a data file, from the keys of its first recognisable object."""
+    """The kind of a data file, from the keys of its first recognisable object.
+
+    If no object is recognisable, the error names the first entry that is not one and why
+    (invalid UTF-8 or JSON, not an object, or an object without any of the fields that
+    define a kind).
+    """
+    fname = str(path)
+    first_bad: DataError | None = None
+    n = 0
     for idx, v in iter_entries(path):
+        n += 1
         if isinstance(v, dict):
             k = kind_of_object(v)
             if k is not None:
                 return k
-    raise DataError("cannot detect the data kind: no record has prompt/chosen/rejected/"
-                    "completion/label/messages fields", file=str(path))
+            bad = DataError(f"no prompt/chosen/rejected/completion/label/messages field "
+                            f"(keys: {', '.join(map(repr, list(v)[:8])) or 'none'})", file=fname, line=idx)
+        elif isinstance(v, DataError):
+            bad = v
+        else:
+            bad = _not_object(v, fname, idx)
+        first_bad = first_bad or bad
+    if first_bad is None:
+        raise DataError("cannot detect the data kind: the file has no records", file=fname)
+    raise DataError(f"cannot detect the data kind: none of the {n} record(s) is recognisable; "
+                    f"first bad record: {first_bad.reason}",
+                    file=fname, line=first_bad.line, field=first_bad.field)

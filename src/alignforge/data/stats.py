@@ -11,7 +11,9 @@ are whitespace-separated words.
 For pairs there is also a histogram of ``len(chosen) - len(rejected)`` in tokens, the
 share of unequal-length pairs whose longer response was chosen, and the number of
 equal-length pairs. Invalid records are skipped and counted (``records`` = all records
-in the file, ``dropped`` = invalid ones). The returned dict is JSON-serialisable.
+in the file, ``dropped`` = invalid ones; ``first_dropped`` is the first one's error,
+``"FILE:LINE: field 'F': reason"`` as ``data validate`` prints it, or ``None``). The returned
+dict is JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def compute_stats(path: str | Path, tokenizer: Any, kind: str | None = None) -> 
         "token_unit": "words" if tokenizer is None else "tokens",
         "records": res.n_total, "valid": len(res.records), "dropped": len(res.dropped),
         "dropped_reasons": dict(Counter(reason_kind(e) for e in res.dropped).most_common()),
+        "first_dropped": str(res.dropped[0]) if res.dropped else None,
     }
     if kind == "preference":
         stats["pairs"] = len(res.records)
@@ -181,6 +184,8 @@ def format_stats(stats: dict) -> str:
                      f"{stats['identical_pairs']} with chosen identical to rejected")
     if stats.get("dropped_reasons"):
         lines.append("dropped: " + ", ".join(f"{n}× {k}" for k, n in stats["dropped_reasons"].items()))
+        if stats.get("first_dropped"):
+            lines.append(f"first dropped: {stats['first_dropped']}")
     rows = stats["rows"]
     cols = [c for c in rows["all"].keys()]
     heads = ["", *[c.replace("avg_", "avg ").replace("_tokens", "").replace("_", " ") for c in cols]]

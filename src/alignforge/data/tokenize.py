@@ -31,20 +31,33 @@ Prompt / completion (preference pairs)
     the prompt's tokens; if BPE merged a token across the boundary (the joint tokens do not
     start with the prompt tokens), the completion text is tokenized on its own instead.
 
+    ``full_render=True`` (reward models) keeps what the template adds after the end-of-turn
+    token (ChatML's ``"\n"``): the completion runs to the end of ``render(prompt + completion)``,
+    so ``prompt_ids + completion_ids`` are the ids of
+    ``tokenizer.apply_chat_template(prompt + completion)``, whose last token a reward model scores
+    (as HF's ``*ForSequenceClassification`` does; see ``models/reward.py``).
+
 Truncation (shared by SFT and pairs; for SFT the "prompt" is every token before the last
 assistant response and there is one response)
-    If ``len(prompt) + max(len(response)) > max_length``: the prompt keeps its **last**
-    ``max(max_length - max_resp, min_prompt)`` tokens, where
+    If ``len(prompt) + max(len(response)) > max_length``, the prompt is cut first: it keeps its
+    **last** ``max(max_length - max_resp, min_prompt)`` tokens, where
     ``min_prompt = max_prompt_length or max_length // 2`` (clamped to ``max_length - 1``);
-    a leading BOS is kept (and counts towards that length). Then every response keeps its
-    **first** ``max_length - len(prompt)`` tokens. With ``overlong="drop"`` such examples are
-    dropped instead.
+    a leading BOS is kept (and counts towards that length). Only if that is not enough does a
+    response lose tokens: with ``overlong="truncate"`` every response keeps its **first**
+    ``max_length - len(prompt)`` tokens; with ``overlong="truncate_prompt"`` (the reward
+    model's default: a cut response would be scored in mid-text) such an example is dropped.
+    With ``overlong="drop"`` every example longer than ``max_length`` is dropped.
+
+    The tokenize functions return ``(example, cut)``; ``cut`` is a :class:`Cut`: ``NONE`` (it
+    fits; falsy), ``PROMPT`` (only the prompt was cut) or ``RESPONSE`` (a response was cut, or
+    would have had to be when the example is dropped).
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -54,7 +67,16 @@ from alignforge.data.records import (
     Message, PointwiseRecord, PreferenceRecord, SFTRecord, Source, TokenizedPair, TokenizedPointwise, TokenizedSFT,
 )
 
-Overlong = Literal["truncate", "drop"]
+Overlong = Literal["truncate", "drop", "truncate_prompt"]
+OVERLONG: tuple[str, ...] = ("truncate", "drop", "truncate_prompt")
+
+
+class Cut(IntEnum):
+    """What truncation did to an example (module docstring); falsy iff it fit."""
+
+    NONE = 0
+    PROMPT = 1  # only the prompt lost tokens (from the left)
+    RESPONSE = 2  # a response lost tokens, or would have (the example was then dropped)
 
 _BOS_CACHE: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
 
@@ -201,7 +223,8 @@ def _prompt_text_ids(tokenizer: Any, prompt: Sequence[Message], source: Source |
 
 
 def _completion_ids(tokenizer: Any, prompt: Sequence[Message], p_text: str, p_ids: list[int],
-                    completion: Sequence[Message], source: Source | None, fld: str) -> list[int]:
+                    completion: Sequence[Message], source: Source | None, fld: str,
+                    full_render: bool = False) -> list[int]:
     try:
         full = render(tokenizer, list(prompt) + list(completion))
     except DataError as e:
@@ -211,7 +234,7 @@ def _completion_ids(tokenizer: Any, prompt: Sequence[Message], p_text: str, p_id
         raise DataError("chat template is not prefix-consistent: rendering prompt + response does "
                         "not start with the rendered prompt (with generation prompt)",
                         file=s.file, line=s.line, field=fld)
-    c_text = full[len(p_text):].rstrip()
+    c_text = full[len(p_text):] if full_render else full[len(p_text):].rstrip()
     joint, _ = _encode(tokenizer, p_text + c_text)
     if joint[:len(p_ids)] == p_ids:
         return joint[len(p_ids):]
@@ -224,17 +247,20 @@ def tokenize_prompt(prompt_msgs: Sequence[Message], tokenizer: Any, source: Sour
 
 
 def tokenize_prompt_completion(prompt_msgs: Sequence[Message], completion_msgs: Sequence[Message],
-                               tokenizer: Any, source: Source | None = None
+                               tokenizer: Any, source: Source | None = None, full_render: bool = False
                                ) -> tuple[list[int], list[int]]:
     """``(prompt_ids, completion_ids)``: prompt with generation prompt; completion up to and
-    including the end-of-turn token (see module docstring)."""
+    including the end-of-turn token, or to the end of the rendering with ``full_render``
+    (reward models; see module docstring)."""
     p_text, p_ids = _prompt_text_ids(tokenizer, prompt_msgs, source)
-    return p_ids, _completion_ids(tokenizer, prompt_msgs, p_text, p_ids, completion_msgs, source, "completion")
+    return p_ids, _completion_ids(tokenizer, prompt_msgs, p_text, p_ids, completion_msgs, source, "completion",
+                                  full_render)
 
 
 # --------------------------------------------------------------------------- truncation
 
-def _starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
+def starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether ``ids`` start with the tokenizer's BOS (which truncation keeps)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos is not None and ids[:1] == [bos]
 
@@ -242,8 +268,19 @@ def _starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
 def _check_args(max_length: int, overlong: str) -> None:
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
-    if overlong not in ("truncate", "drop"):
-        raise ConfigError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if overlong not in OVERLONG:
+        raise ConfigError(f"overlong must be 'truncate', 'drop' or 'truncate_prompt', got {overlong!r}")
+
+
+def _fit(prompt: list, responses: list[list], max_length: int, max_prompt_length: int | None,
+         keep_first: bool, overlong: str) -> tuple[list, list[list], Cut, bool]:
+    """``(prompt, responses, cut, keep)`` by the truncation rule; ``keep=False``: drop the example."""
+    if len(prompt) + max((len(r) for r in responses), default=0) <= max_length:
+        return prompt, responses, Cut.NONE, True
+    p, rs, _ = truncate_prompt_responses(prompt, responses, max_length, max_prompt_length, keep_first)
+    cut = Cut.RESPONSE if any(len(a) < len(b) for a, b in zip(rs, responses, strict=True)) else Cut.PROMPT
+    keep = overlong == "truncate" or (overlong == "truncate_prompt" and cut == Cut.PROMPT)
+    return p, rs, cut, keep
 
 
 def truncate_prompt_responses(prompt: list, responses: list[list], max_length: int,
@@ -269,56 +306,47 @@ def truncate_prompt_responses(prompt: list, responses: list[list], max_length: i
 
 
 def tokenize_sft(record: SFTRecord, tokenizer: Any, max_length: int, overlong: Overlong = "truncate",
-                 max_prompt_length: int | None = None) -> tuple[TokenizedSFT | None, bool]:
-    """Tokenize one SFT record -> ``(example, was_overlong)``; ``example`` is ``None`` when
-    ``overlong="drop"`` and it does not fit in ``max_length``."""
+                 max_prompt_length: int | None = None) -> tuple[TokenizedSFT | None, Cut]:
+    """Tokenize one SFT record -> ``(example, cut)`` (:class:`Cut`); ``example`` is ``None`` when
+    it does not fit in ``max_length`` and ``overlong`` drops it."""
     _check_args(max_length, overlong)
-    ids, mask, cut = tokenize_messages(tokenizer, record.messages, record.source)
-    if len(ids) <= max_length:
-        return TokenizedSFT(ids, mask, record.source), False
-    if overlong == "drop":
-        return None, True
+    ids, mask, start = tokenize_messages(tokenizer, record.messages, record.source)
     idx = list(range(len(ids)))
-    p, (r,), _ = truncate_prompt_responses(idx[:cut], [idx[cut:]], max_length, max_prompt_length,
-                                           _starts_with_bos(tokenizer, ids))
-    keep = p + r
-    return TokenizedSFT([ids[i] for i in keep], [mask[i] for i in keep], record.source), True
+    p, (r,), cut, keep = _fit(idx[:start], [idx[start:]], max_length, max_prompt_length,
+                              starts_with_bos(tokenizer, ids), overlong)
+    if not keep:
+        return None, cut
+    if not cut:
+        return TokenizedSFT(ids, mask, record.source), cut
+    kept = p + r
+    return TokenizedSFT([ids[i] for i in kept], [mask[i] for i in kept], record.source), cut
 
 
 def tokenize_preference(record: PreferenceRecord, tokenizer: Any, max_length: int,
-                        max_prompt_length: int | None = None, overlong: Overlong = "truncate"
-                        ) -> tuple[TokenizedPair | None, bool]:
-    """Tokenize one pair -> ``(pair, was_overlong)``; ``pair`` is ``None`` when dropped."""
+                        max_prompt_length: int | None = None, overlong: Overlong = "truncate",
+                        full_render: bool = False) -> tuple[TokenizedPair | None, Cut]:
+    """Tokenize one pair -> ``(pair, cut)`` (:class:`Cut`); ``pair`` is ``None`` when dropped.
+    ``full_render``: responses run to the end of the rendering (reward models; module docstring)."""
     _check_args(max_length, overlong)
     src = record.source
     p_text, p_ids = _prompt_text_ids(tokenizer, record.prompt, src)
-    c = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.chosen, src, "chosen")
-    r = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.rejected, src, "rejected")
-    if len(p_ids) + max(len(c), len(r)) <= max_length:
-        return TokenizedPair(p_ids, c, r, record.category, src), False
-    if overlong == "drop":
-        return None, True
-    p, (c, r), _ = truncate_prompt_responses(p_ids, [c, r], max_length, max_prompt_length,
-                                             _starts_with_bos(tokenizer, p_ids))
-    return TokenizedPair(p, c, r, record.category, src), True
+    c = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.chosen, src, "chosen", full_render)
+    r = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.rejected, src, "rejected", full_render)
+    p, (c, r), cut, keep = _fit(p_ids, [c, r], max_length, max_prompt_length, starts_with_bos(tokenizer, p_ids),
+                                overlong)
+    return (TokenizedPair(p, c, r, record.category, src) if keep else None), cut
 
 
 def tokenize_pointwise(record: PointwiseRecord, tokenizer: Any, max_length: int,
                        max_prompt_length: int | None = None, overlong: Overlong = "truncate"
-                       ) -> tuple[TokenizedPointwise | None, bool]:
-    """Tokenize one point-wise record -> ``(example, was_overlong)`` (same truncation rule)."""
+                       ) -> tuple[TokenizedPointwise | None, Cut]:
+    """Tokenize one point-wise record -> ``(example, cut)`` (same truncation rule)."""
     _check_args(max_length, overlong)
     src = record.source
     p_text, p_ids = _prompt_text_ids(tokenizer, record.prompt, src)
     c = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.completion, src, "completion")
-    label = float(record.label)
-    if len(p_ids) + len(c) <= max_length:
-        return TokenizedPointwise(p_ids, c, label, record.category, src), False
-    if overlong == "drop":
-        return None, True
-    p, (c,), _ = truncate_prompt_responses(p_ids, [c], max_length, max_prompt_length,
-                                           _starts_with_bos(tokenizer, p_ids))
-    return TokenizedPointwise(p, c, label, record.category, src), True
+    p, (c,), cut, keep = _fit(p_ids, [c], max_length, max_prompt_length, starts_with_bos(tokenizer, p_ids), overlong)
+    return (TokenizedPointwise(p, c, float(record.label), record.category, src) if keep else None), cut
 
 
 # --------------------------------------------------------------------------- datasets
@@ -332,13 +360,31 @@ class DatasetReport:
     max_length: int
     n_read: int = 0  # records in the files (valid + dropped by validation)
     dropped: list[DataError] = field(default_factory=list)  # validation / template errors
-    n_truncated: int = 0
-    n_overlong_dropped: int = 0
+    n_truncated: int = 0  # examples kept with tokens cut (prompt and/or response)
+    n_overlong_dropped: int = 0  # examples dropped as longer than max_length (by `overlong`)
     n_out: int = 0
+    n_response_truncated: int = 0  # of n_truncated: those with a response cut (its end is lost)
+    overlong: str = "truncate"
 
     @property
     def n_dropped(self) -> int:
         return len(self.dropped)
+
+    def add(self, cut: Cut, kept: bool) -> None:
+        """Count one tokenized example by what truncation did to it."""
+        if not kept:
+            self.n_overlong_dropped += 1
+        elif cut:
+            self.n_truncated += 1
+            self.n_response_truncated += int(cut == Cut.RESPONSE)
+
+    def counts(self) -> dict:
+        """The counts as a JSON-serialisable dict (e.g. for ``rm eval``'s ``summary.json``)."""
+        return {"summary": self.summary(), "n_read": self.n_read, "n_out": self.n_out,
+                "n_dropped": self.n_dropped, "n_truncated": self.n_truncated,
+                "n_response_truncated": self.n_response_truncated,
+                "n_overlong_dropped": self.n_overlong_dropped, "overlong": self.overlong,
+                "max_length": self.max_length}
 
     def summary(self) -> str:
         s = (f"{self.kind}: {self.n_out} examples from {self.n_read} records in "
@@ -346,7 +392,12 @@ class DatasetReport:
         if self.dropped:
             s += f"; dropped {self.n_dropped} invalid: {summarize_errors(self.dropped)}"
         s += f"; {self.n_truncated} truncated to max_length {self.max_length}"
-        if self.n_overlong_dropped:
+        if self.n_truncated:
+            s += f" ({self.n_response_truncated} with a response cut)"
+        if self.n_overlong_dropped and self.overlong == "truncate_prompt":
+            s += (f"; {self.n_overlong_dropped} dropped: a response would not fit in max_length {self.max_length} "
+                  "even with the prompt cut")
+        elif self.n_overlong_dropped:
             s += f"; {self.n_overlong_dropped} dropped as longer than max_length {self.max_length}"
         return s
 
@@ -360,7 +411,7 @@ def _as_paths(paths: str | Path | Sequence[str | Path]) -> list[str]:
 def _load(kind: str, paths, reader, tok_fn, tokenizer, max_length, overlong, on_error):
     _check_args(max_length, overlong)
     files = _as_paths(paths)
-    report = DatasetReport(kind, files, max_length)
+    report = DatasetReport(kind, files, max_length, overlong=overlong)
     out = []
     for path in files:
         res = reader(path, on_error)
@@ -368,17 +419,15 @@ def _load(kind: str, paths, reader, tok_fn, tokenizer, max_length, overlong, on_
         report.dropped.extend(res.dropped)
         for rec in res.records:
             try:
-                ex, over = tok_fn(rec)
+                ex, cut = tok_fn(rec)
             except DataError as e:
                 if on_error == "raise":
                     raise
                 report.dropped.append(e)
                 continue
-            if ex is None:
-                report.n_overlong_dropped += 1
-                continue
-            report.n_truncated += int(over)
-            out.append(ex)
+            report.add(cut, ex is not None)
+            if ex is not None:
+                out.append(ex)
     report.n_out = len(out)
     return out, report
 
@@ -395,11 +444,12 @@ def load_sft_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, m
 
 def load_preference_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, max_length: int,
                             max_prompt_length: int | None = None, overlong: Overlong = "truncate",
-                            on_error: OnError = "raise"
+                            on_error: OnError = "raise", full_render: bool = False
                             ) -> tuple[list[TokenizedPair], DatasetReport]:
-    """Read (:func:`read_preference`) and tokenize preference files."""
+    """Read (:func:`read_preference`) and tokenize preference files (``full_render``: for a reward
+    model, see :func:`tokenize_preference`)."""
     return _load("preference", paths, read_preference,
-                 lambda r: tokenize_preference(r, tokenizer, max_length, max_prompt_length, overlong),
+                 lambda r: tokenize_preference(r, tokenizer, max_length, max_prompt_length, overlong, full_render),
                  tokenizer, max_length, overlong, on_error)
 
 

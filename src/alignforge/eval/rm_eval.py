@@ -29,11 +29,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from alignforge.data.balance import DEFAULT_EDGES, bucket_index, bucket_labels
+from alignforge.data.readers import read_unlabeled  # re-exported
 from alignforge.eval.plots import plot_eval
 
 __all__ = ["score_pairs", "score_sequences", "evaluate_pairs", "plot_eval", "run_rm_eval", "score_file",
@@ -265,15 +266,17 @@ def _to_device(rm, device: str | None):
     return rm.to(resolve_device(device))
 
 
-def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: int | None):
-    """``load_preference_dataset``, but tokenizing only until ``limit`` pairs are produced."""
+def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: int | None,
+                  overlong: str = "truncate_prompt"):
+    """``load_preference_dataset`` (RM tokenisation), but tokenizing only until ``limit`` pairs are produced."""
     from alignforge.data.readers import read_preference
     from alignforge.data.tokenize import DatasetReport, load_preference_dataset, tokenize_preference
     from alignforge.errors import DataError
 
     if limit is None:
-        return load_preference_dataset(paths, tok, max_length, on_error=on_error)
-    report = DatasetReport("preference", paths, max_length)
+        return load_preference_dataset(paths, tok, max_length, overlong=overlong, on_error=on_error,
+                                       full_render=True)
+    report = DatasetReport("preference", paths, max_length, overlong=overlong)
     pairs: list = []
     for path in paths:
         if len(pairs) >= limit:
@@ -285,14 +288,15 @@ def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: 
             if len(pairs) >= limit:
                 break
             try:
-                pair, over = tokenize_preference(rec, tok, max_length)
+                pair, cut = tokenize_preference(rec, tok, max_length, overlong=overlong, full_render=True)
             except DataError as e:
                 if on_error == "raise":
                     raise
                 report.dropped.append(e)
                 continue
-            report.n_truncated += int(over)
-            pairs.append(pair)
+            report.add(cut, pair is not None)
+            if pair is not None:
+                pairs.append(pair)
     report.n_out = len(pairs)
     return pairs, report
 
@@ -300,10 +304,12 @@ def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: 
 def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path], out_dir: str | Path,
                 max_length: int = 512, batch_size: int = 8, limit: int | None = None,
                 on_error: str = "skip", n_boot: int = 1000, seed: int = 0, plots: bool = True,
-                progress: bool = True, device: str | None = None) -> dict:
+                progress: bool = True, device: str | None = None, overlong: str = "truncate_prompt") -> dict:
     """Evaluate a saved RM on preference data; writes ``summary.json``, ``scores.jsonl`` and PNGs.
 
-    ``limit``: evaluate the first ``limit`` valid pairs only. Returns the summary.
+    ``limit``: evaluate the first ``limit`` valid pairs only. ``overlong``: pairs longer than
+    ``max_length`` as in training (``data/tokenize.py``; default: cut the prompt, drop a pair
+    whose response would be cut); ``data_report`` counts the pairs cut and dropped. Returns the summary.
     """
     from alignforge.data.convert import write_jsonl
     from alignforge.errors import ConfigError, DataError
@@ -315,7 +321,7 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
     out = Path(out_dir)
     rm, tok, stats = load_reward_model(str(rm_path))
     rm = _to_device(rm, device)
-    pairs, report = _load_limited(paths, tok, max_length, on_error, limit)
+    pairs, report = _load_limited(paths, tok, max_length, on_error, limit, overlong)
     if not pairs:
         raise DataError(f"no valid preference pairs to evaluate ({report.summary()})", file=paths[0])
     chosen, rejected = score_pairs(rm, pairs, _pad_id(tok), batch_size=batch_size, progress=progress)
@@ -330,11 +336,9 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
     summary = {
         "rm": str(rm_path), "data": paths,
         "config": {"max_length": max_length, "batch_size": batch_size, "limit": limit,
-                   "on_error": on_error},
+                   "on_error": on_error, "overlong": overlong},
         "rm_stats": stats,
-        "data_report": {"summary": report.summary(), "n_read": report.n_read, "n_out": report.n_out,
-                        "n_dropped": report.n_dropped, "n_truncated": report.n_truncated,
-                        "first_errors": [str(e) for e in report.dropped[:5]]},
+        "data_report": {**report.counts(), "first_errors": [str(e) for e in report.dropped[:5]]},
         **result,
         "files": {"summary": str(out / "summary.json"), "scores": str(scores_path),
                   "plots": [str(p) for p in plot_paths]},
@@ -345,47 +349,18 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
 
 # --------------------------------------------------------------------------- score a file
 
-def read_unlabeled(path: str | Path) -> Iterable[tuple[int, dict, list, list]]:
-    """Yield ``(line, object, prompt_messages, completion_messages)`` for ``{prompt, completion}``
-    or ``{prompt, response}`` records (strings or message lists, as in pointwise data; the prompt
-    may be implicit in a conversational completion). Raises ``DataError`` with file:line."""
-    from alignforge.data.readers import (
-        _Ctx, _check_prompt, _check_response, _messages, _prompt_value, _require, _response_value,
-        _split_last_response, is_hh_string, iter_json_objects, parse_hh,
-    )
-
-    fname = str(path)
-    for line, obj in iter_json_objects(path):
-        ctx = _Ctx(fname, line)
-        fld = "completion" if obj.get("completion") is not None or "response" not in obj else "response"
-        if obj.get("prompt") is not None:
-            standard = isinstance(obj["prompt"], str)
-            prompt, conv = _prompt_value(obj["prompt"], ctx)
-            completion = _response_value(_require(obj, fld, ctx), fld, conv, standard, ctx)
-        else:
-            comp = _require(obj, fld, ctx)
-            if isinstance(comp, list):
-                prompt, completion = _split_last_response(_messages(comp, fld, ctx), fld, ctx)
-            elif is_hh_string(comp):
-                prompt, completion = _split_last_response(parse_hh(comp), fld, ctx)
-            else:
-                raise ctx.err("prompt", "missing field")
-            _check_prompt(prompt, "prompt", ctx)
-            _check_response(completion, fld, ctx)
-        yield line, obj, prompt, completion
-
-
 def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, batch_size: int = 8,
                max_length: int = 1024, normalize: bool = False, progress: bool = True,
                device: str | None = None) -> dict:
     """Add ``score`` (and ``score_normalized`` with ``normalize``) to every record of ``in_path``;
     write JSONL (``.gz`` → gzip) atomically to ``out_path``. Every record is validated before
     the model runs; a bad one raises ``DataError`` (FILE:LINE: field ...). Prompt + completion
-    longer than ``max_length`` tokens is truncated as in training (prompt from the left).
-    Returns ``{n, n_truncated, score_mean, score_std, out}``."""
+    longer than ``max_length`` tokens is truncated (prompt from the left first; every record gets
+    a score, so a response is cut rather than dropped: ``n_response_truncated`` counts those).
+    Returns ``{n, n_truncated, n_response_truncated, score_mean, score_std, out}``."""
     from alignforge.data.convert import write_jsonl
     from alignforge.data.records import Source
-    from alignforge.data.tokenize import _starts_with_bos, tokenize_prompt_completion, truncate_prompt_responses
+    from alignforge.data.tokenize import starts_with_bos, tokenize_prompt_completion, truncate_prompt_responses
     from alignforge.errors import DataError, ModelError
     from alignforge.models.reward import load_reward_model
 
@@ -394,11 +369,13 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
     if normalize and (mean is None or not std):
         raise ModelError(f"{rm_path}: cannot normalise scores: the reward model has no reference "
                          "statistics (reward_stats.json with mean and a non-zero std)")
-    records, seqs, n_trunc = [], [], 0
+    records, seqs, n_trunc, n_resp = [], [], 0, 0
     for line, obj, prompt, completion in read_unlabeled(in_path):
-        p, c = tokenize_prompt_completion(prompt, completion, tok, Source(str(in_path), line))
-        p, (c,), cut = truncate_prompt_responses(p, [c], max_length, keep_first=_starts_with_bos(tok, p))
+        p, c = tokenize_prompt_completion(prompt, completion, tok, Source(str(in_path), line), full_render=True)
+        n_c = len(c)
+        p, (c,), cut = truncate_prompt_responses(p, [c], max_length, keep_first=starts_with_bos(tok, p))
         n_trunc += int(cut)
+        n_resp += int(len(c) < n_c)
         records.append(obj)
         seqs.append(p + c)
     if not records:
@@ -415,5 +392,6 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
             yield row
 
     write_jsonl(rows(), out_path)
-    return {"n": len(records), "n_truncated": n_trunc, "score_mean": float(scores.mean()),
+    return {"n": len(records), "n_truncated": n_trunc, "n_response_truncated": n_resp,
+            "score_mean": float(scores.mean()),
             "score_std": _std(scores), "out": str(out_path)}

@@ -69,7 +69,8 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
     seqs, owner = [], []
     for i, (r, texts) in enumerate(zip(recs, samples)):
         for t in texts:
-            p, c = tokenize_prompt_completion(r.prompt, [{"role": "assistant", "content": t if t.strip() else " "}], tok)
+            p, c = tokenize_prompt_completion(r.prompt, [{"role": "assistant", "content": t if t.strip() else " "}], tok,
+                                              full_render=True)
             p, (c,), _ = truncate_prompt_responses(p, [c], max_length)
             seqs.append(p + c)
             owner.append(i)

@@ -1,9 +1,19 @@
 """Reward models: an HF ``*ForSequenceClassification`` (backbone + scalar ``score`` head) with our pooling.
 
-The score is read at the **last real token** of each sequence, found from the attention mask
-(or, for packed pairs, from the block layout), never by searching for the pad id: chat models
-such as SmolLM2 use their end-of-turn token as the pad token, so HF's own pad-id pooling would
-stop at the first assistant turn of a multi-turn conversation.
+Which token is scored (the convention shared with plain transformers)
+    A conversation is scored at the **last token of its chat-template rendering**, i.e. of
+    ``tokenizer.apply_chat_template(conversation)`` (no generation prompt): for ChatML templates
+    (SmolLM2) the ``"\n"`` after the final ``<|im_end|>``. The data side produces exactly these
+    ids with ``full_render=True`` (``data/tokenize.py``). Here the position is found from the
+    attention mask (or, for packed pairs, from the block layout), never from the pad id.
+
+    HF's ``*ForSequenceClassification`` (transformers 5) pools at the rightmost token that is not
+    ``config.pad_token_id``. SmolLM2's pad token *is* its ``<|im_end|>``; that is harmless as
+    long as the rendering's last token is not the pad token, and :func:`save_reward_model`
+    makes sure of that (it switches the saved pad token to another special token if it is).
+    So ``AutoModelForSequenceClassification.from_pretrained(saved_dir)`` on
+    ``apply_chat_template(conversation)`` ids, one at a time or right/left-padded with the saved
+    tokenizer's pad token, gives the same scores as :class:`RewardModel` (tested).
 
 A saved reward model is a plain HF sequence-classification directory plus ``reward_stats.json``
 (the score mean and std on a reference set, for normalisation later). Load it back with
@@ -128,14 +138,45 @@ def load_reward_model(path: str, dtype: str = "float32") -> tuple[RewardModel, A
     return RewardModel(model).eval(), tok, stats
 
 
+def rendering_end_id(tokenizer: Any) -> int:
+    """The last token id of a rendered conversation (the token a reward model scores)."""
+    from alignforge.data.tokenize import tokenize_prompt_completion
+
+    p, c = tokenize_prompt_completion([{"role": "user", "content": "Hi"}],
+                                      [{"role": "assistant", "content": "Hello."}], tokenizer, full_render=True)
+    return (p + c)[-1]
+
+
+def scoring_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer``, or a copy with another pad token if its pad token is the rendering's last
+    token (HF's pooling, the rightmost non-pad token, would then miss it; module docstring)."""
+    import copy
+
+    end = rendering_end_id(tokenizer)
+    if tokenizer.pad_token_id != end:
+        return tokenizer
+    for cand in [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                 *tokenizer.all_special_ids, 0, 1]:
+        if cand is not None and cand != end:
+            tok = copy.deepcopy(tokenizer)
+            tok.pad_token = tok.convert_ids_to_tokens(cand)
+            return tok
+    raise ModelError("cannot choose a pad token for the reward model: every candidate is the last "
+                     "token of a rendered conversation")
+
+
 def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, stats: dict) -> Path:
-    """Save atomically as a full HF model (a LoRA adapter is merged first) + ``reward_stats.json``."""
+    """Save atomically as a full HF model (a LoRA adapter is merged first) + ``reward_stats.json``.
+
+    The saved tokenizer and ``config.pad_token_id`` use a pad token that is not the rendering's
+    last token (:func:`scoring_tokenizer`), so plain transformers pools where alignforge does."""
     from alignforge.models.loading import atomic_dir
     from alignforge.models.lora import is_peft
 
     hf = model.model if isinstance(model, RewardModel) else model
     if is_peft(hf):
         hf = hf.merge_and_unload()
+    tokenizer = scoring_tokenizer(tokenizer)
     hf.config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(str(tmp))

@@ -13,8 +13,14 @@ Where this departs from the paper (its details are not recoverable, see METHODS.
   ``λ·(r_w² + r_l²)`` per pair. TRL's centring ``λ·(r_w + r_l)²`` is the alternative.
 * Bucket edges and the balancing direction are not published: we down-sample the majority side
   within each |Δlen| bucket, edges ``0, 8, 16, 32, 64, 128, 256`` tokens (configurable).
-* The paper scores the EOS of the final assistant turn; we score the last token of the response,
-  which is the chat template's end-of-turn token.
+* The paper scores the EOS of the final assistant turn; we score the last token of the rendered
+  conversation (``apply_chat_template(prompt + response)``): the end-of-turn token, or what the
+  template puts after it (ChatML: the newline after ``<|im_end|>``), so that plain transformers'
+  ``AutoModelForSequenceClassification`` gives the same score (``models/reward.py``).
+* Too long for ``data.max_length``: the prompt is cut from the left; a pair whose response would
+  still have to be cut is dropped (``data.overlong=truncate_prompt``, the default here), since a
+  cut response would be scored in mid-text. ``data.overlong=truncate`` cuts it instead. Both
+  counts are in ``data_report.txt``.
 * The paper drops cyclic preferences and ties during annotation; here that is the annotation
   export's job (pairs reaching this trainer are already strict preferences).
 * The RM is initialised from any causal LM (typically the SFT model) with a fresh linear head.
@@ -46,7 +52,7 @@ class RewardConfig:
 class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, overlong="truncate_prompt"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/rm", lr=1e-5,
                                                                    group_by_length=True))
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -118,7 +124,8 @@ def train_rm(cfg: RMConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pairs, report = load_preference_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
                                             max_prompt_length=cfg.data.max_prompt_length,
-                                            overlong=cfg.data.overlong, on_error=cfg.data.on_error)
+                                            overlong=cfg.data.overlong, on_error=cfg.data.on_error,
+                                            full_render=True)
     lines = [report.summary()]
     balance = None
     if cfg.reward.length_balance:
