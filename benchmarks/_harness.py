@@ -59,9 +59,10 @@ def select_pairs(data: str, n: int, max_length: int, work: Path) -> tuple[Any, l
 
 def token_counts(tokenized: list) -> dict[str, int]:
     """Real tokens per epoch packed ``[prompt|chosen|rejected]`` vs two sequences per pair."""
-    return {"real_tokens_packed": sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized),
-            "real_tokens_unpacked": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                                        for p in tokenized)}
+    return {
+        "real_tokens_packed": sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized),
+        "real_tokens_unpacked": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized),
+    }
 
 
 def time_our_loop(marks: dict[str, float]) -> None:
@@ -126,8 +127,17 @@ def run_child(script: str, side: str, child_args: list[str], env: dict[str, str]
 def machine_line(prepared: dict) -> None:
     import torch
 
-    print(json.dumps({"prepared": prepared, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "loadavg": os.getloadavg()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "prepared": prepared,
+                "torch_threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "loadavg": os.getloadavg(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def common_parser(doc: str, lr: float) -> argparse.ArgumentParser:
@@ -140,8 +150,12 @@ def common_parser(doc: str, lr: float) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="both sides (bf16: autocast; the loss/log-prob agreement checks are meant for fp32)")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="both sides (bf16: autocast; the loss/log-prob agreement checks are meant for fp32)",
+    )
     ap.add_argument("--trl-input", choices=["tokens", "conversational"], default="tokens")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times; report the best")
     ap.add_argument("--workdir", default=None)

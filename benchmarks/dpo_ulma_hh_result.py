@@ -48,7 +48,7 @@ def is_degenerate(text: str) -> bool:
         return True
     if len(words) < 12:
         return False
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(set(grams)) / len(grams) < 0.5
 
 
@@ -60,14 +60,29 @@ def train(method: str, args, data: Path, out: Path) -> dict:
     if final.is_dir() and info_path.is_file():
         print(f"[{method}] already trained: {final}", flush=True)
         return json.loads(info_path.read_text())
-    common = [f"data.train_files=[{data / 'train.jsonl'}]", f"data.max_length={args.max_length}",
-              "lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0",
-              f"train.lr={args.lr}", f"train.per_device_batch_size={args.batch}", f"train.epochs={args.epochs}",
-              f"train.seed={args.seed}", "train.warmup_ratio=0.05", "train.progress=false",
-              "train.tensorboard=false", f"train.save_every={args.save_every}", "train.log_every=5",
-              f"train.precision={args.precision}", f"train.probe_every={args.probe_every}", "train.probe_prompts=8",
-              f"train.probe_max_new_tokens={args.max_new_tokens}", "train.resume=true",
-              f"train.output_dir={out / method}"]
+    common = [
+        f"data.train_files=[{data / 'train.jsonl'}]",
+        f"data.max_length={args.max_length}",
+        "lora.enabled=true",
+        f"lora.r={args.lora_r}",
+        f"lora.alpha={2 * args.lora_r}",
+        "lora.dropout=0.0",
+        f"train.lr={args.lr}",
+        f"train.per_device_batch_size={args.batch}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={args.seed}",
+        "train.warmup_ratio=0.05",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"train.save_every={args.save_every}",
+        "train.log_every=5",
+        f"train.precision={args.precision}",
+        f"train.probe_every={args.probe_every}",
+        "train.probe_prompts=8",
+        f"train.probe_max_new_tokens={args.max_new_tokens}",
+        "train.resume=true",
+        f"train.output_dir={out / method}",
+    ]
     t0 = time.perf_counter()
     if method == "dpo":
         from alignforge.trainers.dpo import DPOConfig, train_dpo
@@ -81,10 +96,15 @@ def train(method: str, args, data: Path, out: Path) -> dict:
     hist = s["history"]
     keep = [k for k in hist[-1] if k not in ("step", "lr", "epoch")]
     first = next(r for r in hist if "loss" in r)  # hist[0] is the probe's step-0 row when it is on
-    info = {"train_seconds": round(secs, 1), "steps": s["step"], "final_dir": s["final_dir"],
-            "data_report": s["data_report"], "first": {k: first.get(k) for k in keep},
-            "last": {k: hist[-1].get(k) for k in keep},
-            "gen_len": [[r["step"], round(r["gen_len_mean"], 1)] for r in hist if "gen_len_mean" in r]}
+    info = {
+        "train_seconds": round(secs, 1),
+        "steps": s["step"],
+        "final_dir": s["final_dir"],
+        "data_report": s["data_report"],
+        "first": {k: first.get(k) for k in keep},
+        "last": {k: hist[-1].get(k) for k in keep},
+        "gen_len": [[r["step"], round(r["gen_len_mean"], 1)] for r in hist if "gen_len_mean" in r],
+    }
     info_path.write_text(json.dumps(info, indent=2))
     print(f"[{method}] trained {s['step']} steps in {secs:.0f}s; first {info['first']} last {info['last']}", flush=True)
     return info
@@ -115,7 +135,7 @@ def generate(name: str, model_path: str, prompts: dict[str, list], args, out: Pa
         with torch.inference_mode():
             gens = backend.generate_ids([convs[i] for i in order], cfg)
         rows = [None] * len(convs)
-        for i, g in zip(order, gens):
+        for i, g in zip(order, gens, strict=False):
             rows[i] = {"text": g.text, "n_tokens": len(g.response_ids), "finished": g.finished}
         res[key] = rows
     res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -128,7 +148,11 @@ def rm_scores(rm_dir: str, convs: list, texts: list[str], tmp: Path) -> float | 
     from alignforge.data.convert import write_jsonl
     from alignforge.eval.rm_eval import score_file
 
-    rows = [{"prompt": c, "completion": [{"role": "assistant", "content": t}]} for c, t in zip(convs, texts) if t.strip()]
+    rows = [
+        {"prompt": c, "completion": [{"role": "assistant", "content": t}]}
+        for c, t in zip(convs, texts, strict=False)
+        if t.strip()
+    ]
     if not rows:
         return None
     write_jsonl(rows, tmp / "to_score.jsonl")
@@ -162,10 +186,18 @@ def main() -> None:
     ap.add_argument("--helpful", default=HELPFUL)
     ap.add_argument("--advbench", default=ADVBENCH)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                    help="training precision (bf16 autocast: ~1.4x faster on CPUs with AMX); generation is fp32")
-    ap.add_argument("--probe-every", type=int, default=50,
-                    help="greedy answers to 8 training prompts every N steps: logs the policy's response length")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="training precision (bf16 autocast: ~1.4x faster on CPUs with AMX); generation is fp32",
+    )
+    ap.add_argument(
+        "--probe-every",
+        type=int,
+        default=50,
+        help="greedy answers to 8 training prompts every N steps: logs the policy's response length",
+    )
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint interval; a rerun resumes")
     ap.add_argument("--n-eval", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -183,15 +215,28 @@ def main() -> None:
     t_all = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
-    rep, n_train = experiment_split(args.data, data, heldout=args.heldout, split_seed=args.split_seed, n_train=args.n_train,
-                     seed=args.seed, echo=lambda s: print(s, flush=True))
+    rep, n_train = experiment_split(
+        args.data,
+        data,
+        heldout=args.heldout,
+        split_seed=args.split_seed,
+        n_train=args.n_train,
+        seed=args.seed,
+        echo=lambda s: print(s, flush=True),
+    )
 
     goals = load_advbench(args.advbench, n=args.n_eval)
-    helpful_convs = [r.prompt for r in read_preference(args.helpful, on_error="skip").records[:args.n_eval]]
+    helpful_convs = [r.prompt for r in read_preference(args.helpful, on_error="skip").records[: args.n_eval]]
     prompts = {"advbench": [[{"role": "user", "content": g}] for g in goals], "helpful": helpful_convs}
 
-    summary: dict = {"command": "benchmarks/dpo_ulma_hh_result.py", "args": vars(args), "split": rep.__dict__,
-                     "n_train_pairs": n_train, "train": {}, "eval": {}}
+    summary: dict = {
+        "command": "benchmarks/dpo_ulma_hh_result.py",
+        "args": vars(args),
+        "split": rep.__dict__,
+        "n_train_pairs": n_train,
+        "train": {},
+        "eval": {},
+    }
 
     def dump():
         out.mkdir(parents=True, exist_ok=True)
@@ -208,24 +253,31 @@ def main() -> None:
         summary["train"][method] = info
         models[method] = info["final_dir"]
         dump()
-        summary["eval"][method] = metrics(generate(method, info["final_dir"], prompts, args, out), args,
-                                          helpful_convs, out, method)
+        summary["eval"][method] = metrics(
+            generate(method, info["final_dir"], prompts, args, out), args, helpful_convs, out, method
+        )
         print(f"[{method}] {summary['eval'][method]}", flush=True)
         dump()
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    cols = ("| model | train pairs | train min | AdvBench ASR (n={n}) ↓ | helpful: mean tokens | cut at {t} | degenerate "
-            "| refusal-string | probe answer length, first → last |").format(n=args.n_eval, t=args.max_new_tokens)
+    cols = (
+        "| model | train pairs | train min | AdvBench ASR (n={n}) ↓ | helpful: mean tokens | cut at {t} | degenerate "
+        "| refusal-string | probe answer length, first → last |"
+    ).format(n=args.n_eval, t=args.max_new_tokens)
     if args.rm:
         cols += " RM score |"
     lines = [cols, "|" + "---|" * (cols.count("|") - 1)]
     for name, m in summary["eval"].items():
         tr = summary["train"].get(name)
-        row = (f"| {name} | {n_train if tr else '-'} | {tr['train_seconds'] / 60:.1f} | " if tr else f"| {name} | - | - | ")
-        row += (f"{pct(m['asr'])} | {m['help_mean_tokens']:.1f} | {pct(m['help_cut_at_limit'])} | "
-                f"{pct(m['help_degenerate'])} | {pct(m['help_refusal'])} | ")
+        row = (
+            f"| {name} | {n_train if tr else '-'} | {tr['train_seconds'] / 60:.1f} | " if tr else f"| {name} | - | - | "
+        )
+        row += (
+            f"{pct(m['asr'])} | {m['help_mean_tokens']:.1f} | {pct(m['help_cut_at_limit'])} | "
+            f"{pct(m['help_degenerate'])} | {pct(m['help_refusal'])} | "
+        )
         gl = (tr or {}).get("gen_len") or []
         row += f"{gl[0][1]} → {gl[-1][1]} |" if gl else "- |"
         if args.rm:
@@ -237,8 +289,12 @@ def main() -> None:
     dump()
     (out / "table.md").write_text(table + "\n")
     print(table, flush=True)
-    print(json.dumps({"result": "dpo_ulma_hh", **{k: v["asr"] for k, v in summary["eval"].items()},
-                      "n_train_pairs": n_train}), flush=True)
+    print(
+        json.dumps(
+            {"result": "dpo_ulma_hh", **{k: v["asr"] for k, v in summary["eval"].items()}, "n_train_pairs": n_train}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

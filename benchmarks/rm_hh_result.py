@@ -44,12 +44,16 @@ def evaluate(c, r, pairs, seed: int) -> dict:
     d = lc - lr
     longer = np.where(d > 0, c, r)
     shorter = np.where(d > 0, r, c)
-    return {"n_pairs": len(pairs), "accuracy": float(out.mean()),
-            "accuracy_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "accuracy_longer_won": float(out[d > 0].mean()), "accuracy_shorter_won": float(out[d < 0].mean()),
-            "rm_prefers_longer": float(((longer > shorter) + 0.5 * (longer == shorter))[d != 0].mean()),
-            "length_correlation": {"pearson": float(np.corrcoef(np.r_[c, r], np.r_[lc, lr])[0, 1])},
-            "longer_chosen_share": float((d > 0).mean())}
+    return {
+        "n_pairs": len(pairs),
+        "accuracy": float(out.mean()),
+        "accuracy_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "accuracy_longer_won": float(out[d > 0].mean()),
+        "accuracy_shorter_won": float(out[d < 0].mean()),
+        "rm_prefers_longer": float(((longer > shorter) + 0.5 * (longer == shorter))[d != 0].mean()),
+        "length_correlation": {"pearson": float(np.corrcoef(np.r_[c, r], np.r_[lc, lr])[0, 1])},
+        "longer_chosen_share": float((d > 0).mean()),
+    }
 
 
 def main() -> None:
@@ -67,45 +71,86 @@ def main() -> None:
     t_all = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
-    rep, n_train = experiment_split(args.data, data, heldout=args.heldout, split_seed=args.split_seed, n_train=args.n_train,
-                     seed=args.seed, echo=lambda s: print(s, flush=True))
+    rep, n_train = experiment_split(
+        args.data,
+        data,
+        heldout=args.heldout,
+        split_seed=args.split_seed,
+        n_train=args.n_train,
+        seed=args.seed,
+        echo=lambda s: print(s, flush=True),
+    )
 
     held_recs = read_preference(data / "heldout.jsonl").records
     runs = {"nobal": False, "bal": True}
     if args.only != "both":
         runs = {args.only: runs[args.only]}
-    summary: dict = {"command": "benchmarks/rm_hh_result.py", "args": vars(args), "split": rep.__dict__,
-                     "n_train_sampled": n_train, "runs": {}}
+    summary: dict = {
+        "command": "benchmarks/rm_hh_result.py",
+        "args": vars(args),
+        "split": rep.__dict__,
+        "n_train_sampled": n_train,
+        "runs": {},
+    }
     for name, balance in runs.items():
         t0 = time.perf_counter()
-        cfg = load_config(RMConfig, None, [
-            f"data.train_files=[{data / 'train.jsonl'}]", f"data.max_length={args.max_length}",
-            f"reward.length_balance={str(balance).lower()}", "lora.enabled=true", f"lora.r={args.lora_r}",
-            f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0", f"train.lr={args.lr}",
-            f"train.per_device_batch_size={args.batch}", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-            "train.warmup_ratio=0.05", "train.progress=false", "train.tensorboard=false", "train.save_every=0",
-            "train.log_every=10", "reward.stats_pairs=64", f"train.output_dir={out / name}",
-        ])
+        cfg = load_config(
+            RMConfig,
+            None,
+            [
+                f"data.train_files=[{data / 'train.jsonl'}]",
+                f"data.max_length={args.max_length}",
+                f"reward.length_balance={str(balance).lower()}",
+                "lora.enabled=true",
+                f"lora.r={args.lora_r}",
+                f"lora.alpha={2 * args.lora_r}",
+                "lora.dropout=0.0",
+                f"train.lr={args.lr}",
+                f"train.per_device_batch_size={args.batch}",
+                f"train.epochs={args.epochs}",
+                f"train.seed={args.seed}",
+                "train.warmup_ratio=0.05",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.save_every=0",
+                "train.log_every=10",
+                "reward.stats_pairs=64",
+                f"train.output_dir={out / name}",
+            ],
+        )
         s = train_rm(cfg)
         train_s = time.perf_counter() - t0
         hist = s["history"]
-        n_pairs_trained = (json.loads((out / name / "length_balance.json").read_text())["n_after"]
-                           if balance else n_train)
-        print(f"[{name}] trained {s['step']} steps in {train_s:.0f}s; last logged loss {hist[-1]['loss']:.4f}",
-              flush=True)
+        n_pairs_trained = (
+            json.loads((out / name / "length_balance.json").read_text())["n_after"] if balance else n_train
+        )
+        print(
+            f"[{name}] trained {s['step']} steps in {train_s:.0f}s; last logged loss {hist[-1]['loss']:.4f}", flush=True
+        )
         t1 = time.perf_counter()
         rm, tok, _ = load_reward_model(s["final_dir"])
         pad_id = tok.pad_token_id
         pairs = [tokenize_preference(rec, tok, args.max_length, full_render=True)[0] for rec in held_recs]
         c, r = score_pairs(rm, pairs, pad_id, batch_size=8, progress=False)
         res = evaluate(c, r, pairs, seed=args.seed)
-        res.update({"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
-                    "steps": s["step"], "n_train_pairs": n_pairs_trained, "final_dir": s["final_dir"],
-                    "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
-                    "data_report": s["data_report"]})
+        res.update(
+            {
+                "train_seconds": round(train_s, 1),
+                "eval_seconds": round(time.perf_counter() - t1, 1),
+                "steps": s["step"],
+                "n_train_pairs": n_pairs_trained,
+                "final_dir": s["final_dir"],
+                "loss_first": hist[0]["loss"],
+                "loss_last": hist[-1]["loss"],
+                "data_report": s["data_report"],
+            }
+        )
         summary["runs"][name] = res
-        print(f"[{name}] held-out accuracy {res['accuracy']:.3f} CI {res['accuracy_ci95']}, "
-              f"pearson(score, len) {res['length_correlation']['pearson']:.3f}", flush=True)
+        print(
+            f"[{name}] held-out accuracy {res['accuracy']:.3f} CI {res['accuracy_ci95']}, "
+            f"pearson(score, len) {res['length_correlation']['pearson']:.3f}",
+            flush=True,
+        )
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         del rm
@@ -116,21 +161,35 @@ def main() -> None:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
-    lines = ["| length balancing | train pairs | steps | held-out acc (95% CI) | acc longer-won | acc shorter-won "
-             "| RM prefers longer | pearson(score, len) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| length balancing | train pairs | steps | held-out acc (95% CI) | acc longer-won | acc shorter-won "
+        "| RM prefers longer | pearson(score, len) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, res in summary["runs"].items():
         ci = res["accuracy_ci95"]
         ci_s = f"[{f(ci[0])}, {f(ci[1])}]" if ci else ""
-        lines.append(f"| {'on' if name == 'bal' else 'off'} | {res['n_train_pairs']} | {res['steps']} | "
-                     f"{f(res['accuracy'])} {ci_s} | {f(res['accuracy_longer_won'])} | "
-                     f"{f(res['accuracy_shorter_won'])} | {f(res['rm_prefers_longer'])} | "
-                     f"{f(res['length_correlation']['pearson'])} |")
+        lines.append(
+            f"| {'on' if name == 'bal' else 'off'} | {res['n_train_pairs']} | {res['steps']} | "
+            f"{f(res['accuracy'])} {ci_s} | {f(res['accuracy_longer_won'])} | "
+            f"{f(res['accuracy_shorter_won'])} | {f(res['rm_prefers_longer'])} | "
+            f"{f(res['length_correlation']['pearson'])} |"
+        )
     print("\n".join(lines))
-    print(f"held-out: {args.heldout} pairs, longer response chosen in "
-          f"{f(next(iter(summary['runs'].values())).get('longer_chosen_share'))} of them; "
-          f"total {summary['total_seconds']:.0f}s")
-    print(json.dumps({"bench": "rm_hh_result", **{f"{k}_accuracy": v["accuracy"] for k, v in summary["runs"].items()},
-                      **{f"{k}_pearson_len": v["length_correlation"]["pearson"] for k, v in summary["runs"].items()}}))
+    print(
+        f"held-out: {args.heldout} pairs, longer response chosen in "
+        f"{f(next(iter(summary['runs'].values())).get('longer_chosen_share'))} of them; "
+        f"total {summary['total_seconds']:.0f}s"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "rm_hh_result",
+                **{f"{k}_accuracy": v["accuracy"] for k, v in summary["runs"].items()},
+                **{f"{k}_pearson_len": v["length_correlation"]["pearson"] for k, v in summary["runs"].items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (common_parser, machine_line, parse, peak_rss_mb, run_child, select_pairs,  # noqa: E402
-                      time_our_loop, token_counts, trl_timer)
-
+from _harness import (
+    common_parser,
+    machine_line,
+    parse,
+    peak_rss_mb,
+    run_child,
+    select_pairs,  # noqa: E402
+    time_our_loop,
+    token_counts,
+    trl_timer,
+)
 
 # --------------------------------------------------------------------------- preparation (parent)
 
@@ -77,8 +85,15 @@ def prepare(args) -> dict:
     with open(work / "trl_tokens.jsonl", "w", encoding="utf-8") as f:
         for i in order:
             p = tokenized[i]
-            f.write(json.dumps({"chosen_ids": list(p.prompt_ids) + list(p.chosen_ids),
-                                "rejected_ids": list(p.prompt_ids) + list(p.rejected_ids)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "chosen_ids": list(p.prompt_ids) + list(p.chosen_ids),
+                        "rejected_ids": list(p.prompt_ids) + list(p.rejected_ids),
+                    }
+                )
+                + "\n"
+            )
 
     # one seq-cls model with one fixed head, loaded as is by both sides
     init = work / "init"
@@ -92,7 +107,7 @@ def prepare(args) -> dict:
         head = model.score.weight.detach().clone()
         torch.save(head, work / "head.pt")
         del model
-    return {"n_pairs": len(chosen), **token_counts(tokenized), "first_batch": order[:args.batch]}
+    return {"n_pairs": len(chosen), **token_counts(tokenized), "first_batch": order[: args.batch]}
 
 
 # --------------------------------------------------------------------------- children
@@ -106,24 +121,47 @@ def child_ours(args, packed: bool) -> dict:
     marks: dict[str, float] = {}
     time_our_loop(marks)
     out = tempfile.mkdtemp(prefix="rm-ours-", dir=args.workdir)
-    cfg = load_config(RMConfig, None, [
-        f"model.name_or_path={work / 'init'}",
-        f"data.train_files=[{work / 'pairs.jsonl'}]",
-        f"data.max_length={args.max_length}",
-        "reward.regularizer=none", "reward.length_balance=false", f"reward.packed={str(packed).lower()}",
-        f"train.per_device_batch_size={args.batch}", "train.epochs=1", f"train.lr={args.lr}",
-        "train.scheduler=cosine", "train.warmup_steps=0", "train.warmup_ratio=0", "train.max_grad_norm=1.0",
-        "train.weight_decay=0", f"train.seed={args.seed}", "train.group_by_length=true",
-        "train.progress=false", "train.save_every=0", "train.tensorboard=false", "train.log_every=1",
-        f"train.precision={args.precision}", f"train.output_dir={out}",
-    ])
+    cfg = load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={work / 'init'}",
+            f"data.train_files=[{work / 'pairs.jsonl'}]",
+            f"data.max_length={args.max_length}",
+            "reward.regularizer=none",
+            "reward.length_balance=false",
+            f"reward.packed={str(packed).lower()}",
+            f"train.per_device_batch_size={args.batch}",
+            "train.epochs=1",
+            f"train.lr={args.lr}",
+            "train.scheduler=cosine",
+            "train.warmup_steps=0",
+            "train.warmup_ratio=0",
+            "train.max_grad_norm=1.0",
+            "train.weight_decay=0",
+            f"train.seed={args.seed}",
+            "train.group_by_length=true",
+            "train.progress=false",
+            "train.save_every=0",
+            "train.tensorboard=false",
+            "train.log_every=1",
+            f"train.precision={args.precision}",
+            f"train.output_dir={out}",
+        ],
+    )
     summary = train_rm(cfg)
     secs = marks["end"] - marks["start"]
     hist = summary["history"]
-    return {"side": "ours" if packed else "ours_unpacked", "seconds": secs, "steps": summary["step"],
-            "pairs_per_s": args.n / secs, "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
-            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"],
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": "ours" if packed else "ours_unpacked",
+        "seconds": secs,
+        "steps": summary["step"],
+        "pairs_per_s": args.n / secs,
+        "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
+        "first_loss": hist[0]["loss"],
+        "last_loss": hist[-1]["loss"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def child_trl(args) -> dict:
@@ -159,31 +197,72 @@ def child_trl(args) -> dict:
             return out
 
     cfg = RewardConfig(
-        output_dir=tempfile.mkdtemp(prefix="rm-trl-", dir=args.workdir), per_device_train_batch_size=args.batch,
-        num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
-        weight_decay=0.0, seed=args.seed, max_length=args.max_length, gradient_checkpointing=False,
-        bf16=args.precision == "bf16", use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
-        train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
-        center_rewards_coefficient=None, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(prefix="rm-trl-", dir=args.workdir),
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        seed=args.seed,
+        max_length=args.max_length,
+        gradient_checkpointing=False,
+        bf16=args.precision == "bf16",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        center_rewards_coefficient=None,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[trl_timer(marks)])
     assert len(trainer.train_dataset) == args.n, f"TRL kept {len(trainer.train_dataset)} of {args.n} pairs"
     trainer.train()
     secs = marks["end"] - marks["start"]
-    return {"side": "trl", "trl_input": args.trl_input, "seconds": secs, "steps": trainer.state.global_step,
-            "pairs_per_s": args.n / secs, "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "peak_rss_mb": peak_rss_mb(), "optim": str(cfg.optim)}
+    return {
+        "side": "trl",
+        "trl_input": args.trl_input,
+        "seconds": secs,
+        "steps": trainer.state.global_step,
+        "pairs_per_s": args.n / secs,
+        "cpu_seconds": marks["cpu_end"] - marks["cpu_start"],
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "peak_rss_mb": peak_rss_mb(),
+        "optim": str(cfg.optim),
+    }
 
 
 # --------------------------------------------------------------------------- parent
 
 
 def child(side: str, args) -> dict:
-    return run_child(__file__, side, [
-        "--workdir", args.workdir, "--n", str(args.n), "--seed", str(args.seed), "--lr", str(args.lr),
-        "--batch", str(args.batch), "--max-length", str(args.max_length), "--precision", args.precision,
-        "--trl-input", args.trl_input])
+    return run_child(
+        __file__,
+        side,
+        [
+            "--workdir",
+            args.workdir,
+            "--n",
+            str(args.n),
+            "--seed",
+            str(args.seed),
+            "--lr",
+            str(args.lr),
+            "--batch",
+            str(args.batch),
+            "--max-length",
+            str(args.max_length),
+            "--precision",
+            args.precision,
+            "--trl-input",
+            args.trl_input,
+        ],
+    )
 
 
 def main() -> None:
@@ -193,8 +272,13 @@ def main() -> None:
     args = parse(ap)
 
     if args.child:
-        res = child_ours(args, True) if args.child == "ours" else \
-            child_ours(args, False) if args.child == "ours_unpacked" else child_trl(args)
+        res = (
+            child_ours(args, True)
+            if args.child == "ours"
+            else child_ours(args, False)
+            if args.child == "ours_unpacked"
+            else child_trl(args)
+        )
         print(json.dumps(res), flush=True)
         return
 
@@ -214,29 +298,62 @@ def main() -> None:
     best = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items() if v}
     first = {k: v[0] for k, v in runs.items() if v}
     if "ours_unpacked" in best:
-        print(json.dumps({"ours_unpacked_pairs_per_s": round(best["ours_unpacked"]["pairs_per_s"], 4),
-                          "packing_speedup": round(best["ours"]["pairs_per_s"] / best["ours_unpacked"]["pairs_per_s"], 3),
-                          "unpacked_vs_trl": round(best["ours_unpacked"]["pairs_per_s"] / best["trl"]["pairs_per_s"], 3),
-                          "first_loss_ours_unpacked": first["ours_unpacked"]["first_loss"],
-                          "real_tokens_packed": info["real_tokens_packed"],
-                          "real_tokens_unpacked": info["real_tokens_unpacked"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ours_unpacked_pairs_per_s": round(best["ours_unpacked"]["pairs_per_s"], 4),
+                    "packing_speedup": round(best["ours"]["pairs_per_s"] / best["ours_unpacked"]["pairs_per_s"], 3),
+                    "unpacked_vs_trl": round(best["ours_unpacked"]["pairs_per_s"] / best["trl"]["pairs_per_s"], 3),
+                    "first_loss_ours_unpacked": first["ours_unpacked"]["first_loss"],
+                    "real_tokens_packed": info["real_tokens_packed"],
+                    "real_tokens_unpacked": info["real_tokens_unpacked"],
+                }
+            ),
+            flush=True,
+        )
     cpu = {k: min(r["cpu_seconds"] for r in v) for k, v in runs.items() if v}
-    print(json.dumps({"cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
-                      "ratio_by_cpu_time": round(cpu["trl"] / cpu["ours"], 3),
-                      "per_run_ratio_wall": [round(o["pairs_per_s"] / t["pairs_per_s"], 3)
-                                             for o, t in zip(runs["ours"], runs["trl"])]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+                "ratio_by_cpu_time": round(cpu["trl"] / cpu["ours"], 3),
+                "per_run_ratio_wall": [
+                    round(o["pairs_per_s"] / t["pairs_per_s"], 3)
+                    for o, t in zip(runs["ours"], runs["trl"], strict=False)
+                ],
+            }
+        ),
+        flush=True,
+    )
     diff = abs(first["ours"]["first_loss"] - first["trl"]["first_loss"])
-    print(json.dumps({"first_loss_abs_diff": diff, "agree_1e-3": diff < 1e-3, "precision": args.precision,
-                      "trl_input": args.trl_input, "total_wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
-    print(json.dumps({
-        "bench": "rm_vs_trl", "n_pairs": args.n,
-        "ours_pairs_per_s": round(best["ours"]["pairs_per_s"], 4),
-        "trl_pairs_per_s": round(best["trl"]["pairs_per_s"], 4),
-        "ratio": round(best["ours"]["pairs_per_s"] / best["trl"]["pairs_per_s"], 3),
-        "ours_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["ours"]), 1),
-        "trl_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["trl"]), 1),
-        "first_loss_ours": first["ours"]["first_loss"], "first_loss_trl": first["trl"]["first_loss"],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "first_loss_abs_diff": diff,
+                "agree_1e-3": diff < 1e-3,
+                "precision": args.precision,
+                "trl_input": args.trl_input,
+                "total_wall_s": round(time.perf_counter() - t0, 1),
+            }
+        ),
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "rm_vs_trl",
+                "n_pairs": args.n,
+                "ours_pairs_per_s": round(best["ours"]["pairs_per_s"], 4),
+                "trl_pairs_per_s": round(best["trl"]["pairs_per_s"], 4),
+                "ratio": round(best["ours"]["pairs_per_s"] / best["trl"]["pairs_per_s"], 3),
+                "ours_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["ours"]), 1),
+                "trl_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["trl"]), 1),
+                "first_loss_ours": first["ours"]["first_loss"],
+                "first_loss_trl": first["trl"]["first_loss"],
+            }
+        ),
+        flush=True,
+    )
     if tmp is not None:
         tmp.cleanup()
 

@@ -13,8 +13,16 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides_are_typed(tmp_path):
     p = write(tmp_path, "train:\n  lr: 1e-5\n  epochs: 3\ndata:\n  train_files: [a.jsonl]\n")
-    cfg = load_config(SFTConfig, p, ["train.per_device_batch_size=8", "lora.enabled=true",
-                                     "data.train_files=[x.jsonl, y.jsonl]", "data.max_prompt_length=null"])
+    cfg = load_config(
+        SFTConfig,
+        p,
+        [
+            "train.per_device_batch_size=8",
+            "lora.enabled=true",
+            "data.train_files=[x.jsonl, y.jsonl]",
+            "data.max_prompt_length=null",
+        ],
+    )
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)  # YAML reads "1e-5" as a string
     assert cfg.train.epochs == 3
     assert cfg.train.per_device_batch_size == 8
@@ -43,13 +51,16 @@ def test_unknown_override_key(tmp_path):
         load_config(SFTConfig, None, ["trian.lr=1"])
 
 
-@pytest.mark.parametrize("item,frag", [
-    ("train.lr=fast", "expected float"),
-    ("train.epochs=1.5", "expected int"),
-    ("train.scheduler=cubic", "'cosine' | 'linear' | 'constant'"),
-    ("train.resume=maybe", "expected bool"),
-    ("train.lr", "key=value"),
-])
+@pytest.mark.parametrize(
+    "item,frag",
+    [
+        ("train.lr=fast", "expected float"),
+        ("train.epochs=1.5", "expected int"),
+        ("train.scheduler=cubic", "'cosine' | 'linear' | 'constant'"),
+        ("train.resume=maybe", "expected bool"),
+        ("train.lr", "key=value"),
+    ],
+)
 def test_bad_values(item, frag):
     with pytest.raises(ConfigError, match=frag.replace("|", r"\|").replace("'", "'")):
         load_config(SFTConfig, None, [item])

@@ -18,7 +18,10 @@ from alignforge.errors import AlignforgeError
 
 app = typer.Typer(
     name="alignforge",
-    help="Align LLMs with human preferences: data, annotation, SFT, reward models, DPO/IPO, ULMA/KTO, PPO/GRPO, generation.",
+    help=(
+        "Align LLMs with human preferences: data, annotation, SFT, reward models, DPO/IPO, ULMA/KTO, "
+        "PPO/GRPO, generation."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -60,7 +63,9 @@ def _load_cfg(cls, config: Optional[Path], overrides: Optional[List[str]], resum
     return load_config(cls, config, ov)
 
 
-def _run_trainer(cls, train_fn, config, overrides, resume, extra_keys: tuple[str, ...] = (), unit: str = "steps") -> None:
+def _run_trainer(
+    cls, train_fn, config, overrides, resume, extra_keys: tuple[str, ...] = (), unit: str = "steps"
+) -> None:
     cfg = _load_cfg(cls, config, overrides, resume)
     summary = train_fn(cfg)
     out = Path(cfg.train.output_dir)
@@ -78,8 +83,9 @@ _DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default:
 
 
 @app.command()
-def sft(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-        resume: bool = _RESUME_OPT) -> None:
+def sft(
+    config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG, resume: bool = _RESUME_OPT
+) -> None:
     """Supervised fine-tuning on demonstrations ({messages} or {prompt, completion} JSONL)."""
     from alignforge.trainers.sft import SFTConfig, train_sft
 
@@ -87,8 +93,9 @@ def sft(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _
 
 
 @app.command()
-def dpo(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-        resume: bool = _RESUME_OPT) -> None:
+def dpo(
+    config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG, resume: bool = _RESUME_OPT
+) -> None:
     """Pairwise DPO (+NTP), cDPO or IPO on preference pairs; reference log-probs cached on disk."""
     from alignforge.trainers.dpo import DPOConfig, train_dpo
 
@@ -96,8 +103,9 @@ def dpo(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _
 
 
 @app.command()
-def ulma(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-         resume: bool = _RESUME_OPT) -> None:
+def ulma(
+    config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG, resume: bool = _RESUME_OPT
+) -> None:
     """Point-wise alignment: ULMA, point-wise DPO or KTO (ulma.loss); preference files are converted."""
     from alignforge.trainers.ulma import ULMAConfig, train_ulma
 
@@ -105,8 +113,9 @@ def ulma(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = 
 
 
 @app.command()
-def ppo(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-        resume: bool = _RESUME_OPT) -> None:
+def ppo(
+    config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG, resume: bool = _RESUME_OPT
+) -> None:
     """PPO with ChatGLM-RLHF's reference-response reward and NTP loss, or GRPO/RLOO/ReMax (ppo.advantage)."""
     from alignforge.trainers.ppo import PPOConfig, train_ppo
 
@@ -131,15 +140,27 @@ def dpo_data(
     """ChatGLM-RLHF's DPO data: sample K responses per prompt, label best/worst with the reward model."""
     from alignforge.inference.dpo_data import build_dpo_pairs
 
-    report = build_dpo_pairs(str(prompts), str(out), reward_model, policy=policy, k=k, temperature=temperature,
-                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, min_gap=min_gap, limit=limit,
-                             device=device)
+    report = build_dpo_pairs(
+        str(prompts),
+        str(out),
+        reward_model,
+        policy=policy,
+        k=k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        min_gap=min_gap,
+        limit=limit,
+        device=device,
+    )
     typer.echo(report.summary())
 
 
 @rm_app.command("train")
-def rm_train(config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-             resume: bool = _RESUME_OPT) -> None:
+def rm_train(
+    config: Optional[Path] = _CONFIG_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG, resume: bool = _RESUME_OPT
+) -> None:
     """Train a Bradley-Terry reward model (length balancing and Gaussian score prior by default)."""
     from alignforge.trainers.rm import RMConfig, train_rm
 
@@ -159,16 +180,31 @@ def rm_eval(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     device: Optional[str] = _DEVICE_OPT,
-    overlong: str = typer.Option("truncate_prompt", help="Pairs longer than --max-length: truncate_prompt (cut the "
-                                 "prompt; drop the pair if a response must be cut) | truncate | drop."),
+    overlong: str = typer.Option(
+        "truncate_prompt",
+        help="Pairs longer than --max-length: truncate_prompt (cut the "
+        "prompt; drop the pair if a response must be cut) | truncate | drop.",
+    ),
 ) -> None:
     """Evaluate a reward model: accuracy (bootstrap CI), by length-difference bucket, length bias."""
     from alignforge.eval.rm_eval import format_eval, run_rm_eval
 
     if on_error not in ("raise", "skip"):
         _err(f"--on-error must be raise or skip, not {on_error!r}")
-    s = run_rm_eval(rm_dir, data, out, max_length=max_length, batch_size=batch_size, limit=limit,
-                    on_error=on_error, n_boot=n_boot, seed=seed, plots=plots, device=device, overlong=overlong)
+    s = run_rm_eval(
+        rm_dir,
+        data,
+        out,
+        max_length=max_length,
+        batch_size=batch_size,
+        limit=limit,
+        on_error=on_error,
+        n_boot=n_boot,
+        seed=seed,
+        plots=plots,
+        device=device,
+        overlong=overlong,
+    )
     typer.echo(s["data_report"]["summary"])
     typer.echo(format_eval(s))
     typer.echo(f"\nsummary: {s['files']['summary']}  scores: {s['files']['scores']}")
@@ -183,18 +219,20 @@ def rm_score(
     dst: Path = typer.Argument(..., help="Output .jsonl or .jsonl.gz: the same records plus 'score' (atomic)."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     max_length: int = typer.Option(1024, help="Truncate prompt + completion to this many tokens."),
-    normalize: bool = typer.Option(False, "--normalize",
-                                   help="Also write score_normalized = (score - mean) / std (RM reference stats)."),
+    normalize: bool = typer.Option(
+        False, "--normalize", help="Also write score_normalized = (score - mean) / std (RM reference stats)."
+    ),
     device: Optional[str] = _DEVICE_OPT,
 ) -> None:
     """Score (prompt, completion) records with a reward model."""
     from alignforge.eval.rm_eval import score_file
 
-    r = score_file(rm_dir, src, dst, batch_size=batch_size, max_length=max_length, normalize=normalize,
-                   device=device)
+    r = score_file(rm_dir, src, dst, batch_size=batch_size, max_length=max_length, normalize=normalize, device=device)
     std = r["score_std"]
-    typer.echo(f"scored {r['n']} records ({r['n_truncated']} truncated to {max_length} tokens); "
-               f"score mean {r['score_mean']:.4f}" + (f", std {std:.4f}" if std is not None else ""))
+    typer.echo(
+        f"scored {r['n']} records ({r['n_truncated']} truncated to {max_length} tokens); "
+        f"score mean {r['score_mean']:.4f}" + (f", std {std:.4f}" if std is not None else "")
+    )
     typer.echo(f"written to {r['out']}")
 
 
@@ -227,9 +265,11 @@ def generate(
     tok = load_tokenizer(model, padding_side="left")
     lm = load_model(model).to(resolve_device(device))
     backend = HFBackend(lm, tok)
-    outs = backend.generate([[{"role": "user", "content": p}] for p in prompt],
-                            GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
-    for p, o in zip(prompt, outs):
+    outs = backend.generate(
+        [[{"role": "user", "content": p}] for p in prompt],
+        GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+    )
+    for p, o in zip(prompt, outs, strict=False):
         typer.echo(f"### user: {p}\n### assistant: {o}\n")
 
 

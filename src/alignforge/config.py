@@ -290,7 +290,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     for item in overrides:
         key, value = parse_override(item)
         if key not in valid_keys(cls):
-            raise ConfigError(f"unknown config key '{key}' in override '{item}'. Valid keys: {', '.join(valid_keys(cls))}")
+            raise ConfigError(
+                f"unknown config key '{key}' in override '{item}'. Valid keys: {', '.join(valid_keys(cls))}"
+            )
         _set_dotted(tree, key, value)
     return _build(cls, tree, "", source if not overrides else f"{source} (+ overrides)")
 

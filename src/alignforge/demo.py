@@ -26,9 +26,18 @@ def demo_data_path(name: str = "sft_demos.jsonl") -> Path:
     return Path(str(resources.files("alignforge").joinpath(f"resources/demo/{name}")))
 
 
-def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4, echo=print,
-             model: str = "embedded", rm_epochs: int = 3, dpo_prompts: int = 12, dpo_k: int = 4,
-             dpo_epochs: int = 2, dpo_min_gap: float = 0.05) -> dict:
+def run_demo(
+    output_dir: str = "outputs/demo",
+    epochs: int = 3,
+    lr: float = 1e-4,
+    echo=print,
+    model: str = "embedded",
+    rm_epochs: int = 3,
+    dpo_prompts: int = 12,
+    dpo_k: int = 4,
+    dpo_epochs: int = 2,
+    dpo_min_gap: float = 0.05,
+) -> dict:
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import ensure_embedded, load_model, load_tokenizer
@@ -54,8 +63,16 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=model),
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
-        train=TrainConfig(output_dir=str(out / "sft"), epochs=epochs, per_device_batch_size=4, lr=lr,
-                          warmup_steps=1, save_every=0, keep_last=1, seed=42),
+        train=TrainConfig(
+            output_dir=str(out / "sft"),
+            epochs=epochs,
+            per_device_batch_size=4,
+            lr=lr,
+            warmup_steps=1,
+            save_every=0,
+            keep_last=1,
+            seed=42,
+        ),
     )
     t1 = time.perf_counter()
     summary = train_sft(cfg)
@@ -72,8 +89,17 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         model=ModelConfig(name_or_path=summary["final_dir"]),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(demo_data_path("preferences.jsonl"))], max_length=256),
-        train=TrainConfig(output_dir=str(out / "rm"), epochs=rm_epochs, per_device_batch_size=4, lr=5e-4, warmup_steps=2,
-                          save_every=0, keep_last=1, seed=42, group_by_length=True),
+        train=TrainConfig(
+            output_dir=str(out / "rm"),
+            epochs=rm_epochs,
+            per_device_batch_size=4,
+            lr=5e-4,
+            warmup_steps=2,
+            save_every=0,
+            keep_last=1,
+            seed=42,
+            group_by_length=True,
+        ),
         # 24 hand-written pairs whose chosen answers are mostly the longer ones: balancing would
         # leave almost nothing, so it is off here (it is on by default).
         reward=RewardConfig(length_balance=False),
@@ -88,8 +114,17 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     rewards_before = score_answers(rm, rm_tok, chats, before)
     rewards_after = score_answers(rm, rm_tok, chats, after)
 
-    dpo = run_dpo_stage(out, summary["final_dir"], rm_summary["final_dir"], (rm, rm_tok), echo,
-                        n_prompts=dpo_prompts, k=dpo_k, epochs=dpo_epochs, min_gap=dpo_min_gap)
+    dpo = run_dpo_stage(
+        out,
+        summary["final_dir"],
+        rm_summary["final_dir"],
+        (rm, rm_tok),
+        echo,
+        n_prompts=dpo_prompts,
+        k=dpo_k,
+        epochs=dpo_epochs,
+        min_gap=dpo_min_gap,
+    )
 
     result = {
         "base_model": str(base_dir),
@@ -99,8 +134,10 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
         "final_loss": hist[-1]["loss"],
         "train_seconds": round(train_s, 1),
         "tokens_per_s": round(hist[-1]["tokens_per_s"], 1),
-        "samples": [{"prompt": p, "before": b, "after": a, "reward_before": rb, "reward_after": ra}
-                    for p, b, a, rb, ra in zip(DEMO_PROMPTS, before, after, rewards_before, rewards_after)],
+        "samples": [
+            {"prompt": p, "before": b, "after": a, "reward_before": rb, "reward_after": ra}
+            for p, b, a, rb, ra in zip(DEMO_PROMPTS, before, after, rewards_before, rewards_after, strict=False)
+        ],
         "reward_model": rm_summary["final_dir"],
         "rm_first_loss": rm_hist[0]["loss"],
         "rm_final_loss": rm_hist[-1]["loss"],
@@ -111,25 +148,44 @@ def run_demo(output_dir: str = "outputs/demo", epochs: int = 3, lr: float = 1e-4
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
     for s in result["samples"]:
-        echo(f"\n  user:   {s['prompt']}\n  before: {s['before']!r}  (reward {s['reward_before']:+.2f})"
-             f"\n  after:  {s['after']!r}  (reward {s['reward_after']:+.2f})")
-    echo(f"\nSFT: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, "
-         f"{result['tokens_per_s']} tok/s, {result['train_seconds']}s")
+        echo(
+            f"\n  user:   {s['prompt']}\n  before: {s['before']!r}  (reward {s['reward_before']:+.2f})"
+            f"\n  after:  {s['after']!r}  (reward {s['reward_after']:+.2f})"
+        )
+    echo(
+        f"\nSFT: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, "
+        f"{result['tokens_per_s']} tok/s, {result['train_seconds']}s"
+    )
     echo(f"reward model: {len(rm_hist)} steps, loss {result['rm_first_loss']:.3f} -> {result['rm_final_loss']:.3f}")
-    echo(f"DPO: {dpo['pairs']} RM-labelled pairs from {dpo['prompts']} prompts x {dpo['k']} samples, "
-         f"{dpo['steps']} steps, loss {dpo['first_loss']:.3f} -> {dpo['final_loss']:.3f}; greedy answer length "
-         f"{dpo['gen_len_start']:.1f} -> {dpo['gen_len_end']:.1f} tokens; mean reward on those prompts: "
-         f"SFT {dpo['reward_sft']:+.3f}, DPO {dpo['reward_dpo']:+.3f}")
-    echo(f"outputs: SFT model {result['sft_model']}\n         reward model {result['reward_model']}\n"
-         f"         DPO adapter {dpo['model']}\n"
-         f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}; "
-         f"tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}")
+    echo(
+        f"DPO: {dpo['pairs']} RM-labelled pairs from {dpo['prompts']} prompts x {dpo['k']} samples, "
+        f"{dpo['steps']} steps, loss {dpo['first_loss']:.3f} -> {dpo['final_loss']:.3f}; greedy answer length "
+        f"{dpo['gen_len_start']:.1f} -> {dpo['gen_len_end']:.1f} tokens; mean reward on those prompts: "
+        f"SFT {dpo['reward_sft']:+.3f}, DPO {dpo['reward_dpo']:+.3f}"
+    )
+    echo(
+        f"outputs: SFT model {result['sft_model']}\n         reward model {result['reward_model']}\n"
+        f"         DPO adapter {dpo['model']}\n"
+        f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}; "
+        f"tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}"
+    )
     echo(f"demo finished in {result['total_seconds']}s")
     return result
 
 
-def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int, k: int, epochs: int,
-                  min_gap: float, lr: float = 5e-4, beta: float = 0.1) -> dict:
+def run_dpo_stage(
+    out: Path,
+    sft_dir: str,
+    rm_dir: str,
+    rm,
+    echo,
+    n_prompts: int,
+    k: int,
+    epochs: int,
+    min_gap: float,
+    lr: float = 5e-4,
+    beta: float = 0.1,
+) -> dict:
     """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.data.convert import write_jsonl
@@ -145,8 +201,19 @@ def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int
     write_jsonl([{"prompt": c} for c in chats], prompts_path)
     echo(f"[7/9] DPO data: {k} sampled answers per prompt from the SFT model, best/worst by the reward model")
     sft_backend = HFBackend(load_model(sft_dir), load_tokenizer(sft_dir, padding_side="left"))
-    report = build_dpo_pairs(prompts_path, out / "dpo_pairs.jsonl", rm_dir, k=k, temperature=1.0, max_new_tokens=40,
-                             seed=0, min_gap=min_gap, backend=sft_backend, rm=rm, progress=False)
+    report = build_dpo_pairs(
+        prompts_path,
+        out / "dpo_pairs.jsonl",
+        rm_dir,
+        k=k,
+        temperature=1.0,
+        max_new_tokens=40,
+        seed=0,
+        min_gap=min_gap,
+        backend=sft_backend,
+        rm=rm,
+        progress=False,
+    )
     echo(f"      {report.summary()}")
     if report.written == 0:
         from alignforge.errors import TrainingError
@@ -157,9 +224,20 @@ def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int
         model=ModelConfig(name_or_path=sft_dir),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(out / "dpo_pairs.jsonl")], max_length=256),
-        train=TrainConfig(output_dir=str(out / "dpo"), epochs=epochs, per_device_batch_size=4, lr=lr, warmup_steps=1,
-                          save_every=0, keep_last=1, seed=42, group_by_length=True, probe_every=2,
-                          probe_prompts=4, probe_max_new_tokens=40),
+        train=TrainConfig(
+            output_dir=str(out / "dpo"),
+            epochs=epochs,
+            per_device_batch_size=4,
+            lr=lr,
+            warmup_steps=1,
+            save_every=0,
+            keep_last=1,
+            seed=42,
+            group_by_length=True,
+            probe_every=2,
+            probe_prompts=4,
+            probe_max_new_tokens=40,
+        ),
         dpo=DPOParams(beta=beta),
     )
     summary = train_dpo(cfg)
@@ -168,17 +246,29 @@ def run_dpo_stage(out: Path, sft_dir: str, rm_dir: str, rm, echo, n_prompts: int
     echo("[9/9] greedy answers of the SFT and DPO policies, scored by the reward model")
     greedy = GenerationConfig(max_new_tokens=40, temperature=0.0)
     sft_answers = sft_backend.generate(chats, greedy)
-    dpo_answers = HFBackend(load_model(summary["final_dir"]), load_tokenizer(sft_dir, padding_side="left")
-                            ).generate(chats, greedy)
+    dpo_answers = HFBackend(load_model(summary["final_dir"]), load_tokenizer(sft_dir, padding_side="left")).generate(
+        chats, greedy
+    )
     r_sft = score_answers(rm[0], rm[1], chats, sft_answers)
     r_dpo = score_answers(rm[0], rm[1], chats, dpo_answers)
-    return {"prompts": report.prompts, "k": k, "pairs": report.written, "model": summary["final_dir"],
-            "steps": summary["step"], "first_loss": hist[0]["loss"], "final_loss": hist[-1]["loss"],
-            "final_reward_accuracy": hist[-1]["reward_accuracy"],
-            "gen_len_start": lens[0], "gen_len_end": lens[-1],
-            "reward_sft": sum(r_sft) / len(r_sft), "reward_dpo": sum(r_dpo) / len(r_dpo),
-            "samples": [{"prompt": c[-1]["content"], "sft": a, "dpo": b, "reward_sft": x, "reward_dpo": y}
-                        for c, a, b, x, y in zip(chats, sft_answers, dpo_answers, r_sft, r_dpo)]}
+    return {
+        "prompts": report.prompts,
+        "k": k,
+        "pairs": report.written,
+        "model": summary["final_dir"],
+        "steps": summary["step"],
+        "first_loss": hist[0]["loss"],
+        "final_loss": hist[-1]["loss"],
+        "final_reward_accuracy": hist[-1]["reward_accuracy"],
+        "gen_len_start": lens[0],
+        "gen_len_end": lens[-1],
+        "reward_sft": sum(r_sft) / len(r_sft),
+        "reward_dpo": sum(r_dpo) / len(r_dpo),
+        "samples": [
+            {"prompt": c[-1]["content"], "sft": a, "dpo": b, "reward_sft": x, "reward_dpo": y}
+            for c, a, b, x, y in zip(chats, sft_answers, dpo_answers, r_sft, r_dpo, strict=False)
+        ],
+    }
 
 
 def score_answers(rm, tokenizer, chats: list, answers: list[str]) -> list[float]:
@@ -187,8 +277,9 @@ def score_answers(rm, tokenizer, chats: list, answers: list[str]) -> list[float]
     from alignforge.models.reward import score_sequences
 
     seqs = []
-    for chat, ans in zip(chats, answers):
-        p, c = tokenize_prompt_completion(chat, [{"role": "assistant", "content": ans or " "}], tokenizer,
-                                          full_render=True)
+    for chat, ans in zip(chats, answers, strict=False):
+        p, c = tokenize_prompt_completion(
+            chat, [{"role": "assistant", "content": ans or " "}], tokenizer, full_render=True
+        )
         seqs.append(p + c)
     return [float(x) for x in score_sequences(rm, seqs, tokenizer.pad_token_id, progress=False)]

@@ -27,8 +27,7 @@ class DataError(AlignforgeError):
     ``field`` say where; ``str(err)`` is ``"FILE:LINE: field 'FIELD': REASON"``.
     """
 
-    def __init__(self, reason: str, file: str | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(self, reason: str, file: str | None = None, line: int | None = None, field: str | None = None):
         self.reason = reason
         self.file = file
         self.line = line

@@ -39,6 +39,7 @@ def fast_hasher():
 
 # --------------------------------------------------------------------------- PostgreSQL
 
+
 def _pg_bindir() -> str | None:
     for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if os.path.exists(f"{d}/initdb") and os.path.exists(f"{d}/pg_ctl"):
@@ -51,8 +52,10 @@ def pg_server():
     """A throwaway PostgreSQL cluster on a free loopback port, stopped at session end."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin); "
-                    "install Debian's 'postgresql' package (.ci/run does)")
+        pytest.skip(
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin); "
+            "install Debian's 'postgresql' package (.ci/run does)"
+        )
     base = Path(tempfile.mkdtemp(prefix="af-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:  # initdb/postgres refuse to run as root
@@ -64,14 +67,22 @@ def pg_server():
         prefix = ["runuser", "-u", pw.pw_name, "--"]
     data, port = base / "data", free_port()
     env = {**os.environ, "LC_ALL": "C"}
-    r = subprocess.run(prefix + [f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "af",
-                                 "-E", "UTF8", "--no-sync"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        prefix + [f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "af", "-E", "UTF8", "--no-sync"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"initdb failed: {r.stderr[-2000:]}")
     opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -F -c max_connections=200"
-    r = subprocess.run(prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(base / "log"), "-w",
-                                 "-t", "60", "-o", opts, "start"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o", opts, "start"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode != 0:
         log = (base / "log").read_text() if (base / "log").exists() else ""
         shutil.rmtree(base, ignore_errors=True)
@@ -79,8 +90,11 @@ def pg_server():
     try:
         yield f"postgresql+psycopg://af@127.0.0.1:{port}"
     finally:
-        subprocess.run(prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, env=env)
+        subprocess.run(
+            prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            env=env,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -110,11 +124,16 @@ def db_url(request, tmp_path):
 
 # --------------------------------------------------------------------------- data
 
+
 def write_pairs(path: Path, n: int, start: int = 0, **extra) -> Path:
     with open(path, "w") as f:
         for i in range(start, start + n):
-            rec = {"id": f"item-{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
-                   "response_a": f"short answer {i}", "response_b": f"a much longer answer number {i}"}
+            rec = {
+                "id": f"item-{i}",
+                "prompt": [{"role": "user", "content": f"Question {i}?"}],
+                "response_a": f"short answer {i}",
+                "response_b": f"a much longer answer number {i}",
+            }
             rec.update(extra)
             f.write(json.dumps(rec) + "\n")
     return path
@@ -130,6 +149,7 @@ def db(sqlite_url):
 
 
 # --------------------------------------------------------------------------- server
+
 
 class Server:
     """``python -m alignforge.annotate serve`` in a subprocess on a loopback port."""
@@ -147,10 +167,26 @@ class Server:
         import httpx
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignforge.annotate", "serve", "--db", self.db_url,
-             "--host", "127.0.0.1", "--port", str(self.port), "--k", str(self.k),
-             "--lease-minutes", str(self.lease_minutes)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "alignforge.annotate",
+                "serve",
+                "--db",
+                self.db_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--k",
+                str(self.k),
+                "--lease-minutes",
+                str(self.lease_minutes),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -219,8 +255,7 @@ class Annotator:
     def login(self) -> None:
         r = self._req("GET", "/login")
         tok = FIELD_RE.search(r.text).group(2)
-        r = self._req("POST", "/login", data={"username": self.username, "password": self.password,
-                                             "csrf_token": tok})
+        r = self._req("POST", "/login", data={"username": self.username, "password": self.password, "csrf_token": tok})
         assert r.status_code == 303, (r.status_code, r.text[:500])
 
     def next_item(self) -> dict | None:

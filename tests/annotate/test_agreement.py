@@ -7,7 +7,11 @@ import math
 import pytest
 
 from alignforge.annotate.agreement import (
-    agreement_report, cohen_kappa, fleiss_kappa, krippendorff_alpha_ordinal, longer_won_share,
+    agreement_report,
+    cohen_kappa,
+    fleiss_kappa,
+    krippendorff_alpha_ordinal,
+    longer_won_share,
 )
 
 
@@ -29,8 +33,16 @@ def test_cohen_kappa_textbook():
 
 
 FLEISS_1971 = [  # Wikipedia "Fleiss' kappa" example: 10 subjects, 14 raters, 5 categories
-    [0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
-    [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7],
+    [0, 0, 0, 0, 14],
+    [0, 2, 6, 4, 2],
+    [0, 0, 3, 5, 6],
+    [0, 3, 9, 2, 0],
+    [2, 2, 8, 1, 1],
+    [7, 7, 0, 0, 0],
+    [3, 2, 6, 3, 0],
+    [2, 5, 3, 2, 2],
+    [6, 5, 2, 1, 0],
+    [0, 2, 2, 3, 7],
 ]
 
 
@@ -51,10 +63,12 @@ def test_fleiss_equals_cohen_like_hand_value_for_two_raters():
 def test_krippendorff_alpha_ordinal_textbook():
     # Krippendorff (2011) "Computing Krippendorff's alpha-reliability": ordinal alpha = 0.815
     nan = None
-    data = [[1, 2, 3, 3, 2, 1, 4, 1, 2, nan, nan, nan],
-            [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, nan, 3],
-            [nan, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, nan],
-            [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, nan]]
+    data = [
+        [1, 2, 3, 3, 2, 1, 4, 1, 2, nan, nan, nan],
+        [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, nan, 3],
+        [nan, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, nan],
+        [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, nan],
+    ]
     ratings = {j: {i: data[i][j] for i in range(4)} for j in range(12)}
     assert krippendorff_alpha_ordinal(ratings, domain=[1, 2, 3, 4, 5]) == pytest.approx(0.815, abs=1e-3)
     same = {0: {"x": 1, "y": 1}, 1: {"x": 1, "y": 1}}
@@ -63,9 +77,15 @@ def test_krippendorff_alpha_ordinal_textbook():
 
 
 def test_agreement_report_hand_computed():
-    J = [("i1", "ann", 2, False), ("i1", "bob", 1, False), ("i2", "ann", -1, False),
-         ("i2", "bob", -1, False), ("i3", "ann", None, True), ("i3", "bob", None, True),
-         ("i4", "ann", 0, False)]
+    J = [
+        ("i1", "ann", 2, False),
+        ("i1", "bob", 1, False),
+        ("i2", "ann", -1, False),
+        ("i2", "bob", -1, False),
+        ("i3", "ann", None, True),
+        ("i3", "bob", None, True),
+        ("i4", "ann", 0, False),
+    ]
     rep = agreement_report(J)
     assert rep["annotators"] == ["ann", "bob"] and rep["items_with_2plus"] == 3
     (pair,) = rep["cohen"]
@@ -78,10 +98,12 @@ def test_agreement_report_hand_computed():
 
 
 def test_longer_won_share():
-    rows = [(2, False, "a b c", "a"),       # A longer, A won
-            (-1, False, "a b c", "a"),      # A longer, B won
-            (1, False, "a", "a b"),         # B longer, A won
-            (0, False, "a", "a b"),         # tie: ignored
-            (None, True, "a", "a b"),       # both bad: ignored
-            (1, False, "a b", "c d")]       # equal length: ignored
+    rows = [
+        (2, False, "a b c", "a"),  # A longer, A won
+        (-1, False, "a b c", "a"),  # A longer, B won
+        (1, False, "a", "a b"),  # B longer, A won
+        (0, False, "a", "a b"),  # tie: ignored
+        (None, True, "a", "a b"),  # both bad: ignored
+        (1, False, "a b", "c d"),
+    ]  # equal length: ignored
     assert longer_won_share(rows) == {"pairs": 3, "longer_won": 1, "share": pytest.approx(1 / 3)}

@@ -12,8 +12,15 @@ from alignforge.annotate import service as svc
 from alignforge.annotate.db import open_db
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 XSS = [
     "<img src=x onerror=alert(1)>",
     "<script>alert('script')</script>",
@@ -25,9 +32,12 @@ XSS = [
     "<svg onload=alert('svg')></svg>",
     "[ref][r]\n\n[r]: javascript:alert('ref')",
 ]
-pytestmark = [pytest.mark.timeout(180),
-              pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                 reason=f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does)")]
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does)"
+    ),
+]
 
 
 @pytest.fixture
@@ -36,12 +46,21 @@ def site(sqlite_url, tmp_path, server_factory, fast_hasher):
     svc.create_user(S, "alice", "alice-pass-1", hasher=fast_hasher)
     with open(tmp_path / "p.jsonl", "w") as f:
         for i in range(3):
-            f.write(json.dumps({
-                "id": f"x{i}",
-                "prompt": [{"role": "user", "content": f"first question {i}"},
-                           {"role": "assistant", "content": "an *earlier* answer"},
-                           {"role": "user", "content": "\n\n".join(XSS)}],
-                "response_a": "\n\n".join(XSS), "response_b": f"**plain** answer {i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"x{i}",
+                        "prompt": [
+                            {"role": "user", "content": f"first question {i}"},
+                            {"role": "assistant", "content": "an *earlier* answer"},
+                            {"role": "user", "content": "\n\n".join(XSS)},
+                        ],
+                        "response_a": "\n\n".join(XSS),
+                        "response_b": f"**plain** answer {i}",
+                    }
+                )
+                + "\n"
+            )
     svc.import_pairs(S, tmp_path / "p.jsonl")
     engine.dispose()
     return server_factory(sqlite_url, k=1).start(), sqlite_url
@@ -73,8 +92,9 @@ def test_annotate_three_items_with_keyboard(site, page, request):
     page.click("button[type=submit]")
     page.wait_for_url("**/annotate")
     assert page.inner_text("#judged") == "0" and page.inner_text("#open") == "3"
-    out = Path(os.environ.get("ALIGNFORGE_TEST_ARTIFACTS",
-                              Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts"))
+    out = Path(
+        os.environ.get("ALIGNFORGE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts")
+    )
     out.mkdir(parents=True, exist_ok=True)
     shot = out / "annotator_page.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -111,8 +131,12 @@ def test_xss_payloads_execute_nothing_and_show_as_text(site, page):
     page.wait_for_load_state("load")
     left = page.locator("#resp-a") if "<img src=x" in page.inner_text("#resp-a") else page.locator("#resp-b")
     text = left.inner_text()
-    for frag in ("<img src=x onerror=alert(1)>", "<script>alert('script')</script>",
-                 "<svg onload=alert('svg')></svg>", "<a href=\"javascript:alert('raw-a')\">raw anchor</a>"):
+    for frag in (
+        "<img src=x onerror=alert(1)>",
+        "<script>alert('script')</script>",
+        "<svg onload=alert('svg')></svg>",
+        "<a href=\"javascript:alert('raw-a')\">raw anchor</a>",
+    ):
         assert frag in text, frag
     assert "alert('js-link')" in text  # the javascript: link stays text
     for sel in ("main img", "main script", "main svg", "main iframe"):

@@ -24,9 +24,17 @@ def cli(*args, env=None):
 def test_import_pairs_multiturn_and_formats(db, tmp_path):
     p = tmp_path / "pairs.jsonl"
     recs = [
-        {"id": "m1", "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                {"role": "user", "content": "tell me a joke"}],
-         "response_a": "joke A", "response_b": "joke B", "category": "fun"},
+        {
+            "id": "m1",
+            "prompt": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "tell me a joke"},
+            ],
+            "response_a": "joke A",
+            "response_b": "joke B",
+            "category": "fun",
+        },
         {"prompt": "plain string prompt", "response_a": "x", "response_b": "y", "gold": "b"},
         {"prompt": "trl style", "chosen": "good", "rejected": "bad"},
         {"chosen": "\n\nHuman: hh?\n\nAssistant: yes", "rejected": "\n\nHuman: hh?\n\nAssistant: no"},
@@ -39,7 +47,10 @@ def test_import_pairs_multiturn_and_formats(db, tmp_path):
     assert pairs[0].prompt[1] == {"role": "assistant", "content": "hello"} and pairs[0].category == "fun"
     assert pairs[1].gold_overall == -1 and pairs[1].prompt == [{"role": "user", "content": "plain string prompt"}]
     assert (pairs[3].prompt, pairs[3].response_a, pairs[3].response_b) == (
-        [{"role": "user", "content": "hh?"}], "yes", "no")
+        [{"role": "user", "content": "hh?"}],
+        "yes",
+        "no",
+    )
 
 
 def test_malformed_import_lists_file_line_errors(db, tmp_path):
@@ -58,9 +69,14 @@ def test_malformed_import_lists_file_line_errors(db, tmp_path):
         svc.import_pairs(db, p)
     msg = str(ei.value)
     assert len(ei.value.errors) == 6
-    for line, frag in [(2, "invalid JSON"), (3, "field 'response_b': identical responses"),
-                       (4, "field 'response_a': wrong type"), (5, "not a JSON object"),
-                       (6, "field 'prompt[0].role'"), (7, "field 'gold': unknown value")]:
+    for line, frag in [
+        (2, "invalid JSON"),
+        (3, "field 'response_b': identical responses"),
+        (4, "field 'response_a': wrong type"),
+        (5, "not a JSON object"),
+        (6, "field 'prompt[0].role'"),
+        (7, "field 'gold': unknown value"),
+    ]:
         assert f"{p}:{line}: " in msg and frag in msg, (line, frag, msg)
     assert svc.all_progress(db, 1)["items"] == 0  # nothing imported
     # the CLI prints the same and exits 2
@@ -88,10 +104,12 @@ def judged(db, tmp_path, pairs_writer, fast_hasher):
     pairs_writer(tmp_path / "p.jsonl", 4)
     svc.import_pairs(S, tmp_path / "p.jsonl")
     # item -> canonical overall per annotator (None = both bad)
-    plan = {"item-0": [2, 1, -1],         # majority A; BT: A
-            "item-1": [-2, -1, 0],        # B
-            "item-2": [1, -1, 0],         # majority: 3-way draw -> tie; BT: wa=2, wb=2 -> tie
-            "item-3": [None, None, 1]}    # both bad
+    plan = {
+        "item-0": [2, 1, -1],  # majority A; BT: A
+        "item-1": [-2, -1, 0],  # B
+        "item-2": [1, -1, 0],  # majority: 3-way draw -> tie; BT: wa=2, wb=2 -> tie
+        "item-3": [None, None, 1],
+    }  # both bad
     ids = {}
     for i in range(3):
         svc.create_user(S, f"a{i}", "password-123", hasher=fast_hasher)
@@ -101,6 +119,7 @@ def judged(db, tmp_path, pairs_writer, fast_hasher):
         while (a := svc.claim_next(S, ids[i], k=3, lease_seconds=60)) is not None:
             with S() as s:
                 from alignforge.annotate.db import Item
+
                 uid = s.get(Item, a.item_id).uid
             v = plan[uid][i]
             shown = "both_bad" if v is None else inv[-v if a.swapped else v]

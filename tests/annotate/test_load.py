@@ -82,10 +82,16 @@ def run_load(url, annotator_cls, retry_s=0.0, on_progress=None, deadline_s=180):
 def check_db(url, acked):
     engine, S = open_db(url, migrate=False)
     with S() as s:
-        rows = s.execute(select(Judgment.submission_token, Judgment.item_id, User.username,
-                                Assignment.submission_token.label("lease_token"))
-                         .join(User, User.id == Judgment.user_id)
-                         .join(Assignment, Assignment.id == Judgment.assignment_id)).all()
+        rows = s.execute(
+            select(
+                Judgment.submission_token,
+                Judgment.item_id,
+                User.username,
+                Assignment.submission_token.label("lease_token"),
+            )
+            .join(User, User.id == Judgment.user_id)
+            .join(Assignment, Assignment.id == Judgment.assignment_id)
+        ).all()
     engine.dispose()
     tokens = {r.submission_token for r in rows}
     missing = [t for _, t in acked if t not in tokens]
@@ -107,8 +113,7 @@ def test_load_50_annotators_x_20(loaded_db, server_factory, annotator_cls):
     srv.stop()
     assert not failures, failures[:5]
     check_db(loaded_db, acked)
-    print(f"\nload: {len(acked)} judgments by {N_USERS} annotators in {secs:.1f} s "
-          f"({len(acked) / secs:.0f}/s)")
+    print(f"\nload: {len(acked)} judgments by {N_USERS} annotators in {secs:.1f} s ({len(acked) / secs:.0f}/s)")
 
 
 def test_kill9_mid_load_loses_no_acknowledged_judgment(loaded_db, server_factory, annotator_cls):
@@ -128,8 +133,9 @@ def test_kill9_mid_load_loses_no_acknowledged_judgment(loaded_db, server_factory
 
     kt = threading.Thread(target=killer, daemon=True)
     kt.start()
-    acked, failures, secs = run_load(srv.url, annotator_cls, retry_s=60,
-                                     on_progress=lambda n: state.__setitem__("n", n))
+    acked, failures, secs = run_load(
+        srv.url, annotator_cls, retry_s=60, on_progress=lambda n: state.__setitem__("n", n)
+    )
     killed.set()
     kt.join(30)
     srv.stop()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -39,11 +39,17 @@ def test_sqlite_pragmas(sqlite_url):
 
 def test_migrations_are_package_data():
     """The migrations live inside the package and pyproject ships them."""
-    files = {p.relative_to(D.MIGRATIONS_DIR.parent.parent).as_posix()
-             for p in D.MIGRATIONS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    assert {"annotate/migrations/env.py", "annotate/migrations/script.py.mako",
-            "annotate/migrations/versions/0001_initial.py",
-            "annotate/migrations/versions/0002_lease_tokens_login_attempts.py"} <= files
+    files = {
+        p.relative_to(D.MIGRATIONS_DIR.parent.parent).as_posix()
+        for p in D.MIGRATIONS_DIR.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert {
+        "annotate/migrations/env.py",
+        "annotate/migrations/script.py.mako",
+        "annotate/migrations/versions/0001_initial.py",
+        "annotate/migrations/versions/0002_lease_tokens_login_attempts.py",
+    } <= files
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["alignforge"]
     root = D.MIGRATIONS_DIR.parent.parent
@@ -66,14 +72,27 @@ def test_0002_upgrades_a_live_0001_database(db_url):
     D.upgrade(engine, "0001")
     now = D.utcnow()
     with engine.begin() as c:
-        c.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at) "
-                       "VALUES (1, 'old', 'x', 'annotator', true, :t)"), {"t": now})
-        c.execute(text("INSERT INTO items (id, uid, prompt_json, response_a, response_b, is_gold, created_at) "
-                       "VALUES (1, 'i1', '[{\"role\": \"user\", \"content\": \"q\"}]', 'a', 'b', false, :t)"),
-                  {"t": now})
-        c.execute(text("INSERT INTO assignments (id, item_id, user_id, swapped, status, leased_at, "
-                       "lease_expires_at) VALUES (1, 1, 1, false, 'active', :t, :e)"),
-                  {"t": now, "e": now + dt.timedelta(hours=1)})
+        c.execute(
+            text(
+                "INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                "VALUES (1, 'old', 'x', 'annotator', true, :t)"
+            ),
+            {"t": now},
+        )
+        c.execute(
+            text(
+                "INSERT INTO items (id, uid, prompt_json, response_a, response_b, is_gold, created_at) "
+                "VALUES (1, 'i1', '[{\"role\": \"user\", \"content\": \"q\"}]', 'a', 'b', false, :t)"
+            ),
+            {"t": now},
+        )
+        c.execute(
+            text(
+                "INSERT INTO assignments (id, item_id, user_id, swapped, status, leased_at, "
+                "lease_expires_at) VALUES (1, 1, 1, false, 'active', :t, :e)"
+            ),
+            {"t": now, "e": now + dt.timedelta(hours=1)},
+        )
     D.upgrade(engine)
     assert D.current_revision(engine) == "0002"
     S = D.session_factory(engine)

@@ -29,8 +29,12 @@ FORM = svc.JudgmentForm("a1", "clear")
 def _make_app(url, tmp_path, pairs_writer, fast_hasher, n_items=3, gold=0, **cfg):
     a = create_app(AppConfig(url, k=2, login_max_failures=5, **cfg))
     S = a.state.S
-    for name, pw, role in (("ann", "password-1", "annotator"), ("ann2", "password-2", "annotator"),
-                           ("boss", "password-3", "admin"), ("bob", "bob-password", "annotator")):
+    for name, pw, role in (
+        ("ann", "password-1", "annotator"),
+        ("ann2", "password-2", "annotator"),
+        ("boss", "password-3", "admin"),
+        ("bob", "bob-password", "annotator"),
+    ):
         svc.create_user(S, name, pw, role, hasher=fast_hasher)
     svc.import_pairs(S, pairs_writer(tmp_path / "p.jsonl", n_items))
     if gold:
@@ -72,13 +76,13 @@ def n_judgments(S):
 
 # --------------------------------------------------------------------------- ids
 
+
 @pytest.mark.parametrize("bad_id", [2**63, 2**63 - 1, 2**31, 0, -1, -(2**63) - 1])
 def test_out_of_range_assignment_ids_get_4xx(app, bad_id):
     """2**63 overflowed SQLite's INTEGER (HTTP 500); 2**31 overflows PostgreSQL's."""
     c = login(app, "ann", "password-1")
     f = fields(c)
-    for path, data in (("/annotate/submit", {**f, "overall": "a1", "prompt_quality": "clear"}),
-                       ("/annotate/skip", f)):
+    for path, data in (("/annotate/submit", {**f, "overall": "a1", "prompt_quality": "clear"}), ("/annotate/skip", f)):
         r = c.post(path, data={**data, "assignment_id": str(bad_id)})
         assert r.status_code == 422, (path, r.status_code, r.text[:300])
         assert "invalid assignment id" in r.text
@@ -88,11 +92,14 @@ def test_out_of_range_assignment_ids_get_4xx(app, bad_id):
     assert svc.submit(app.state.S, uid, bad_id, f["submission_token"], FORM, k=2).status == "rejected"
     assert not svc.skip(app.state.S, uid, bad_id).accepted
     # the real form still works afterwards
-    assert c.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear"}
-                  ).headers["location"] == "/annotate?m=ok"
+    assert (
+        c.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear"}).headers["location"]
+        == "/annotate?m=ok"
+    )
 
 
 # --------------------------------------------------------------------------- admin pages
+
 
 def test_admin_page_counts_gold_apart_and_leaks_no_address(sqlite_url, tmp_path, pairs_writer, fast_hasher):
     a = _make_app(sqlite_url, tmp_path, pairs_writer, fast_hasher, n_items=3, gold=1)
@@ -101,8 +108,12 @@ def test_admin_page_counts_gold_apart_and_leaks_no_address(sqlite_url, tmp_path,
             c = login(a, name, pw)
             for _ in range(4):  # 3 items + 1 gold item each
                 f = fields(c)
-                assert c.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear"}
-                              ).headers["location"] == "/annotate?m=ok"
+                assert (
+                    c.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear"}).headers[
+                        "location"
+                    ]
+                    == "/annotate?m=ok"
+                )
             assert 'id="judge-form"' not in c.get("/annotate").text
         boss = login(a, "boss", "password-3")
         page = boss.get("/admin").text
@@ -127,8 +138,9 @@ def test_user_update_rejects_invalid_active_values(sqlite_url, tmp_path, pairs_w
         ann2 = login(a, "ann2", "password-2")
         boss = login(a, "boss", "password-3")
         csrf = TOKEN_RE.search(boss.get("/admin/users").text).group(2)
-        r = boss.post("/admin/users/update", data={"username": "ann2", "active": value, "role": "admin",
-                                                   "csrf_token": csrf})
+        r = boss.post(
+            "/admin/users/update", data={"username": "ann2", "active": value, "role": "admin", "csrf_token": csrf}
+        )
         assert r.status_code == 400 and "invalid value for active" in r.text, (r.status_code, r.text[:300])
         u = next(u for u in svc.list_users(a.state.S) if u.username == "ann2")
         assert u.active and u.role == "annotator"  # nothing changed, not even the role
@@ -192,17 +204,18 @@ def test_two_admins_demoting_each_other_at_once_leave_one(db_url, fast_hasher):
 def test_cli_users_add_with_empty_password_is_a_clean_error(tmp_path):
     runner = CliRunner()
     db = f"sqlite:///{tmp_path / 'c.db'}"
-    r = runner.invoke(annotate_app, ["users", "add", "x", "--db", db],
-                      env={"ALIGNFORGE_ANNOTATE_PASSWORD": ""})
+    r = runner.invoke(annotate_app, ["users", "add", "x", "--db", db], env={"ALIGNFORGE_ANNOTATE_PASSWORD": ""})
     assert r.exit_code == 2 and "error: password too short" in r.output, (r.exit_code, r.output)
     assert r.exception is None or isinstance(r.exception, SystemExit)
     # no variable and nothing typed at the prompt: also a clean error, not an Abort
-    r = runner.invoke(annotate_app, ["users", "add", "x", "--db", db],
-                      env={"ALIGNFORGE_ANNOTATE_PASSWORD": None}, input="")
+    r = runner.invoke(
+        annotate_app, ["users", "add", "x", "--db", db], env={"ALIGNFORGE_ANNOTATE_PASSWORD": None}, input=""
+    )
     assert r.exit_code == 2 and "error: no password given" in r.output, (r.exit_code, r.output)
 
 
 # --------------------------------------------------------------------------- login limit
+
 
 def test_lockout_is_per_name_and_address_so_strangers_cannot_lock_users(app):
     """5 wrong passwords for 'BOB' (no such user) from the attacker's address lock only the
@@ -230,8 +243,7 @@ def test_login_limit_is_shared_by_servers_on_one_database(db_url, tmp_path, pair
         assert try_login(w2, "ann", "password-1").status_code == 429
         assert try_login(w1, "ann", "password-1").status_code == 429
         # per address: 3 more failures on other names reach 8, then every name is refused
-        assert [try_login(w, n, "nope-nope").status_code for w, n in ((w1, "x1"), (w2, "x2"), (w1, "x3"))
-                ] == [401] * 3
+        assert [try_login(w, n, "nope-nope").status_code for w, n in ((w1, "x1"), (w2, "x2"), (w1, "x3"))] == [401] * 3
         assert try_login(w2, "ann2", "password-2").status_code == 429
         # the real ann from elsewhere is not affected
         login(a2, "ann", "password-1", BOB_HOME)
@@ -279,6 +291,7 @@ def test_login_attempts_window_reset_and_concurrency(db_url):
 
 
 # --------------------------------------------------------------------------- tokens and skips
+
 
 def test_submission_token_is_bound_to_its_lease(app):
     S = app.state.S
@@ -339,6 +352,7 @@ def test_skipping_another_users_item_says_so(app):
 
 # --------------------------------------------------------------------------- re-imports
 
+
 def test_reimport_with_changed_content_is_reported_per_line(db, tmp_path, pairs_writer):
     p = pairs_writer(tmp_path / "p.jsonl", 3)
     svc.import_pairs(db, p)
@@ -357,6 +371,7 @@ def test_reimport_with_changed_content_is_reported_per_line(db, tmp_path, pairs_
     assert f"{p2}:2: field 'id': id 'item-1' is already imported with a different response_a" in s
     with db() as s:
         from alignforge.annotate.db import Item
+
         it = s.scalar(select(Item).where(Item.uid == "item-1"))
         assert it.response_a == "short answer 1"  # the stored content is kept
     r = CliRunner().invoke(annotate_app, ["import", str(p2), "--db", str(db.kw["bind"].url)])

@@ -118,8 +118,7 @@ def test_active_leases_count_towards_k(S):
     assert a0.item_id != a1.item_id
     # after u0's lease expires, the item is free again
     later = now + dt.timedelta(seconds=61)
-    got = [svc.claim_next(S, uid(S, f"u{i}"), k=1, lease_seconds=60, now=later).item_id
-           for i in range(2, 7)]
+    got = [svc.claim_next(S, uid(S, f"u{i}"), k=1, lease_seconds=60, now=later).item_id for i in range(2, 7)]
     assert a0.item_id in got
 
 
@@ -181,9 +180,12 @@ def test_judgments_are_append_only(S):
 def test_invalid_forms_rejected(S):
     u = uid(S, "u0")
     a = svc.claim_next(S, u, k=2, lease_seconds=60)
-    for form in (svc.JudgmentForm("", "clear"), svc.JudgmentForm("a1", "nope"),
-                 svc.JudgmentForm("a1", "clear", fluency="x"),
-                 svc.JudgmentForm("a1", "clear", comment="x" * 6000)):
+    for form in (
+        svc.JudgmentForm("", "clear"),
+        svc.JudgmentForm("a1", "nope"),
+        svc.JudgmentForm("a1", "clear", fluency="x"),
+        svc.JudgmentForm("a1", "clear", comment="x" * 6000),
+    ):
         assert svc.submit(S, u, a.id, a.submission_token, form, k=2).status == "rejected"
     assert svc.submit(S, u, a.id, "bad token!", FORM, k=2).status == "rejected"
     assert counts(S)[1] == 0

@@ -13,8 +13,14 @@ from alignforge.annotate import service as svc
 from alignforge.annotate.app import CSP, AppConfig, create_app, route_roles
 
 TOKEN_RE = re.compile(r'name="(csrf_token|assignment_id|submission_token)" value="([^"]*)"')
-XSS = ["<img src=x onerror=alert(1)>", "<script>alert(1)</script>", "[click](javascript:alert(1))",
-       "[x](JaVaScRiPt:alert(1))", "<a href=\"javascript:alert(1)\">y</a>", "![i](http://evil/x.png)"]
+XSS = [
+    "<img src=x onerror=alert(1)>",
+    "<script>alert(1)</script>",
+    "[click](javascript:alert(1))",
+    "[x](JaVaScRiPt:alert(1))",
+    '<a href="javascript:alert(1)">y</a>',
+    "![i](http://evil/x.png)",
+]
 
 
 @pytest.fixture
@@ -84,8 +90,11 @@ def test_every_route_checks_the_role(app):
 def test_csrf_required_on_every_form(app):
     c, _ = login(app, "ann", "password-1")
     f = fields(c)
-    for path, data in [("/annotate/submit", {**f, "overall": "a1", "prompt_quality": "clear"}),
-                       ("/annotate/skip", f), ("/logout", {})]:
+    for path, data in [
+        ("/annotate/submit", {**f, "overall": "a1", "prompt_quality": "clear"}),
+        ("/annotate/skip", f),
+        ("/logout", {}),
+    ]:
         bad = {**data, "csrf_token": "forged"}
         assert c.post(path, data=bad).status_code == 403, path
         nocsrf = {k: v for k, v in data.items() if k != "csrf_token"}
@@ -96,16 +105,19 @@ def test_csrf_required_on_every_form(app):
     r = anon.post("/login", data={"username": "ann", "password": "password-1", "csrf_token": "x"})
     assert r.status_code == 403
     boss, _ = login(app, "boss", "password-3")
-    r = boss.post("/admin/users", data={"username": "eve", "password": "password-9", "role": "admin",
-                                        "csrf_token": "nope"})
+    r = boss.post(
+        "/admin/users", data={"username": "eve", "password": "password-9", "role": "admin", "csrf_token": "nope"}
+    )
     assert r.status_code == 403 and "eve" not in [u.username for u in svc.list_users(app.state.S)]
 
 
 def test_login_rate_limited(app):
     anon = TestClient(app, follow_redirects=False)
     tok = TOKEN_RE.search(anon.get("/login").text).group(2)
-    codes = [anon.post("/login", data={"username": "ann", "password": "wrong-pass", "csrf_token": tok}).status_code
-             for _ in range(4)]
+    codes = [
+        anon.post("/login", data={"username": "ann", "password": "wrong-pass", "csrf_token": tok}).status_code
+        for _ in range(4)
+    ]
     assert codes == [401, 401, 401, 429]
     # even the right password is refused while limited; other users are not affected
     r = anon.post("/login", data={"username": "ann", "password": "password-1", "csrf_token": tok})
@@ -132,24 +144,36 @@ def test_annotate_submit_double_and_progress(app):
 def test_annotator_cannot_see_others_judgments_admin_can(app):
     a1, _ = login(app, "ann", "password-1")
     f = fields(a1)
-    a1.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear",
-                                      "comment": "SECRET-COMMENT"})
+    a1.post("/annotate/submit", data={**f, "overall": "a1", "prompt_quality": "clear", "comment": "SECRET-COMMENT"})
     a2, _ = login(app, "ann2", "password-2")
-    for path in ("/annotate", "/admin", "/admin/agreement", "/admin/export/raw.jsonl",
-                 "/admin/export/trl.jsonl", "/admin/users"):
+    for path in (
+        "/annotate",
+        "/admin",
+        "/admin/agreement",
+        "/admin/export/raw.jsonl",
+        "/admin/export/trl.jsonl",
+        "/admin/users",
+    ):
         assert "SECRET-COMMENT" not in a2.get(path).text
     assert a2.get("/admin/export/raw.jsonl").status_code == 403
     boss, _ = login(app, "boss", "password-3")
     raw = boss.get("/admin/export/raw.jsonl")
     assert raw.status_code == 200 and "SECRET-COMMENT" in raw.text
-    for path in ("/admin", "/admin/agreement", "/admin/users", "/admin/export/trl.jsonl?method=bt",
-                 "/admin/export/pointwise.jsonl", "/admin/export/ties.jsonl"):
+    for path in (
+        "/admin",
+        "/admin/agreement",
+        "/admin/users",
+        "/admin/export/trl.jsonl?method=bt",
+        "/admin/export/pointwise.jsonl",
+        "/admin/export/ties.jsonl",
+    ):
         assert boss.get(path).status_code == 200, path
     assert boss.get("/admin/export/evil.jsonl").status_code == 404
     # admin creates a user through the form
     csrf = TOKEN_RE.search(boss.get("/admin/users").text).group(2)
-    r = boss.post("/admin/users", data={"username": "new1", "password": "password-9",
-                                        "role": "annotator", "csrf_token": csrf})
+    r = boss.post(
+        "/admin/users", data={"username": "new1", "password": "password-9", "role": "annotator", "csrf_token": csrf}
+    )
     assert r.status_code == 303 and "new1" in boss.get("/admin/users").text
     r = boss.post("/admin/users/update", data={"username": "ann2", "active": "0", "csrf_token": csrf})
     assert r.status_code == 303
@@ -157,9 +181,11 @@ def test_annotator_cannot_see_others_judgments_admin_can(app):
 
 
 def test_app_module_does_not_import_torch():
-    code = ("import sys; import alignforge.annotate.app, alignforge.annotate.cli, "
-            "alignforge.annotate.export, alignforge.annotate.agreement; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad; print('clean')")
+    code = (
+        "import sys; import alignforge.annotate.app, alignforge.annotate.cli, "
+        "alignforge.annotate.export, alignforge.annotate.agreement; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad; print('clean')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "clean" in r.stdout, r.stderr

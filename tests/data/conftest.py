@@ -24,8 +24,10 @@ def write_lines(path: pathlib.Path, objs: list[Any], raw: bool = False) -> pathl
 @pytest.fixture
 def jl(tmp_path):
     """``jl(objs, name="d.jsonl")`` writes a JSONL file and returns its path."""
+
     def make(objs: list[Any], name: str = "d.jsonl", raw: bool = False) -> pathlib.Path:
         return write_lines(tmp_path / name, objs, raw)
+
     return make
 
 
@@ -58,7 +60,8 @@ def _bos_tokenizer(with_template_bos: bool):
     tok.add_special_tokens({"bos_token": "<s>"})
     bos = tok.bos_token_id
     tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     if with_template_bos:
         tok.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
     return tok

@@ -10,9 +10,17 @@ def test_bucket_index():
 
 def test_balancing_equalises_each_bucket_by_downsampling():
     # bucket 1-8: 3 longer-won, 1 shorter-won; bucket 9-16: 1 longer-won, 2 shorter-won; 2 equal
-    lengths = [(10, 5), (12, 6), (20, 13), (5, 9),       # |d| 5, 6, 7, 4
-               (30, 18), (10, 22), (3, 16),              # |d| 12, 12, 13
-               (7, 7), (9, 9)]
+    lengths = [
+        (10, 5),
+        (12, 6),
+        (20, 13),
+        (5, 9),  # |d| 5, 6, 7, 4
+        (30, 18),
+        (10, 22),
+        (3, 16),  # |d| 12, 12, 13
+        (7, 7),
+        (9, 9),
+    ]
     keep, rep = balance_by_length(lengths, edges=[0, 8, 16], seed=1)
     b1, b2, b3 = rep.buckets
     assert (b1.longer_won_before, b1.shorter_won_before, b1.longer_won_after, b1.shorter_won_after) == (3, 1, 1, 1)
@@ -39,8 +47,9 @@ def test_bad_edges():
 def test_real_hh_balance(shared_data, tiny_tokenizer):
     from alignforge.data.tokenize import load_preference_dataset
 
-    pairs, _ = load_preference_dataset(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", tiny_tokenizer,
-                                       max_length=4096, on_error="skip")
+    pairs, _ = load_preference_dataset(
+        shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", tiny_tokenizer, max_length=4096, on_error="skip"
+    )
     keep, rep = balance_by_length([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
     kept = [pairs[i] for i in keep]
     longer = sum(len(p.chosen_ids) > len(p.rejected_ids) for p in kept)

@@ -34,8 +34,13 @@ def test_trainer_collates_are_the_shared_one():
     # column 0 is never a target (nothing predicts it)
     assert torch.equal(sft["target_mask"], torch.tensor([[False, True, False, True], [False, True, False, False]]))
 
-    pts = collate_points([PointWithRef(TokenizedPointwise([1, 2], [3], 1.0), -1.5),
-                          PointWithRef(TokenizedPointwise([4], [5, 6, 7], 0.0), -2.0)], pad_id=9)
+    pts = collate_points(
+        [
+            PointWithRef(TokenizedPointwise([1, 2], [3], 1.0), -1.5),
+            PointWithRef(TokenizedPointwise([4], [5, 6, 7], 0.0), -2.0),
+        ],
+        pad_id=9,
+    )
     assert torch.equal(pts["input_ids"], torch.tensor([[1, 2, 3, 9], [4, 5, 6, 7]]))
     assert torch.equal(pts["attention_mask"], torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
     assert torch.equal(pts["target_mask"], torch.tensor([[False, False, True, False], [False, True, True, True]]))

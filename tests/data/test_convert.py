@@ -28,8 +28,10 @@ def test_preference_to_pointwise_standard(jl, tmp_path):
     src = jl([{"prompt": "q", "chosen": "good", "rejected": "bad", "category": "c"}])
     out = tmp_path / "o.jsonl"
     rep = convert_file(src, out, "pointwise")
-    assert lines(out) == [{"prompt": "q", "completion": "good", "label": True, "category": "c"},
-                          {"prompt": "q", "completion": "bad", "label": False, "category": "c"}]
+    assert lines(out) == [
+        {"prompt": "q", "completion": "good", "label": True, "category": "c"},
+        {"prompt": "q", "completion": "bad", "label": False, "category": "c"},
+    ]
     assert (rep.n_in, rep.n_valid, rep.n_out, rep.n_dropped) == (1, 1, 2, 0)
     assert rep.from_kind == "preference" and "wrote 2" in rep.summary()
 
@@ -49,19 +51,28 @@ def test_preference_to_sft_standard_keeps_style(jl, tmp_path):
 
 
 def test_raw_hh_to_preference_is_conversational(jl, tmp_path):
-    src = jl([{"chosen": "\n\nHuman: Hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant: good",
-               "rejected": "\n\nHuman: Hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant: bad"}])
+    src = jl(
+        [
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant: good",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant: bad",
+            }
+        ]
+    )
     out = tmp_path / "o.jsonl"
     convert_file(src, out, "preference")
-    assert lines(out) == [{"prompt": [U("Hi"), A("yo"), U("and?")], "chosen": [A("good")],
-                           "rejected": [A("bad")]}]
+    assert lines(out) == [{"prompt": [U("Hi"), A("yo"), U("and?")], "chosen": [A("good")], "rejected": [A("bad")]}]
 
 
 def test_pointwise_to_sft_positives_only(jl, tmp_path):
-    src = jl([{"prompt": "q", "completion": "a", "label": True},
-              {"prompt": "q", "completion": "b", "label": False},
-              {"prompt": "q", "completion": "c", "label": 1.0},
-              {"prompt": "q", "completion": "d", "label": 0.7}])
+    src = jl(
+        [
+            {"prompt": "q", "completion": "a", "label": True},
+            {"prompt": "q", "completion": "b", "label": False},
+            {"prompt": "q", "completion": "c", "label": 1.0},
+            {"prompt": "q", "completion": "d", "label": 0.7},
+        ]
+    )
     out = tmp_path / "o.jsonl"
     rep = convert_file(src, out, "sft")
     assert lines(out) == [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "c"}]
@@ -69,12 +80,16 @@ def test_pointwise_to_sft_positives_only(jl, tmp_path):
 
 
 def test_pointwise_to_preference_pairs_all_combinations(jl, tmp_path):
-    src = jl([{"prompt": "q1", "completion": "p1", "label": True},
-              {"prompt": "q2", "completion": "n", "label": False},
-              {"prompt": "q1", "completion": "n1", "label": 0},
-              {"prompt": "q1", "completion": "p2", "label": 1},
-              {"prompt": "q1", "completion": "n2", "label": False},
-              {"prompt": "q3", "completion": "x", "label": True}])
+    src = jl(
+        [
+            {"prompt": "q1", "completion": "p1", "label": True},
+            {"prompt": "q2", "completion": "n", "label": False},
+            {"prompt": "q1", "completion": "n1", "label": 0},
+            {"prompt": "q1", "completion": "p2", "label": 1},
+            {"prompt": "q1", "completion": "n2", "label": False},
+            {"prompt": "q3", "completion": "x", "label": True},
+        ]
+    )
     out = tmp_path / "o.jsonl"
     rep = convert_file(src, out, "preference")
     got = [(d["prompt"], d["chosen"], d["rejected"]) for d in lines(out)]
@@ -83,8 +98,12 @@ def test_pointwise_to_preference_pairs_all_combinations(jl, tmp_path):
 
 
 def test_pointwise_to_preference_conversational(jl, tmp_path):
-    src = jl([{"prompt": [U("q")], "completion": [A("y")], "label": True},
-              {"prompt": [U("q")], "completion": [A("n")], "label": False}])
+    src = jl(
+        [
+            {"prompt": [U("q")], "completion": [A("y")], "label": True},
+            {"prompt": [U("q")], "completion": [A("n")], "label": False},
+        ]
+    )
     out = tmp_path / "o.jsonl"
     convert_file(src, out, "preference")
     assert lines(out) == [{"prompt": [U("q")], "chosen": [A("y")], "rejected": [A("n")]}]
@@ -149,7 +168,8 @@ def test_record_to_trl_styles():
     r2 = PreferenceRecord([U("q"), A("x"), U("y")], [A("a")], [A("b")], conversational=False)
     assert record_to_trl(r2)["prompt"] == [U("q"), A("x"), U("y")]  # cannot be a plain string
     assert record_to_trl(SFTRecord([U("q"), A("a"), U("r"), A("b")], conversational=False)) == {
-        "messages": [U("q"), A("a"), U("r"), A("b")]}
+        "messages": [U("q"), A("a"), U("r"), A("b")]
+    }
     with pytest.raises(TypeError):
         record_to_trl({"prompt": "x"})
 

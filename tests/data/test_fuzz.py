@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from alignforge.data.convert import convert_file
 from alignforge.data.readers import (
-    detect_kind, iter_json_objects, read_any, read_pointwise, read_preference, read_prompts, read_sft,
+    detect_kind,
+    iter_json_objects,
+    read_any,
+    read_pointwise,
+    read_preference,
+    read_prompts,
+    read_sft,
 )
 from alignforge.data.records import SFTRecord
 from alignforge.data.tokenize import tokenize_messages, tokenize_sft
@@ -26,13 +32,25 @@ READERS = [read_preference, read_pointwise, read_sft, read_prompts]
 NAMES = ["d.jsonl", "d.jsonl.gz", "d.json", "d.json.gz", "d.txt"]
 
 KEYS = ["prompt", "chosen", "rejected", "completion", "label", "messages", "category", "role", "content"]
-HH = st.builds(lambda turns: "".join(f"\n\n{r}:{t}" for r, t in turns),
-               st.lists(st.tuples(st.sampled_from(["Human", "Assistant"]), st.text(max_size=8)), max_size=4))
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=10), HH, st.sampled_from(["system", "user", "assistant", "tool", " ", ""]))
+HH = st.builds(
+    lambda turns: "".join(f"\n\n{r}:{t}" for r, t in turns),
+    st.lists(st.tuples(st.sampled_from(["Human", "Assistant"]), st.text(max_size=8)), max_size=4),
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=10),
+    HH,
+    st.sampled_from(["system", "user", "assistant", "tool", " ", ""]),
+)
 MESSAGE = st.fixed_dictionaries({}, optional={"role": SCALARS, "content": SCALARS})
-JSONISH = st.recursive(SCALARS, lambda ch: st.one_of(
-    st.lists(ch, max_size=4), st.dictionaries(st.sampled_from(KEYS), ch, max_size=4)), max_leaves=12)
+JSONISH = st.recursive(
+    SCALARS,
+    lambda ch: st.one_of(st.lists(ch, max_size=4), st.dictionaries(st.sampled_from(KEYS), ch, max_size=4)),
+    max_leaves=12,
+)
 FIELD = st.one_of(SCALARS, st.lists(st.one_of(MESSAGE, SCALARS), max_size=4), JSONISH)
 RECORD = st.dictionaries(st.sampled_from(KEYS), FIELD, max_size=6)
 
@@ -52,8 +70,11 @@ def _write(data: bytes, name: str) -> str:
 
 def _exercise(path: str) -> None:
     """Run every reader in both modes; only AlignforgeError may escape."""
-    for fn in (lambda: list(iter_json_objects(path)), lambda: detect_kind(path),
-               lambda: read_any(path, on_error="skip")):
+    for fn in (
+        lambda: list(iter_json_objects(path)),
+        lambda: detect_kind(path),
+        lambda: read_any(path, on_error="skip"),
+    ):
         try:
             fn()
         except AlignforgeError:
@@ -100,14 +121,22 @@ def test_fuzz_record_like_structures(records, name):
 
 
 ROLE = st.sampled_from(["system", "user", "assistant"])
-MSGS = st.lists(st.fixed_dictionaries({"role": ROLE, "content": st.sampled_from(["", " ", "hi", "ok", "x y"])}),
-                max_size=4)
+MSGS = st.lists(
+    st.fixed_dictionaries({"role": ROLE, "content": st.sampled_from(["", " ", "hi", "ok", "x y"])}), max_size=4
+)
 TEXTISH = st.one_of(st.sampled_from(["", " ", "hi", "ok", "x y"]), HH)
 NEAR_VALID = st.fixed_dictionaries(
-    {}, optional={"prompt": st.one_of(TEXTISH, MSGS), "chosen": st.one_of(TEXTISH, MSGS),
-                  "rejected": st.one_of(TEXTISH, MSGS), "completion": st.one_of(TEXTISH, MSGS),
-                  "messages": MSGS, "label": st.one_of(st.booleans(), st.floats(-1, 2)),
-                  "category": st.one_of(st.none(), st.text(max_size=3), st.integers())})
+    {},
+    optional={
+        "prompt": st.one_of(TEXTISH, MSGS),
+        "chosen": st.one_of(TEXTISH, MSGS),
+        "rejected": st.one_of(TEXTISH, MSGS),
+        "completion": st.one_of(TEXTISH, MSGS),
+        "messages": MSGS,
+        "label": st.one_of(st.booleans(), st.floats(-1, 2)),
+        "category": st.one_of(st.none(), st.text(max_size=3), st.integers()),
+    },
+)
 
 
 @FUZZ
@@ -127,20 +156,21 @@ def test_fuzz_near_valid_records_keep_invariants(records):
         assert r.prompt[-1]["role"] == "user"
 
 
-SAFE_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc", "Zs", "Zl", "Zp"]),
-                    min_size=1, max_size=12)
+SAFE_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc", "Zs", "Zl", "Zp"]), min_size=1, max_size=12
+)
 CONTENT = st.builds(lambda a, b: a + b, SAFE_TEXT, st.text(alphabet="abc .,!?é", max_size=12))
 
 
 @settings(max_examples=50, deadline=None)
 @given(turns=st.lists(st.tuples(CONTENT, CONTENT), min_size=1, max_size=3), system=st.none() | CONTENT)
 def test_fuzz_mask_covers_exactly_assistant_text(tiny_tokenizer, turns, system):
-    msgs = ([{"role": "system", "content": system}] if system else [])
+    msgs = [{"role": "system", "content": system}] if system else []
     for u, a in turns:
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     ids, mask, cut = tokenize_messages(tiny_tokenizer, msgs)
     runs, cur = [], []
-    for i, m in zip(ids, mask):
+    for i, m in zip(ids, mask, strict=False):
         if m:
             cur.append(i)
         elif cur:

@@ -8,8 +8,14 @@ import json
 import pytest
 
 from alignforge.data.readers import (
-    detect_kind, iter_json_objects, parse_hh, read_any, read_pointwise, read_preference,
-    read_prompts, read_sft,
+    detect_kind,
+    iter_json_objects,
+    parse_hh,
+    read_any,
+    read_pointwise,
+    read_preference,
+    read_prompts,
+    read_sft,
 )
 from alignforge.data.records import PreferenceRecord, Source
 from alignforge.errors import DataError
@@ -23,6 +29,7 @@ GOOD_CONV = {"prompt": [S("be nice"), U("Hi?")], "chosen": [A("Hello!")], "rejec
 
 
 # --------------------------------------------------------------------------- containers
+
 
 def test_iter_jsonl_lines_are_one_based_and_skip_blank(jl):
     p = jl([{"a": 1}, {"a": 2}])
@@ -113,6 +120,7 @@ def test_bad_gzip_and_bad_utf8_are_data_errors(tmp_path):
 
 # --------------------------------------------------------------------------- HH parsing
 
+
 def test_parse_hh_turns_strip_one_space():
     text = "\n\nHuman: Hi there\n\nAssistant:  Two spaces\n\nHuman: ok\n\nAssistant: Bye."
     assert parse_hh(text) == [U("Hi there"), A(" Two spaces"), U("ok"), A("Bye.")]
@@ -137,8 +145,14 @@ def test_hh_empty_final_response(jl):
 def test_hh_diverging_transcripts_follow_trl_convention(jl):
     """Corrupted HH records diverge before the last turn: the prompt is the common prefix up to its
     last Assistant marker and the rest of each transcript is the response (as TRL's HH loader does)."""
-    p = jl([{"chosen": "\n\nHuman: Hi\n\nAssistant: a\n\nHuman: b\n\nAssistant: c",
-             "rejected": "\n\nHuman: Hi\n\nAssistant: x\n\nHuman: b\n\nAssistant: d"}])
+    p = jl(
+        [
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: a\n\nHuman: b\n\nAssistant: c",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: x\n\nHuman: b\n\nAssistant: d",
+            }
+        ]
+    )
     (r,) = read_preference(p).records
     assert r.prompt == [U("Hi")]
     assert r.chosen == [A("a\n\nHuman: b\n\nAssistant: c")] and r.rejected == [A("x\n\nHuman: b\n\nAssistant: d")]
@@ -183,6 +197,7 @@ def test_real_hh_files(hh_dir):
 
 # --------------------------------------------------------------------------- formats
 
+
 def test_preference_formats(jl):
     implicit = {"chosen": [U("Hi?"), A("Hello!")], "rejected": [U("Hi?"), A("Go away.")], "category": "c"}
     p = jl([GOOD_STD, GOOD_CONV, implicit])
@@ -198,9 +213,13 @@ def test_message_extra_keys_are_dropped(jl):
 
 
 def test_pointwise_formats(jl):
-    p = jl([{"prompt": "q", "completion": "a", "label": True},
+    p = jl(
+        [
+            {"prompt": "q", "completion": "a", "label": True},
             {"prompt": [U("q")], "completion": [A("b")], "label": 0},
-            {"prompt": "q", "completion": "c", "label": 0.25}])
+            {"prompt": "q", "completion": "c", "label": 0.25},
+        ]
+    )
     a, b, c = read_pointwise(p).records
     assert a.label is True and not a.conversational and a.completion == [A("a")]
     assert b.label == 0.0 and b.conversational
@@ -208,12 +227,16 @@ def test_pointwise_formats(jl):
 
 
 def test_sft_formats(jl):
-    p = jl([{"messages": [S("s"), U("q"), A("a")]},
+    p = jl(
+        [
+            {"messages": [S("s"), U("q"), A("a")]},
             {"prompt": "q", "completion": "a"},
             {"prompt": [U("q")], "completion": [A("a")]},
             GOOD_STD,
             {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"},
-            {"prompt": "q", "completion": "pos", "label": True}])
+            {"prompt": "q", "completion": "pos", "label": True},
+        ]
+    )
     recs = read_sft(p).records
     assert recs[0].messages == [S("s"), U("q"), A("a")] and recs[0].conversational
     assert recs[1].messages == [U("q"), A("a")] and not recs[1].conversational
@@ -231,8 +254,15 @@ def test_sft_negative_pointwise_is_error(jl):
 
 
 def test_prompt_formats(jl):
-    p = jl([{"prompt": "q"}, {"prompt": [S("s"), U("q")]}, {"messages": [U("a"), A("b"), U("c")]}, GOOD_STD,
-            {"chosen": [U("x"), A("y")], "rejected": [U("x"), A("z")]}])
+    p = jl(
+        [
+            {"prompt": "q"},
+            {"prompt": [S("s"), U("q")]},
+            {"messages": [U("a"), A("b"), U("c")]},
+            GOOD_STD,
+            {"chosen": [U("x"), A("y")], "rejected": [U("x"), A("z")]},
+        ]
+    )
     recs = read_prompts(p).records
     assert [r.prompt for r in recs] == [[U("q")], [S("s"), U("q")], [U("a"), A("b"), U("c")], [U("Hi?")], [U("x")]]
     assert [r.conversational for r in recs] == [False, True, True, False, True]
@@ -254,14 +284,18 @@ def test_detect_kind_and_read_any(jl):
         read_any(p, "bogus")
 
 
-@pytest.mark.parametrize("content, line, reason", [
-    (b'[1, 2]\n["x"]\n', 1, "not a JSON object: got list"),                      # records are JSON arrays
-    (b'\n[[1], [2]]\n', 1, "not a JSON object: got list"),                        # a JSON array of arrays
-    ('\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"), 2, "invalid UTF-8: invalid continuation byte"),
-    ('{"prompt": "q"}\n'.encode("utf-16"), 1, "invalid UTF-8: invalid start byte at byte 0"),
-    (b'\n\n{"prompt": \n', 3, "invalid JSON: Expecting value"),
-    (b'{"x": 1, "y": 2}\n[3]\n', 1, "no prompt/chosen/rejected/completion/label/messages field (keys: 'x', 'y')"),
-], ids=["jsonl-arrays", "array-of-arrays", "latin-1", "utf-16", "bad-json", "unknown-keys"])
+@pytest.mark.parametrize(
+    "content, line, reason",
+    [
+        (b'[1, 2]\n["x"]\n', 1, "not a JSON object: got list"),  # records are JSON arrays
+        (b"\n[[1], [2]]\n", 1, "not a JSON object: got list"),  # a JSON array of arrays
+        ('\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"), 2, "invalid UTF-8: invalid continuation byte"),
+        ('{"prompt": "q"}\n'.encode("utf-16"), 1, "invalid UTF-8: invalid start byte at byte 0"),
+        (b'\n\n{"prompt": \n', 3, "invalid JSON: Expecting value"),
+        (b'{"x": 1, "y": 2}\n[3]\n', 1, "no prompt/chosen/rejected/completion/label/messages field (keys: 'x', 'y')"),
+    ],
+    ids=["jsonl-arrays", "array-of-arrays", "latin-1", "utf-16", "bad-json", "unknown-keys"],
+)
 def test_detect_kind_failure_names_first_bad_line_and_why(tmp_path, content, line, reason):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(content)
@@ -283,8 +317,14 @@ def test_detect_kind_of_empty_file(tmp_path):
 def test_read_unlabeled_is_public_in_data(jl):
     from alignforge.data.readers import Ctx, check_prompt, check_response, read_unlabeled
 
-    p = jl([{"prompt": "q", "completion": "a", "extra": 1}, {"completion": [U("x"), A("y")]},
-            {"prompt": "q", "response": "r"}, {"prompt": "q"}])
+    p = jl(
+        [
+            {"prompt": "q", "completion": "a", "extra": 1},
+            {"completion": [U("x"), A("y")]},
+            {"prompt": "q", "response": "r"},
+            {"prompt": "q"},
+        ]
+    )
     it = read_unlabeled(p)
     assert next(it) == (1, {"prompt": "q", "completion": "a", "extra": 1}, [U("q")], [A("a")])
     assert next(it)[2:] == ([U("x")], [A("y")])
@@ -310,27 +350,63 @@ CASES = [
     (read_preference, {"prompt": "q", "chosen": 5, "rejected": "b"}, "chosen", "wrong type"),
     (read_preference, {"prompt": "q", "chosen": [A("a")], "rejected": "b"}, "chosen", "wrong type"),
     (read_preference, {"prompt": [U("q")], "chosen": "a", "rejected": [A("b")]}, "chosen", "wrong type"),
-    (read_preference, {"prompt": [U("q"), "hi"], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[1]", "message must be an object"),
-    (read_preference, {"prompt": [U("q"), {"content": "x"}], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[1].role", "missing field"),
-    (read_preference, {"prompt": [U("q"), {"role": "user"}], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[1].content", "missing field"),
-    (read_preference, {"prompt": [S("s"), U("q"), {"role": "tool", "content": "x"}],
-                       "chosen": [A("a")], "rejected": [A("b")]}, "prompt[2].role", "unknown role"),
-    (read_preference, {"prompt": [{"role": 1, "content": "x"}], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[0].role", "wrong type"),
-    (read_preference, {"prompt": [{"role": "user", "content": ["x"]}], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[0].content", "wrong type"),
+    (
+        read_preference,
+        {"prompt": [U("q"), "hi"], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[1]",
+        "message must be an object",
+    ),
+    (
+        read_preference,
+        {"prompt": [U("q"), {"content": "x"}], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[1].role",
+        "missing field",
+    ),
+    (
+        read_preference,
+        {"prompt": [U("q"), {"role": "user"}], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[1].content",
+        "missing field",
+    ),
+    (
+        read_preference,
+        {"prompt": [S("s"), U("q"), {"role": "tool", "content": "x"}], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[2].role",
+        "unknown role",
+    ),
+    (
+        read_preference,
+        {"prompt": [{"role": 1, "content": "x"}], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[0].role",
+        "wrong type",
+    ),
+    (
+        read_preference,
+        {"prompt": [{"role": "user", "content": ["x"]}], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[0].content",
+        "wrong type",
+    ),
     (read_preference, {"prompt": "q", "chosen": "   \n", "rejected": "b"}, "chosen", "empty response"),
     (read_preference, {"prompt": [U("q")], "chosen": [A("a")], "rejected": []}, "rejected", "empty response"),
     (read_preference, {"prompt": [U("q")], "chosen": [A("a")], "rejected": [A(" ")]}, "rejected", "empty response"),
-    (read_preference, {"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected",
-     "chosen identical to rejected"),
-    (read_preference, {"prompt": [U("q"), A("x")], "chosen": [A("a")], "rejected": [A("b")]},
-     "prompt[1].role", "does not end on a user turn"),
-    (read_preference, {"prompt": [U("q")], "chosen": [A("a"), U("b")], "rejected": [A("b")]},
-     "chosen[1].role", "non-assistant message in response"),
+    (
+        read_preference,
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        "rejected",
+        "chosen identical to rejected",
+    ),
+    (
+        read_preference,
+        {"prompt": [U("q"), A("x")], "chosen": [A("a")], "rejected": [A("b")]},
+        "prompt[1].role",
+        "does not end on a user turn",
+    ),
+    (
+        read_preference,
+        {"prompt": [U("q")], "chosen": [A("a"), U("b")], "rejected": [A("b")]},
+        "chosen[1].role",
+        "non-assistant message in response",
+    ),
     (read_preference, {"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt", "empty prompt"),
     (read_preference, {"prompt": [], "chosen": [A("a")], "rejected": [A("b")]}, "prompt", "empty prompt"),
     (read_preference, {**GOOD_STD, "category": 7}, "category", "wrong type"),
@@ -350,11 +426,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("reader,obj,field,reason", CASES,
-                         ids=[f"{c[0].__name__}-{c[2]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize("reader,obj,field,reason", CASES, ids=[f"{c[0].__name__}-{c[2]}-{c[3]}" for c in CASES])
 def test_validation_errors(jl, reader, obj, field, reason):
-    p = jl([GOOD_STD if reader is not read_pointwise else {"prompt": "q", "completion": "a", "label": 1},
-            obj])
+    p = jl([GOOD_STD if reader is not read_pointwise else {"prompt": "q", "completion": "a", "label": 1}, obj])
     with pytest.raises(DataError) as e:
         reader(p)
     err = e.value
@@ -378,9 +452,15 @@ def test_bool_labels_count_as_0_1(jl):
 
 # --------------------------------------------------------------------------- skip mode
 
+
 def test_skip_mode_collects_and_summarises(jl):
-    objs = [GOOD_STD, {"prompt": "q", "chosen": " ", "rejected": "b"}, GOOD_CONV,
-            {"prompt": "q", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "", "rejected": "b"}]
+    objs = [
+        GOOD_STD,
+        {"prompt": "q", "chosen": " ", "rejected": "b"},
+        GOOD_CONV,
+        {"prompt": "q", "chosen": "x", "rejected": "x"},
+        {"prompt": "q", "chosen": "", "rejected": "b"},
+    ]
     p = jl(objs)
     p.write_text(p.read_text() + "not json\n")
     res = read_preference(p, on_error="skip")

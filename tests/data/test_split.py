@@ -44,9 +44,11 @@ def test_holdout_split_edges():
 
 
 def _pref(i):
-    return {"prompt": [{"role": "user", "content": f"q{i}"}],
-            "chosen": [{"role": "assistant", "content": f"good {i}"}],
-            "rejected": [{"role": "assistant", "content": f"bad {i}"}]}
+    return {
+        "prompt": [{"role": "user", "content": f"q{i}"}],
+        "chosen": [{"role": "assistant", "content": f"good {i}"}],
+        "rejected": [{"role": "assistant", "content": f"bad {i}"}],
+    }
 
 
 def test_split_file_writes_trl_jsonl(jl, tmp_path):
@@ -87,8 +89,11 @@ def test_experiment_split_subsamples_the_pool_and_keeps_heldout_out(tmp_path):
     from alignforge.data.split import experiment_split
 
     src = tmp_path / "pairs.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
-                           for i in range(10)))
+    src.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n" for i in range(10)
+        )
+    )
     lines = []
     rep, n = experiment_split(src, tmp_path / "d", heldout=3, split_seed=0, n_train=4, seed=1, echo=lines.append)
     assert n == 4 and "training on 4 of 7 pool pairs (seed 1)" in lines

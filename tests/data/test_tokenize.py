@@ -6,8 +6,15 @@ import pytest
 
 from alignforge.data.records import PreferenceRecord, SFTRecord, Source
 from alignforge.data.tokenize import (
-    Cut, load_preference_dataset, load_sft_dataset, render, tokenize_messages, tokenize_preference,
-    tokenize_prompt_completion, tokenize_sft, truncate_prompt_responses,
+    Cut,
+    load_preference_dataset,
+    load_sft_dataset,
+    render,
+    tokenize_messages,
+    tokenize_preference,
+    tokenize_prompt_completion,
+    tokenize_sft,
+    truncate_prompt_responses,
 )
 from alignforge.errors import ConfigError, DataError
 
@@ -20,7 +27,7 @@ DEFAULT_SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 def masked_runs(tok, ids, mask):
     """Decoded text of each maximal run of masked tokens."""
     runs, cur = [], []
-    for i, m in zip(ids, mask):
+    for i, m in zip(ids, mask, strict=False):
         if m:
             cur.append(i)
         elif cur:
@@ -37,12 +44,15 @@ def dec(tok, ids):
 
 # --------------------------------------------------------------------------- render / mask
 
+
 def test_render_uses_chat_template(tiny_tokenizer):
     msgs = [U("Hello there"), A("Paris.")]
-    assert render(tiny_tokenizer, msgs) == (DEFAULT_SYS + "<|im_start|>user\nHello there<|im_end|>\n"
-                                            "<|im_start|>assistant\nParis.<|im_end|>\n")
+    assert render(tiny_tokenizer, msgs) == (
+        DEFAULT_SYS + "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n"
+    )
     assert render(tiny_tokenizer, msgs[:1], add_generation_prompt=True).endswith(
-        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_mask_single_turn(tiny_tokenizer):
@@ -53,8 +63,9 @@ def test_mask_single_turn(tiny_tokenizer):
     assert masked_runs(tiny_tokenizer, ids, mask) == ["Paris is the capital of France.<|im_end|>"]
     assert dec(tiny_tokenizer, ids[cut:]) == "Paris is the capital of France.<|im_end|>\n"
     assert mask[-1] == 0  # trailing newline not trained on
-    assert dec(tiny_tokenizer, [i for i, m in zip(ids, mask) if not m]) == (
-        DEFAULT_SYS + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n\n")
+    assert dec(tiny_tokenizer, [i for i, m in zip(ids, mask, strict=False) if not m]) == (
+        DEFAULT_SYS + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n\n"
+    )
 
 
 def test_mask_multi_turn_with_system(tiny_tokenizer):
@@ -63,14 +74,16 @@ def test_mask_multi_turn_with_system(tiny_tokenizer):
     assert masked_runs(tiny_tokenizer, ids, mask) == ["Hello! How can I help?<|im_end|>", "Sure, the sea.<|im_end|>"]
     assert dec(tiny_tokenizer, ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")  # no default system
     assert dec(tiny_tokenizer, ids[cut:]) == "Sure, the sea.<|im_end|>\n"
-    assert sum(mask[:cut]) == len(tiny_tokenizer("Hello! How can I help?<|im_end|>",
-                                                 add_special_tokens=False).input_ids)
+    assert sum(mask[:cut]) == len(
+        tiny_tokenizer("Hello! How can I help?<|im_end|>", add_special_tokens=False).input_ids
+    )
 
 
 def test_mask_with_plain_fallback(plain_tokenizer):
     msgs = [U("Hi"), A("Hello there"), U("more"), A("Sure")]
-    assert render(plain_tokenizer, msgs) == ("\n\nHuman: Hi\n\nAssistant: Hello there<|im_end|>"
-                                             "\n\nHuman: more\n\nAssistant: Sure<|im_end|>")
+    assert render(plain_tokenizer, msgs) == (
+        "\n\nHuman: Hi\n\nAssistant: Hello there<|im_end|>\n\nHuman: more\n\nAssistant: Sure<|im_end|>"
+    )
     assert render(plain_tokenizer, msgs[:1], add_generation_prompt=True) == "\n\nHuman: Hi\n\nAssistant:"
     ids, mask, _ = tokenize_messages(plain_tokenizer, msgs)
     assert masked_runs(plain_tokenizer, ids, mask) == [" Hello there<|im_end|>", " Sure<|im_end|>"]
@@ -100,10 +113,12 @@ def _fresh(tiny_model_dir):
 def test_not_prefix_consistent_template(tiny_model_dir):
     tok = _fresh(tiny_model_dir)
     # a template that hides earlier assistant turns (like reasoning-stripping templates)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
-                         "<|im_start|>assistant\n...<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
-                         "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "<|im_start|>assistant\n...<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     rec = SFTRecord([U("a"), A("b"), U("c"), A("d")], source=Source("f.jsonl", 7))
     with pytest.raises(DataError) as e:
         tokenize_sft(rec, tok, 512)
@@ -121,6 +136,7 @@ def test_template_exception_is_data_error(tiny_model_dir):
 
 
 # --------------------------------------------------------------------------- BOS
+
 
 @pytest.mark.parametrize("fixture", ["bos_tokenizer", "bos_template_tokenizer"])
 def test_exactly_one_bos(request, fixture):
@@ -146,11 +162,16 @@ def test_no_bos_added_when_tokenizer_adds_none(tiny_tokenizer):
 
 # --------------------------------------------------------------------------- prompt / completion
 
+
 def test_prompt_completion_matches_full_render(tiny_tokenizer):
     prompt, comp = [S("Be kind."), U("Hi"), A("Hello"), U("Poem?")], [A("The sea and the sky.")]
     p, c = tokenize_prompt_completion(prompt, comp, tiny_tokenizer)
-    assert p == tiny_tokenizer(render(tiny_tokenizer, prompt, add_generation_prompt=True),
-                               add_special_tokens=False).input_ids
+    assert (
+        p
+        == tiny_tokenizer(
+            render(tiny_tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
+    )
     assert dec(tiny_tokenizer, c) == "The sea and the sky.<|im_end|>"
     full = tiny_tokenizer(render(tiny_tokenizer, prompt + comp), add_special_tokens=False).input_ids
     assert p + c == full[:-1]
@@ -164,39 +185,45 @@ def _chat_template_ids(tok, conv):
 @pytest.mark.parametrize("which", ["tiny", "plain", "smollm2"])
 def test_full_render_ids_are_apply_chat_template(which, request):
     """The reward model's sequence is exactly what HF users feed: apply_chat_template(conversation)."""
-    tok = request.getfixturevalue({"tiny": "tiny_tokenizer", "plain": "plain_tokenizer",
-                                   "smollm2": "smollm2_tokenizer"}[which])
+    tok = request.getfixturevalue(
+        {"tiny": "tiny_tokenizer", "plain": "plain_tokenizer", "smollm2": "smollm2_tokenizer"}[which]
+    )
     prompt, comp = [S("Be kind."), U("Hi"), A("Hello"), U("Poem?")], [A("The sea and the sky.")]
     p, c = tokenize_prompt_completion(prompt, comp, tok, full_render=True)
     p0, c0 = tokenize_prompt_completion(prompt, comp, tok)
     if has_template := which != "plain":
         assert p + c == _chat_template_ids(tok, prompt + comp)
-    assert p == p0 and c[:len(c0)] == c0
+    assert p == p0 and c[: len(c0)] == c0
     if has_template:  # ChatML: the newline after <|im_end|> is kept, and it is the last token
-        assert len(c) == len(c0) + 1 and dec(tok, c[len(c0):]) == "\n"
+        assert len(c) == len(c0) + 1 and dec(tok, c[len(c0) :]) == "\n"
     else:  # the plain format ends with EOS: nothing follows it
         assert c == c0
     rec = PreferenceRecord(prompt, comp, [A("No.")])
     pair, _ = tokenize_preference(rec, tok, 4096, full_render=True)
     assert pair.prompt_ids + pair.chosen_ids == p + c
-    assert pair.prompt_ids + pair.rejected_ids == tokenize_prompt_completion(prompt, [A("No.")], tok,
-                                                                             full_render=True)[0] + \
-        tokenize_prompt_completion(prompt, [A("No.")], tok, full_render=True)[1]
+    assert (
+        pair.prompt_ids + pair.rejected_ids
+        == tokenize_prompt_completion(prompt, [A("No.")], tok, full_render=True)[0]
+        + tokenize_prompt_completion(prompt, [A("No.")], tok, full_render=True)[1]
+    )
 
 
 def test_prompt_completion_boundary_merge_falls_back(tiny_model_dir):
     tok = _fresh(tiny_model_dir)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
-                         "{% else %}Assistant: {{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}Assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+        "{% else %}Assistant: {{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
     p, c = tokenize_prompt_completion([U("Hi")], [A("Paris is")], tok)
     joint = tok("User: Hi\nAssistant: Paris is<|im_end|>", add_special_tokens=False).input_ids
-    assert joint[:len(p)] != p  # the space merged into the completion's first token
+    assert joint[: len(p)] != p  # the space merged into the completion's first token
     assert p == tok("User: Hi\nAssistant: ", add_special_tokens=False).input_ids
     assert c == tok("Paris is<|im_end|>", add_special_tokens=False).input_ids
 
 
 # --------------------------------------------------------------------------- truncation
+
 
 def test_truncate_rule_exact():
     P, R1, R2 = list(range(10)), list(range(100, 105)), list(range(200, 203))
@@ -218,9 +245,13 @@ def test_truncate_rule_exact():
 
 
 def test_tokenize_preference_truncate_and_drop(tiny_tokenizer):
-    rec = PreferenceRecord([U("Write a function in Python that returns the sum of a list. " * 3)],
-                           [A("Sure, here is a short poem about the sea and the sky. " * 2)],
-                           [A("I'm sorry.")], category="c", source=Source("f", 2))
+    rec = PreferenceRecord(
+        [U("Write a function in Python that returns the sum of a list. " * 3)],
+        [A("Sure, here is a short poem about the sea and the sky. " * 2)],
+        [A("I'm sorry.")],
+        category="c",
+        source=Source("f", 2),
+    )
     full, over = tokenize_preference(rec, tiny_tokenizer, 4096)
     assert not over and full.category == "c" and full.source == Source("f", 2)
     P, C, R = full.prompt_ids, full.chosen_ids, full.rejected_ids
@@ -230,14 +261,14 @@ def test_tokenize_preference_truncate_and_drop(tiny_tokenizer):
     t, over = tokenize_preference(rec, tiny_tokenizer, L)
     assert over
     keep = max(L - len(C), L // 2)
-    assert t.prompt_ids == [P[0]] + P[len(P) - keep + 1:]  # leading <|im_start|> (the BOS) kept
+    assert t.prompt_ids == [P[0]] + P[len(P) - keep + 1 :]  # leading <|im_start|> (the BOS) kept
     assert len(t.prompt_ids) == keep == L // 2
-    assert t.chosen_ids == C[:L - keep] and t.rejected_ids == R
+    assert t.chosen_ids == C[: L - keep] and t.rejected_ids == R
     assert len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) == L
     t2, _ = tokenize_preference(rec, tiny_tokenizer, L, max_prompt_length=10)
     keep2 = L - len(C)  # max(L - len(C), 10) > 10 here, and < L // 2
     assert 10 < keep2 < L // 2
-    assert len(t2.prompt_ids) == keep2 and t2.chosen_ids == C[:L - keep2]
+    assert len(t2.prompt_ids) == keep2 and t2.chosen_ids == C[: L - keep2]
     assert tokenize_preference(rec, tiny_tokenizer, L, overlong="drop") == (None, Cut.RESPONSE)
     with pytest.raises(ConfigError):
         tokenize_preference(rec, tiny_tokenizer, 1)
@@ -261,7 +292,7 @@ def test_truncate_prompt_cuts_the_prompt_first_and_drops_a_cut_response(tiny_tok
         assert tokenize_preference(fits, tiny_tokenizer, L, overlong=mode)[1] == Cut.NONE
         t, cut = tokenize_preference(long_prompt, tiny_tokenizer, L, overlong=mode)
         assert cut == Cut.PROMPT and t.chosen_ids == C and t.rejected_ids == R  # responses whole
-        assert t.prompt_ids == [P[0]] + P[len(P) - (L - len(C)) + 1:]  # cut from the left, BOS kept
+        assert t.prompt_ids == [P[0]] + P[len(P) - (L - len(C)) + 1 :]  # cut from the left, BOS kept
         assert len(t.prompt_ids) + len(t.chosen_ids) == L
     # a response that does not fit even with the prompt cut to min_prompt
     t, cut = tokenize_preference(long_answer, tiny_tokenizer, L, overlong="truncate")
@@ -275,10 +306,14 @@ def test_truncate_prompt_cuts_the_prompt_first_and_drops_a_cut_response(tiny_tok
 
 
 def test_report_counts_pairs_cut_and_dropped(jl, tiny_tokenizer):
-    p = jl([{"prompt": "Hi", "chosen": "Hello!", "rejected": "No."},
+    p = jl(
+        [
+            {"prompt": "Hi", "chosen": "Hello!", "rejected": "No."},
             {"prompt": LONG_PROMPT, "chosen": "I'm sorry.", "rejected": "No."},
             {"prompt": LONG_PROMPT, "chosen": LONG_ANSWER, "rejected": "No."},
-            {"prompt": "Hi", "chosen": LONG_ANSWER * 2, "rejected": "No."}])
+            {"prompt": "Hi", "chosen": LONG_ANSWER * 2, "rejected": "No."},
+        ]
+    )
     pairs, rep = load_preference_dataset(p, tiny_tokenizer, 48, overlong="truncate_prompt")
     assert (rep.n_out, rep.n_truncated, rep.n_response_truncated, rep.n_overlong_dropped) == (2, 1, 0, 2)
     assert [x.source.line for x in pairs] == [1, 2]
@@ -295,9 +330,12 @@ def test_report_counts_pairs_cut_and_dropped(jl, tiny_tokenizer):
 
 
 def test_tokenize_sft_truncate_and_drop(tiny_tokenizer):
-    msgs = [U("Hello! How can I help you today?"), A("The quick brown fox."),
-            U("Write a function in Python that returns the sum of a list."),
-            A("Sure, here is a short poem about the sea and the sky.")]
+    msgs = [
+        U("Hello! How can I help you today?"),
+        A("The quick brown fox."),
+        U("Write a function in Python that returns the sum of a list."),
+        A("Sure, here is a short poem about the sea and the sky."),
+    ]
     full, over = tokenize_sft(SFTRecord(msgs), tiny_tokenizer, 4096)
     assert not over and len(full.input_ids) == len(full.loss_mask)
     ids, mask, cut = tokenize_messages(tiny_tokenizer, msgs)
@@ -309,7 +347,7 @@ def test_tokenize_sft_truncate_and_drop(tiny_tokenizer):
     assert over and len(t.input_ids) == len(t.loss_mask) == L
     kept = [0] + list(range(cut - keep + 1, cut)) + list(range(cut, cut + L - keep))
     assert t.input_ids == [ids[i] for i in kept] and t.loss_mask == [mask[i] for i in kept]
-    assert t.loss_mask[keep] == 1 and sum(t.loss_mask[:keep]) == sum(mask[cut - keep + 1:cut])
+    assert t.loss_mask[keep] == 1 and sum(t.loss_mask[:keep]) == sum(mask[cut - keep + 1 : cut])
     assert over == Cut.PROMPT and n_resp <= L - keep  # the prompt was cut, the last response is whole
     assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L, overlong="drop") == (None, Cut.PROMPT)
     assert tokenize_sft(SFTRecord(msgs), tiny_tokenizer, L, overlong="truncate_prompt") == (t, Cut.PROMPT)
@@ -320,10 +358,13 @@ def test_tokenize_sft_truncate_and_drop(tiny_tokenizer):
 
 # --------------------------------------------------------------------------- datasets
 
+
 def test_load_sft_dataset_report(jl, tiny_tokenizer):
     long = "The quick brown fox jumps over the lazy dog. " * 20
-    p1 = jl([{"messages": [U("Hi"), A("Hello")]}, {"messages": [U("Hi")]}, {"prompt": "q", "completion": long}],
-            name="a.jsonl")
+    p1 = jl(
+        [{"messages": [U("Hi"), A("Hello")]}, {"messages": [U("Hi")]}, {"prompt": "q", "completion": long}],
+        name="a.jsonl",
+    )
     p2 = jl([{"prompt": "q", "chosen": "good", "rejected": "bad"}], name="b.jsonl")
     ex, rep = load_sft_dataset([str(p1), p2], tiny_tokenizer, 64, on_error="skip")
     assert (rep.n_read, rep.n_dropped, rep.n_truncated, rep.n_overlong_dropped, rep.n_out) == (4, 1, 1, 0, 3)
@@ -339,8 +380,9 @@ def test_load_sft_dataset_report(jl, tiny_tokenizer):
 
 
 def test_load_preference_dataset_real_hh(hh_dir, tiny_tokenizer):
-    pairs, rep = load_preference_dataset([hh_dir / "helpful-base" / "test.jsonl.gz"], tiny_tokenizer,
-                                         max_length=256, on_error="skip")
+    pairs, rep = load_preference_dataset(
+        [hh_dir / "helpful-base" / "test.jsonl.gz"], tiny_tokenizer, max_length=256, on_error="skip"
+    )
     assert rep.n_read == 2354 and rep.n_out == len(pairs) == 2354 - rep.n_dropped
     assert rep.n_truncated > 0
     end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -15,12 +15,24 @@ import torch
 from alignforge.data.records import TokenizedPair
 from alignforge.errors import DataError, ModelError
 from alignforge.eval.rm_eval import (
-    bootstrap_ci, evaluate_pairs, pearson, plot_eval, rankdata, read_unlabeled, run_rm_eval, score_file,
-    score_pairs, score_sequences, spearman,
+    bootstrap_ci,
+    evaluate_pairs,
+    pearson,
+    plot_eval,
+    rankdata,
+    read_unlabeled,
+    run_rm_eval,
+    score_file,
+    score_pairs,
+    score_sequences,
+    spearman,
 )
 
-GOOD = ["Sure, here is a clear and helpful answer.", "Here is a short helpful explanation.",
-        "Happy to help: the answer is below."]
+GOOD = [
+    "Sure, here is a clear and helpful answer.",
+    "Here is a short helpful explanation.",
+    "Happy to help: the answer is below.",
+]
 BAD = ["No.", "I do not care.", "Go away, I will not help you."]
 
 
@@ -33,8 +45,11 @@ def _write_pairs(path, n=24, seed=0, category=False):
     rows = []
     for i in range(n):
         prompt = [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}]
-        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-               "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]}
+        row = {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+        }
         if category:
             row["category"] = ["chat", "code"][i % 2]
         rows.append(row)
@@ -50,10 +65,21 @@ def trained_rm(tmp_path_factory, tiny_model_dir):
 
     d = tmp_path_factory.mktemp("rm")
     data = _write_pairs(d / "train.jsonl")
-    cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train_files={data}",
-                                       f"train.output_dir={d / 'rm'}", "train.epochs=4",
-                                       "train.per_device_batch_size=4", "train.lr=3e-3", "train.progress=false",
-                                       "reward.length_balance=false", "data.max_length=256"])
+    cfg = load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_files={data}",
+            f"train.output_dir={d / 'rm'}",
+            "train.epochs=4",
+            "train.per_device_batch_size=4",
+            "train.lr=3e-3",
+            "train.progress=false",
+            "reward.length_balance=false",
+            "data.max_length=256",
+        ],
+    )
     return train_rm(cfg)["final_dir"]
 
 
@@ -73,28 +99,39 @@ def random_rm(tiny_model_dir):
 
 # --------------------------------------------------------------------------- statistics
 
+
 def test_accuracy_ties_buckets_and_length_split():
     # (len chosen, len rejected, score chosen, score rejected)
-    rows = [(5, 5, 1.0, 0.0),     # equal length, correct
-            (11, 3, 2.0, 2.0),    # d=+8 -> bucket 1-8 (upper edge inclusive), tie = 0.5
-            (3, 12, 0.0, 1.0),    # d=-9 -> bucket 9-16, wrong; the RM prefers the longer
-            (40, 4, 3.0, 1.0),    # d=+36 -> bucket 33-64, correct
-            (300, 2, -1.0, 0.0)]  # d=+298 -> bucket >256, wrong
+    rows = [
+        (5, 5, 1.0, 0.0),  # equal length, correct
+        (11, 3, 2.0, 2.0),  # d=+8 -> bucket 1-8 (upper edge inclusive), tie = 0.5
+        (3, 12, 0.0, 1.0),  # d=-9 -> bucket 9-16, wrong; the RM prefers the longer
+        (40, 4, 3.0, 1.0),  # d=+36 -> bucket 33-64, correct
+        (300, 2, -1.0, 0.0),
+    ]  # d=+298 -> bucket >256, wrong
     pairs = [_pair(a, b) for a, b, _, _ in rows]
     res = evaluate_pairs([x[2] for x in rows], [x[3] for x in rows], pairs, n_boot=200)
     assert res["n_pairs"] == 5 and res["n_ties"] == 1
     assert res["accuracy"] == pytest.approx((1 + 0.5 + 0 + 1 + 0) / 5)
     by = {b["bucket"]: b for b in res["accuracy_by_length_bucket"]}
-    assert [b["bucket"] for b in res["accuracy_by_length_bucket"]] == \
-        ["equal", "1-8", "9-16", "17-32", "33-64", "65-128", "129-256", ">256"]
+    assert [b["bucket"] for b in res["accuracy_by_length_bucket"]] == [
+        "equal",
+        "1-8",
+        "9-16",
+        "17-32",
+        "33-64",
+        "65-128",
+        "129-256",
+        ">256",
+    ]
     assert {k: v["n"] for k, v in by.items() if v["n"]} == {"equal": 1, "1-8": 1, "9-16": 1, "33-64": 1, ">256": 1}
     assert by["1-8"]["accuracy"] == 0.5 and by["9-16"]["accuracy"] == 0.0 and by["33-64"]["accuracy"] == 1.0
     assert by["9-16"]["n_shorter_won"] == 1 and by["9-16"]["n_longer_won"] == 0
     assert by["9-16"]["accuracy_longer_won"] is None and by["9-16"]["rm_prefers_longer"] == 1.0
     assert by["17-32"]["accuracy"] is None
-    assert res["accuracy_longer_won"] == pytest.approx(0.5)      # (0.5 + 1 + 0) / 3
+    assert res["accuracy_longer_won"] == pytest.approx(0.5)  # (0.5 + 1 + 0) / 3
     assert res["accuracy_shorter_won"] == 0.0
-    assert res["rm_prefers_longer"] == pytest.approx(2.5 / 4)    # 0.5, 1, 1, 0 over unequal pairs
+    assert res["rm_prefers_longer"] == pytest.approx(2.5 / 4)  # 0.5, 1, 1, 0 over unequal pairs
     assert res["longer_chosen_share"] == pytest.approx(0.6) and res["equal_length_share"] == pytest.approx(0.2)
     assert res["score_chosen"]["mean"] == pytest.approx(1.0)
     assert res["score_chosen"]["std"] == pytest.approx(math.sqrt(2.5))  # ddof=1: (0+1+1+4+4)/4
@@ -114,7 +151,7 @@ def test_correlations_by_hand():
     # inside evaluate_pairs: over all responses, score against response length
     pairs = [_pair(2, 5), _pair(7, 3), _pair(4, 4)]
     lens = np.array([2, 7, 4, 5, 3, 4], dtype=float)
-    s = -lens ** 3
+    s = -(lens**3)
     res = evaluate_pairs(s[:3], s[3:], pairs, n_boot=10)
     assert res["length_correlation"]["n"] == 6
     assert res["length_correlation"]["spearman"] == pytest.approx(spearman(s, lens))
@@ -156,12 +193,17 @@ def test_evaluate_rejects_mismatched_inputs():
 
 def test_plots_written(tmp_path):
     rng = np.random.default_rng(0)
-    pairs = [_pair(int(rng.integers(1, 80)), int(rng.integers(1, 80)), ["chat", "code", None][i % 3])
-             for i in range(60)]
+    pairs = [
+        _pair(int(rng.integers(1, 80)), int(rng.integers(1, 80)), ["chat", "code", None][i % 3]) for i in range(60)
+    ]
     c, r = rng.normal(1, 1, 60), rng.normal(0, 1, 60)
     paths = plot_eval(evaluate_pairs(c, r, pairs, n_boot=50), c, r, pairs, tmp_path)
-    assert {p.name for p in paths} == {"score_hist.png", "accuracy_by_length.png", "score_vs_length.png",
-                                       "score_by_category.png"}
+    assert {p.name for p in paths} == {
+        "score_hist.png",
+        "accuracy_by_length.png",
+        "score_vs_length.png",
+        "score_by_category.png",
+    }
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     plain = [_pair(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
@@ -170,15 +212,21 @@ def test_plots_written(tmp_path):
 
 # --------------------------------------------------------------------------- scoring
 
+
 def test_score_pairs_keeps_order_and_matches_unbatched(random_rm):
     from alignforge.models.packing import pack_pairs
 
     rm, tok = random_rm
     rng = random.Random(1)
     V = rm.model.config.vocab_size
-    pairs = [TokenizedPair([rng.randrange(3, V) for _ in range(rng.randint(2, 9))],
-                           [rng.randrange(3, V) for _ in range(rng.randint(1, 12))],
-                           [rng.randrange(3, V) for _ in range(rng.randint(1, 12))]) for _ in range(11)]
+    pairs = [
+        TokenizedPair(
+            [rng.randrange(3, V) for _ in range(rng.randint(2, 9))],
+            [rng.randrange(3, V) for _ in range(rng.randint(1, 12))],
+            [rng.randrange(3, V) for _ in range(rng.randint(1, 12))],
+        )
+        for _ in range(11)
+    ]
     c, r = score_pairs(rm, pairs, tok.pad_token_id, batch_size=4, progress=False)
     with torch.no_grad():
         one = [rm(pack_pairs([p], tok.pad_token_id)) for p in pairs]
@@ -197,26 +245,37 @@ def test_score_file_round_trip(tmp_path, trained_rm):
     from alignforge.models.reward import load_reward_model
 
     src = tmp_path / "in.jsonl"
-    recs = [{"prompt": "Question 1: tell me about topic 5.", "completion": GOOD[0], "id": "a", "meta": {"k": 1}},
-            {"prompt": [{"role": "user", "content": "Question 2: tell me about topic 9."}],
-             "response": [{"role": "assistant", "content": BAD[1]}], "id": "b"},
-            {"completion": [{"role": "user", "content": "Question 3: tell me about topic 1."},
-                            {"role": "assistant", "content": GOOD[1]}], "id": "c"}]
+    recs = [
+        {"prompt": "Question 1: tell me about topic 5.", "completion": GOOD[0], "id": "a", "meta": {"k": 1}},
+        {
+            "prompt": [{"role": "user", "content": "Question 2: tell me about topic 9."}],
+            "response": [{"role": "assistant", "content": BAD[1]}],
+            "id": "b",
+        },
+        {
+            "completion": [
+                {"role": "user", "content": "Question 3: tell me about topic 1."},
+                {"role": "assistant", "content": GOOD[1]},
+            ],
+            "id": "c",
+        },
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "out.jsonl.gz"
     rep = score_file(trained_rm, src, out, batch_size=2, normalize=True, progress=False)
     rows = [json.loads(x) for x in gzip.decompress(out.read_bytes()).decode().splitlines()]
     assert rep["n"] == 3 and [r["id"] for r in rows] == ["a", "b", "c"]
     assert rep["n_truncated"] == rep["n_response_truncated"] == 0
-    for r, orig in zip(rows, recs):
+    for r, orig in zip(rows, recs, strict=False):
         assert {k: v for k, v in r.items() if not k.startswith("score")} == orig
     rm, tok, stats = load_reward_model(trained_rm)
     expect = []
     for _, _, prompt, completion in read_unlabeled(src):
         p, c = tokenize_prompt_completion(prompt, completion, tok, full_render=True)  # the RM's convention
         expect.append(score_sequences(rm, [p + c], tok.pad_token_id, progress=False)[0])
-    np.testing.assert_allclose([r["score"] for r in rows], expect, rtol=1e-5,
-                               atol=1e-5 * max(1.0, float(np.abs(expect).max())))
+    np.testing.assert_allclose(
+        [r["score"] for r in rows], expect, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(expect).max()))
+    )
     for r in rows:
         assert r["score_normalized"] == pytest.approx((r["score"] - stats["mean"]) / stats["std"])
     assert rows[0]["score"] > rows[1]["score"]  # the trained RM prefers the good answer
@@ -256,9 +315,11 @@ def test_rm_eval_cuts_the_prompt_and_drops_pairs_whose_response_would_be_cut(tmp
     from alignforge.models.reward import load_reward_model
 
     long_prompt = "Question 1: tell me about topic 5. " * 8
-    rows = [{"prompt": "Question 2: tell me about topic 3.", "chosen": GOOD[0], "rejected": BAD[0]},  # fits
-            {"prompt": long_prompt, "chosen": GOOD[1], "rejected": BAD[1]},  # fits once the prompt is cut
-            {"prompt": "Question 4: tell me about topic 8.", "chosen": GOOD[2] * 6, "rejected": BAD[2]}]  # too long
+    rows = [
+        {"prompt": "Question 2: tell me about topic 3.", "chosen": GOOD[0], "rejected": BAD[0]},  # fits
+        {"prompt": long_prompt, "chosen": GOOD[1], "rejected": BAD[1]},  # fits once the prompt is cut
+        {"prompt": "Question 4: tell me about topic 8.", "chosen": GOOD[2] * 6, "rejected": BAD[2]},
+    ]  # too long
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, tok, _ = load_reward_model(trained_rm)
@@ -269,8 +330,13 @@ def test_rm_eval_cuts_the_prompt_and_drops_pairs_whose_response_would_be_cut(tmp
     for limit in (None, 10):  # both loading paths
         s = run_rm_eval(trained_rm, data, tmp_path / "o", max_length=L, limit=limit, plots=False, progress=False)
         r = s["data_report"]
-        assert (s["n_pairs"], r["n_out"], r["n_truncated"], r["n_response_truncated"], r["n_overlong_dropped"]) == \
-            (2, 2, 1, 0, 1)
+        assert (s["n_pairs"], r["n_out"], r["n_truncated"], r["n_response_truncated"], r["n_overlong_dropped"]) == (
+            2,
+            2,
+            1,
+            0,
+            1,
+        )
         assert "1 dropped: a response would not fit in max_length 96 even with the prompt cut" in r["summary"]
         scores = [json.loads(x) for x in (tmp_path / "o" / "scores.jsonl").read_text().splitlines()]
         assert [x["line"] for x in scores] == [1, 2]
@@ -284,14 +350,32 @@ def test_rm_eval_cuts_the_prompt_and_drops_pairs_whose_response_would_be_cut(tmp
 
 # --------------------------------------------------------------------------- CLI and real data
 
+
 def test_cli_rm_eval_and_score(tmp_path, trained_rm):
     from alignforge.cli import main
 
     data = _write_pairs(tmp_path / "heldout.jsonl", n=20, seed=7, category=True)
     out = tmp_path / "eval"
-    p = subprocess.run([sys.executable, "-m", "alignforge.cli", "rm", "eval", str(trained_rm), str(data),
-                        "--out", str(out), "--batch-size", "3", "--n-boot", "200"],
-                       capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignforge.cli",
+            "rm",
+            "eval",
+            str(trained_rm),
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--n-boot",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["n_pairs"] == 20 and s["accuracy"] > 0.8  # held-out pairs of the training distribution
@@ -318,8 +402,24 @@ def test_hh_untrained_rm_limit(tmp_path, shared_data, tiny_model_dir):
 
     hh = shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
     out = tmp_path / "hh"
-    assert main(["rm", "eval", str(tiny_model_dir), str(hh), "--out", str(out), "--limit", "50",
-                 "--n-boot", "200", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "rm",
+                "eval",
+                str(tiny_model_dir),
+                str(hh),
+                "--out",
+                str(out),
+                "--limit",
+                "50",
+                "--n-boot",
+                "200",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["n_pairs"] == 50 and s["data_report"]["n_out"] == 50 and s["rm_stats"] == {}
     assert 0.0 <= s["accuracy"] <= 1.0 and s["accuracy_ci95"][0] <= s["accuracy"] <= s["accuracy_ci95"][1]

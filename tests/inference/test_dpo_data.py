@@ -28,10 +28,11 @@ def prompts(tmp_path):
 
 def test_best_and_worst_of_k_by_reward(tmp_path, tiny_model_dir, tiny_rm_dir, prompts):
     out = tmp_path / "dpo.jsonl"
-    rep = build_dpo_pairs(prompts, out, str(tiny_rm_dir), policy=str(tiny_model_dir), k=3, temperature=1.5,
-                          max_new_tokens=12, min_gap=0.0)
+    rep = build_dpo_pairs(
+        prompts, out, str(tiny_rm_dir), policy=str(tiny_model_dir), k=3, temperature=1.5, max_new_tokens=12, min_gap=0.0
+    )
     assert rep.prompts == 5 and rep.written + rep.skipped_identical == 5 and rep.written >= 3
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(r["score_chosen"] >= r["score_rejected"] for r in rows)
     recs = read_preference(out).records  # a valid TRL conversational preference file
     assert len(recs) == rep.written and recs[0].prompt[-1]["role"] == "user"
@@ -48,8 +49,16 @@ def test_best_and_worst_of_k_by_reward(tmp_path, tiny_model_dir, tiny_rm_dir, pr
 
 
 def test_min_gap_skips_flat_prompts(tmp_path, tiny_model_dir, tiny_rm_dir, prompts):
-    rep = build_dpo_pairs(prompts, tmp_path / "o.jsonl", str(tiny_rm_dir), policy=str(tiny_model_dir), k=2,
-                          temperature=1.5, max_new_tokens=8, min_gap=1e9)
+    rep = build_dpo_pairs(
+        prompts,
+        tmp_path / "o.jsonl",
+        str(tiny_rm_dir),
+        policy=str(tiny_model_dir),
+        k=2,
+        temperature=1.5,
+        max_new_tokens=8,
+        min_gap=1e9,
+    )
     assert rep.written == 0 and rep.skipped_small_gap == 5
     assert "skipped 5 with a reward gap below min_gap" in rep.summary()
 

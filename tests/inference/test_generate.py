@@ -15,8 +15,10 @@ from alignforge.models.loading import load_model, load_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "What is the capital of France? Tell me about the sea."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France? Tell me about the sea."},
+    ],
     [{"role": "user", "content": "Write a function in Python that returns the sum of a list."}],
     [{"role": "user", "content": "x"}],
     [{"role": "user", "content": "Sure, here is a short poem"}],
@@ -83,8 +85,7 @@ def test_bos_added_once_when_tokenizer_wants_one(tiny_model_dir, backend):
     bos = "<|endoftext|>"
     tok.bos_token = bos
     bos_id = tok.convert_tokens_to_ids(bos)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
     assert tok("a")["input_ids"][0] == bos_id  # this tokenizer adds a BOS itself
     b = HFBackend(backend.model, tok)
     ids = b.render(CONVS[0])
@@ -116,8 +117,7 @@ def test_sampling_reproducible_per_seed(backend):
     assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
     torch.manual_seed(12345)
     assert backend.generate(CONVS, cfg) == a
-    other = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8,
-                                                     batch_size=2))
+    other = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8, batch_size=2))
     assert other != a
     greedy = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, batch_size=2))
     assert greedy != a
@@ -130,8 +130,7 @@ def test_top_k_one_is_greedy(backend):
 
 
 def test_max_new_tokens_respected(backend):
-    out = backend.generate_ids(CONVS, GenerationConfig(max_new_tokens=5, stop_on_eos=False,
-                                                       temperature=1.0))
+    out = backend.generate_ids(CONVS, GenerationConfig(max_new_tokens=5, stop_on_eos=False, temperature=1.0))
     assert [len(g.response_ids) for g in out] == [5] * len(CONVS)
     assert not any(g.finished for g in out)
     out = backend.generate_ids(CONVS, GenerationConfig(max_new_tokens=3))
@@ -161,8 +160,9 @@ def test_generation_restores_training_mode(backend):
         backend.model.eval()
 
 
-@pytest.mark.parametrize("kw", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0},
-                                {"top_k": -1}, {"batch_size": 0}])
+@pytest.mark.parametrize(
+    "kw", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1}, {"batch_size": 0}]
+)
 def test_generation_config_validation(kw):
     with pytest.raises(ConfigError):
         GenerationConfig(**kw)

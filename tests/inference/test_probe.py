@@ -63,17 +63,39 @@ def test_dpo_with_probe_logs_lengths_and_trains_identically(tmp_path, tiny_model
     from alignforge.trainers.dpo import DPOConfig, train_dpo
 
     monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
-    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}],
-             "chosen": [{"role": "assistant", "content": "a helpful answer"}],
-             "rejected": [{"role": "assistant", "content": "no"}]} for i in range(8)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"question {i}"}],
+            "chosen": [{"role": "assistant", "content": "a helpful answer"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+        for i in range(8)
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = [f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "train.per_device_batch_size=2",
-            "train.progress=false", "train.max_steps=4", "train.lr=1e-3", "train.log_every=3"]
+    base = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train_files=[{data}]",
+        "train.per_device_batch_size=2",
+        "train.progress=false",
+        "train.max_steps=4",
+        "train.lr=1e-3",
+        "train.log_every=3",
+    ]
     plain = train_dpo(load_config(DPOConfig, None, base + [f"train.output_dir={tmp_path / 'plain'}"]))
-    probed = train_dpo(load_config(DPOConfig, None, base + [
-        f"train.output_dir={tmp_path / 'probe'}", "train.probe_every=2", "train.probe_prompts=3",
-        "train.probe_max_new_tokens=5"]))
+    probed = train_dpo(
+        load_config(
+            DPOConfig,
+            None,
+            base
+            + [
+                f"train.output_dir={tmp_path / 'probe'}",
+                "train.probe_every=2",
+                "train.probe_prompts=3",
+                "train.probe_max_new_tokens=5",
+            ],
+        )
+    )
     hist = probed["history"]
     assert hist[0]["step"] == 0 and "loss" not in hist[0]  # the baseline, before any update
     probed_steps = [r["step"] for r in hist if "gen_len_mean" in r]
@@ -82,7 +104,7 @@ def test_dpo_with_probe_logs_lengths_and_trains_identically(tmp_path, tiny_model
     samples = [json.loads(x) for x in (tmp_path / "probe" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0] * 3 + [2] * 3 + [4] * 3
     a, b = load_model(plain["final_dir"]), load_model(probed["final_dir"])
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=False):
         assert torch.equal(p, q), n
 
 
@@ -93,9 +115,18 @@ def test_reward_model_rejects_the_probe(tmp_path, tiny_model_dir):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "good answer", "rejected": "bad"}) + "\n")
-    cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]",
-                                       f"train.output_dir={tmp_path / 'rm'}", "train.probe_every=1",
-                                       "train.progress=false", "reward.length_balance=false"])
+    cfg = load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_files=[{data}]",
+            f"train.output_dir={tmp_path / 'rm'}",
+            "train.probe_every=1",
+            "train.progress=false",
+            "reward.length_balance=false",
+        ],
+    )
     with pytest.raises(ConfigError, match="probe_every"):
         train_rm(cfg)
 

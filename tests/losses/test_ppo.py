@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from alignforge.losses.ppo import (adaptive_kl_coef, entropy_from_logits, gae, group_advantages, kl_estimate,
-                                   last_token_index, policy_loss, token_rewards, value_loss, whiten)
+from alignforge.losses.ppo import (
+    adaptive_kl_coef,
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    kl_estimate,
+    last_token_index,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 
 
 def T(x):
@@ -37,9 +47,9 @@ def test_gae_hand_computed():
     # one response of 3 tokens then padding; gamma=0.9, lambda=0.5
     r, v, m = T([[0.0, 0.0, 1.0, 5.0]]), T([[0.5, 0.2, 0.4, 7.0]]), T([[1, 1, 1, 0]])
     adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
-    d2 = 1.0 + 0.9 * 0.0 - 0.4           # 0.6 (no value past the end)
-    d1 = 0.0 + 0.9 * 0.4 - 0.2           # 0.16
-    d0 = 0.0 + 0.9 * 0.2 - 0.5           # -0.32
+    d2 = 1.0 + 0.9 * 0.0 - 0.4  # 0.6 (no value past the end)
+    d1 = 0.0 + 0.9 * 0.4 - 0.2  # 0.16
+    d0 = 0.0 + 0.9 * 0.2 - 0.5  # -0.32
     a2 = d2
     a1 = d1 + 0.45 * a2
     a0 = d0 + 0.45 * a1

@@ -7,8 +7,7 @@ from alignforge.losses.sft import nll_loss
 
 def test_nll_hand_computed():
     # log-probs of 4 target candidates; only mask==1 count
-    lp = torch.tensor([[0.0, math.log(0.5), math.log(0.25), -9.0],
-                       [0.0, math.log(0.1), -7.0, -7.0]])
+    lp = torch.tensor([[0.0, math.log(0.5), math.log(0.25), -9.0], [0.0, math.log(0.1), -7.0, -7.0]])
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
     loss, m = nll_loss(lp, mask)
     expected = (math.log(2) + math.log(4) + math.log(10)) / 3

@@ -35,9 +35,11 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------ package
 def test_models_package_import_is_light():
-    code = ("import sys, alignforge.models as m; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
-            "m.cache_dir(); assert 'torch' not in sys.modules; print('ok')")
+    code = (
+        "import sys, alignforge.models as m; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+        "m.cache_dir(); assert 'torch' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
@@ -66,12 +68,10 @@ def test_embedded_missing_package_says_how_to_install(monkeypatch):
 def test_resolve_local_dir_and_hub_id(tiny_model_dir):
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
     assert resolve_model_path(tiny_model_dir) == str(tiny_model_dir)
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == \
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/definitely/not/here", "no_such_model",
-                                  "missing.gguf", "a/b/c"])
+@pytest.mark.parametrize("name", ["./no/such/model", "/definitely/not/here", "no_such_model", "missing.gguf", "a/b/c"])
 def test_resolve_missing_path_names_it(name):
     with pytest.raises(ModelError) as e:
         resolve_model_path(name)
@@ -142,8 +142,7 @@ def test_load_tokenizer_sets_missing_pad(tiny_model_dir, tmp_path):
     assert tok2.chat_template
 
 
-@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32),
-                                            ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_load_model_dtype(tiny_model_dir, dtype, expected):
     model = load_model(tiny_model_dir, dtype)
     assert {p.dtype for p in model.parameters()} == {expected}

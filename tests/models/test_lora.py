@@ -68,8 +68,7 @@ def test_apply_lora_wraps_all_linear(tiny_model_dir):
 
 def test_apply_lora_bad_target(tiny_model_dir):
     with pytest.raises(ModelError, match="no_such_proj"):
-        apply_lora(load_model(tiny_model_dir),
-                   LoraSettings(enabled=True, target_modules=["no_such_proj"]))
+        apply_lora(load_model(tiny_model_dir), LoraSettings(enabled=True, target_modules=["no_such_proj"]))
 
 
 def test_reference_mode_disables_adapter(tiny_model_dir, lora_model):

@@ -21,9 +21,9 @@ def test_layout():
 
 def test_block_mask_rules():
     seg = pack_pairs(PAIRS, 0)["segment_ids"]
-    allowed = (block_mask(seg, torch.float32)[1, 0] == 0)  # pair 1: P=2, C=2, R=3, then 5 pads
-    assert allowed[1, 0] and not allowed[0, 1]          # causal within the prompt
-    assert allowed[3, 0] and allowed[3, 2] and allowed[3, 3]   # chosen sees prompt and itself
+    allowed = block_mask(seg, torch.float32)[1, 0] == 0  # pair 1: P=2, C=2, R=3, then 5 pads
+    assert allowed[1, 0] and not allowed[0, 1]  # causal within the prompt
+    assert allowed[3, 0] and allowed[3, 2] and allowed[3, 3]  # chosen sees prompt and itself
     assert allowed[4, 1] and not allowed[4, 2] and not allowed[4, 3]  # rejected never sees chosen
     assert not allowed[6, 8] and allowed[8, 8] and not allowed[8, 0]  # padding only sees itself
 
@@ -50,7 +50,7 @@ def test_packed_equals_unpacked(tiny_model_dir, impl):
         for resp, start in ((p.chosen_ids, P), (p.rejected_ids, P + C)):
             ref = model.model(input_ids=torch.tensor([p.prompt_ids + resp])).last_hidden_state[0]
             torch.testing.assert_close(h[i, :P], ref[:P], atol=1e-10, rtol=1e-12)
-            torch.testing.assert_close(h[i, start:start + len(resp)], ref[P:], atol=1e-10, rtol=1e-12)
+            torch.testing.assert_close(h[i, start : start + len(resp)], ref[P:], atol=1e-10, rtol=1e-12)
 
 
 def test_packed_response_logps_equal_unpacked(tiny_model_dir):

@@ -33,8 +33,11 @@ def test_score_is_read_at_last_real_token_not_pad_id(tiny_model_dir, tiny_tokeni
     seq = [5, 6, eot, 7, 8, 9, eot]
     pad = eot
     right = {"input_ids": torch.tensor([seq + [pad, pad]]), "attention_mask": torch.tensor([[1] * 7 + [0, 0]])}
-    left = {"input_ids": torch.tensor([[pad, pad] + seq]), "attention_mask": torch.tensor([[0, 0] + [1] * 7]),
-            "position_ids": torch.tensor([[0, 0] + list(range(7))])}
+    left = {
+        "input_ids": torch.tensor([[pad, pad] + seq]),
+        "attention_mask": torch.tensor([[0, 0] + [1] * 7]),
+        "position_ids": torch.tensor([[0, 0] + list(range(7))]),
+    }
     alone = {"input_ids": torch.tensor([seq]), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
     with torch.no_grad():
         s_alone, s_right, s_left = rm(alone), rm(right), rm(left)
@@ -71,9 +74,11 @@ def test_save_and_load_roundtrip(tmp_path, tiny_model_dir, tiny_tokenizer):
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
-CONVS = [[U("Hello! How can I help you today?"), A("Paris is the capital of France.")],
-         [S("Be kind."), U("Hi"), A("Hello!"), U("Write a poem about the sea."), A("Sure, here is a short poem.")],
-         [U("What is 1 + 1?"), A("2")]]
+CONVS = [
+    [U("Hello! How can I help you today?"), A("Paris is the capital of France.")],
+    [S("Be kind."), U("Hi"), A("Hello!"), U("Write a poem about the sea."), A("Sure, here is a short poem.")],
+    [U("What is 1 + 1?"), A("2")],
+]
 
 
 def _pad_is_eos_rm(tmp_path, template: str | None = None):
@@ -126,8 +131,9 @@ def _alignforge_scores(rm, tok, convs) -> tuple[list[float], list[float], list[f
 
     seqs = [sum(tokenize_prompt_completion(c[:-1], c[-1:], tok, full_render=True), []) for c in convs]
     unpacked = score_sequences(rm, seqs, tok.pad_token_id, batch_size=2, progress=False).tolist()
-    pairs = [tokenize_preference(PreferenceRecord(c[:-1], c[-1:], [A("No.")]), tok, 512, full_render=True)[0]
-             for c in convs]
+    pairs = [
+        tokenize_preference(PreferenceRecord(c[:-1], c[-1:], [A("No.")]), tok, 512, full_render=True)[0] for c in convs
+    ]
     chosen, rejected = score_pairs(rm, pairs, tok.pad_token_id, batch_size=2, progress=False)
     return seqs, unpacked, chosen.tolist()
 

@@ -10,8 +10,16 @@ import torch
 from alignforge.config import TrainConfig
 from alignforge.data.records import TokenizedSFT
 from alignforge.errors import TrainingError, TrainingInterrupted
-from alignforge.trainers.common import (Task, latest_checkpoint, list_checkpoints, lr_lambda, micro_slice,
-                                        run_training, step_indices, steps_per_epoch)
+from alignforge.trainers.common import (
+    Task,
+    latest_checkpoint,
+    list_checkpoints,
+    lr_lambda,
+    micro_slice,
+    run_training,
+    step_indices,
+    steps_per_epoch,
+)
 
 
 def test_step_indices_cover_each_epoch_once():
@@ -36,11 +44,15 @@ def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
     assert sorted(order) == list(range(n))
     w = G * MEGABATCH
     for k in range(0, n, w):  # each window is sorted longest first
-        win = [lengths[i] for i in order[k:k + w]]
+        win = [lengths[i] for i in order[k : k + w]]
         assert win == sorted(win, reverse=True)
     plain = epoch_order(0, n, G, seed=1)
-    spread = lambda o: sum(max(lengths[i] for i in o[k:k + G]) - min(lengths[i] for i in o[k:k + G])  # noqa: E731
-                           for k in range(0, n, G))
+
+    def spread(o):
+        return sum(
+            max(lengths[i] for i in o[k : k + G]) - min(lengths[i] for i in o[k : k + G]) for k in range(0, n, G)
+        )
+
     assert spread(order) < spread(plain) / 5  # far less padding per batch
     assert epoch_order(1, n, G, seed=1, lengths=lengths) != order  # a new shuffle each epoch
     assert step_indices(3, n, G, 1, lengths) == order[12:16]
@@ -79,14 +91,28 @@ def _task(model_dir, tok, n=12):
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(model_dir)
-    return Task(module=TokenLogProbs(lm), examples=_examples(tok, n),
-                collate=lambda ex: collate_sft(ex, tok.pad_token_id), normalizer=count_targets,
-                loss=sft_step_loss, save_model=lambda m, d: m.lm.save_pretrained(d))
+    return Task(
+        module=TokenLogProbs(lm),
+        examples=_examples(tok, n),
+        collate=lambda ex: collate_sft(ex, tok.pad_token_id),
+        normalizer=count_targets,
+        loss=sft_step_loss,
+        save_model=lambda m, d: m.lm.save_pretrained(d),
+    )
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), per_device_batch_size=2, grad_accum=2, epochs=2, lr=1e-2,
-                save_every=2, keep_last=2, progress=False, seed=3)
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=2,
+        grad_accum=2,
+        epochs=2,
+        lr=1e-2,
+        save_every=2,
+        keep_last=2,
+        progress=False,
+        seed=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -120,7 +146,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir,
 
     task.loss = poisoned
     cfg = _cfg(tmp_path, save_every=2)
-    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5.*last good checkpoint: .*step-00000004"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss \(nan\) at step 5.*last good checkpoint: .*step-00000004"
+    ):
         run_training(task, cfg)
     out = tmp_path / "run"
     assert latest_checkpoint(out).name == "step-00000004"
@@ -204,8 +232,7 @@ def test_resume_with_no_checkpoint_starts_fresh(tmp_path, tiny_model_dir, tiny_t
     assert s["resumed_from"] is None and s["step"] == 3
 
 
-def test_resume_refuses_a_changed_run_and_names_each_difference(tmp_path, tiny_model_dir, tiny_tokenizer,
-                                                                crashed_run):
+def test_resume_refuses_a_changed_run_and_names_each_difference(tmp_path, tiny_model_dir, tiny_tokenizer, crashed_run):
     from alignforge.errors import ConfigError
 
     _, cfg = crashed_run
@@ -216,8 +243,12 @@ def test_resume_refuses_a_changed_run_and_names_each_difference(tmp_path, tiny_m
         run_training(task, changed)
     msg = str(e.value)
     assert "step-00000002" in msg and "resume_force" in msg
-    for line in ("train.per_device_batch_size: 2 → 1", "train.seed: 3 → 4", "train.group_by_length: False → True",
-                 "total steps (train.epochs / train.max_steps): 6 → 18"):
+    for line in (
+        "train.per_device_batch_size: 2 → 1",
+        "train.seed: 3 → 4",
+        "train.group_by_length: False → True",
+        "total steps (train.epochs / train.max_steps): 6 → 18",
+    ):
         assert line in msg
     assert "grad_accum" not in msg and "world size" not in msg and "examples" not in msg  # only what changed
 
@@ -296,11 +327,11 @@ def test_logged_rows_average_the_window(tmp_path, tiny_model_dir, tiny_tokenizer
     assert [h["step"] for h in windowed] == [4, 6]
     items = [count_targets([task.examples[i] for i in step_indices(s, 12, 4, seed=3)]) for s in range(6)]
     assert len(set(items)) > 1  # steps hold different token counts: a pooled mean differs from a mean of means
-    for row, (lo, hi) in zip(windowed, [(0, 4), (4, 6)]):
+    for row, (lo, hi) in zip(windowed, [(0, 4), (4, 6)], strict=False):
         win = every[lo:hi]
         assert row["loss"] == pytest.approx(sum(h["loss"] for h in win) / len(win), rel=1e-12)
         assert row["grad_norm"] == pytest.approx(sum(h["grad_norm"] for h in win) / len(win), rel=1e-12)
-        pooled = sum(h["nll_sum"] * n for h, n in zip(win, items[lo:hi])) / sum(items[lo:hi])
+        pooled = sum(h["nll_sum"] * n for h, n in zip(win, items[lo:hi], strict=False)) / sum(items[lo:hi])
         assert row["nll_sum"] == pytest.approx(pooled, rel=1e-5)
         assert row["lr"] == win[-1]["lr"]
     # interrupted at step 3 (mid-window, checkpoint written there), resumed: the same rows
@@ -312,7 +343,7 @@ def test_logged_rows_average_the_window(tmp_path, tiny_model_dir, tiny_tokenizer
     resumed = run_training(with_metric(_task(tiny_model_dir, tiny_tokenizer)), cfg)
     assert resumed["resumed_from"].endswith("step-00000003")
     assert [h["step"] for h in resumed["history"]] == [4, 6]
-    for a, b in zip(resumed["history"], windowed):
+    for a, b in zip(resumed["history"], windowed, strict=False):
         for k in ("loss", "grad_norm", "nll_sum"):
             assert a[k] == pytest.approx(b[k], rel=1e-6), k
 

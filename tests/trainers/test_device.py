@@ -29,9 +29,14 @@ def _cache(tmp_path, monkeypatch):
 def pairs_file(tmp_path):
     """16 preference pairs: a helpful answer chosen over a curt one."""
     rng = random.Random(0)
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
-             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(16)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+        }
+        for i in range(16)
+    ]
     p = tmp_path / "pairs.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
@@ -97,8 +102,9 @@ def _first(*args, **kwargs):
     return args[0]
 
 
-def test_training_passes_use_the_accelerator_device(tmp_path, tiny_model_dir, pairs_file, spy, accelerator_device,
-                                                    monkeypatch):
+def test_training_passes_use_the_accelerator_device(
+    tmp_path, tiny_model_dir, pairs_file, spy, accelerator_device, monkeypatch
+):
     import alignforge.trainers.dpo as dpo
     import alignforge.trainers.ulma as ulma
     from alignforge.inference.probe import GenerationProbe
@@ -112,8 +118,13 @@ def test_training_passes_use_the_accelerator_device(tmp_path, tiny_model_dir, pa
     from alignforge.models.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
-    dpo.train_dpo(load_config(dpo.DPOConfig, None, _common(tmp_path, tiny_model_dir, pairs_file, "r") + base
-                              + [f"dpo.ref_model={other}", "lora.enabled=true"]))
+    dpo.train_dpo(
+        load_config(
+            dpo.DPOConfig,
+            None,
+            _common(tmp_path, tiny_model_dir, pairs_file, "r") + base + [f"dpo.ref_model={other}", "lora.enabled=true"],
+        )
+    )
     ulma.train_ulma(load_config(ulma.ULMAConfig, None, _common(tmp_path, tiny_model_dir, pairs_file, "u") + base))
     assert spy.seen.count("dpo reference") == 2 and "ulma reference" in spy.seen and "probe" in spy.seen
 
@@ -136,22 +147,31 @@ def test_inference_commands_use_the_given_device(tmp_path, tiny_model_dir, tiny_
     from alignforge.inference.generate import HFBackend
     from alignforge.inference.pairs import generate_pairs
 
-    spy.wrap(monkeypatch, HFBackend, "generate_from_ids", "generation", lambda self, *a, **k: self.model,
-             lambda: GIVEN)
+    spy.wrap(monkeypatch, HFBackend, "generate_from_ids", "generation", lambda self, *a, **k: self.model, lambda: GIVEN)
     spy.wrap(monkeypatch, reward, "score_sequences", "dpo-data scoring", _first, lambda: GIVEN)
     spy.wrap(monkeypatch, rm_eval, "score_pairs", "rm eval", _first, lambda: GIVEN)
     spy.wrap(monkeypatch, rm_eval, "score_sequences", "rm score", _first, lambda: GIVEN)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(2)))
 
-    generate_pairs(prompts, tmp_path / "to_annotate.jsonl", model=str(tiny_model_dir), max_new_tokens=4, max_tries=1,
-                   device=GIVEN)
+    generate_pairs(
+        prompts, tmp_path / "to_annotate.jsonl", model=str(tiny_model_dir), max_new_tokens=4, max_tries=1, device=GIVEN
+    )
     assert spy.seen == ["generation", "generation"]
-    build_dpo_pairs(prompts, tmp_path / "dpo.jsonl", str(tiny_rm_dir), policy=str(tiny_model_dir), k=2,
-                    max_new_tokens=4, progress=False, device=GIVEN)
+    build_dpo_pairs(
+        prompts,
+        tmp_path / "dpo.jsonl",
+        str(tiny_rm_dir),
+        policy=str(tiny_model_dir),
+        k=2,
+        max_new_tokens=4,
+        progress=False,
+        device=GIVEN,
+    )
     assert spy.seen[-1] == "dpo-data scoring" and spy.seen.count("generation") == 4
-    rm_eval.run_rm_eval(tiny_rm_dir, pairs_file, tmp_path / "eval", n_boot=10, plots=False, progress=False,
-                        device=GIVEN)
+    rm_eval.run_rm_eval(
+        tiny_rm_dir, pairs_file, tmp_path / "eval", n_boot=10, plots=False, progress=False, device=GIVEN
+    )
     scored = tmp_path / "to_score.jsonl"
     scored.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
     rm_eval.score_file(tiny_rm_dir, scored, tmp_path / "scored.jsonl", progress=False, device=GIVEN)

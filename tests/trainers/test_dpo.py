@@ -21,9 +21,13 @@ def pairs_file(tmp_path):
     rng = random.Random(0)
     rows = []
     for i in range(16):
-        rows.append({"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
-                     "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-                     "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+                "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+                "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+            }
+        )
     p = tmp_path / "pairs.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
@@ -35,8 +39,15 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _common(tmp_path, model_dir, data, out):
-    return [f"model.name_or_path={model_dir}", f"data.train_files={data}", f"train.output_dir={tmp_path / out}",
-            "train.per_device_batch_size=4", "train.progress=false", "data.max_length=256", "train.seed=1"]
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.train_files={data}",
+        f"train.output_dir={tmp_path / out}",
+        "train.per_device_batch_size=4",
+        "train.progress=false",
+        "data.max_length=256",
+        "train.seed=1",
+    ]
 
 
 def _logps(model_dir_or_lm, tok, prompt, response):
@@ -44,7 +55,9 @@ def _logps(model_dir_or_lm, tok, prompt, response):
     from alignforge.models.loading import load_model
 
     lm = load_model(str(model_dir_or_lm)) if not isinstance(model_dir_or_lm, torch.nn.Module) else model_dir_or_lm
-    p, c = tokenize_prompt_completion([{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}], tok)
+    p, c = tokenize_prompt_completion(
+        [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}], tok
+    )
     ids = torch.tensor([p + c])
     with torch.no_grad():
         lp = torch.log_softmax(lm(input_ids=ids).logits[0].float(), -1)
@@ -69,8 +82,11 @@ def test_dpo_learns_preference_and_caches_reference(tmp_path, tiny_model_dir, pa
     # a second run reuses the cache; changing max_length (tokenisation) makes a new entry
     train_dpo(load_config(DPOConfig, None, args + ["train.max_steps=1", f"train.output_dir={tmp_path / 'dpo2'}"]))
     assert len(list((tmp_path / "cache" / "reflogps").glob("*.pt"))) == 1
-    train_dpo(load_config(DPOConfig, None, args + ["train.max_steps=1", "data.max_length=24",
-                                                   f"train.output_dir={tmp_path / 'dpo3'}"]))
+    train_dpo(
+        load_config(
+            DPOConfig, None, args + ["train.max_steps=1", "data.max_length=24", f"train.output_dir={tmp_path / 'dpo3'}"]
+        )
+    )
     assert len(list((tmp_path / "cache" / "reflogps").glob("*.pt"))) == 2
 
 
@@ -151,14 +167,18 @@ def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum",
     return total / len(idx), scale
 
 
-@pytest.mark.parametrize("extra,hand", [
-    (["dpo.loss_type=ipo"], dict(ipo=True, how="mean")),  # IPO: per-token means by default
-    (["dpo.loss_type=ipo", "dpo.logp_reduction=sum"], dict(ipo=True, how="sum")),  # an explicit setting wins
-    (["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"], dict(eps=0.1, alpha=0.5)),  # cDPO + NTP, summed log-probs
-    (["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"], dict(how="mean")),
-])
-def test_dpo_variants_step1_loss_equals_hand_computation(tmp_path, tiny_model_dir, other_model_dir, pairs_file,
-                                                         extra, hand):
+@pytest.mark.parametrize(
+    "extra,hand",
+    [
+        (["dpo.loss_type=ipo"], dict(ipo=True, how="mean")),  # IPO: per-token means by default
+        (["dpo.loss_type=ipo", "dpo.logp_reduction=sum"], dict(ipo=True, how="sum")),  # an explicit setting wins
+        (["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"], dict(eps=0.1, alpha=0.5)),  # cDPO + NTP, summed log-probs
+        (["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"], dict(how="mean")),
+    ],
+)
+def test_dpo_variants_step1_loss_equals_hand_computation(
+    tmp_path, tiny_model_dir, other_model_dir, pairs_file, extra, hand
+):
     """Against another model as reference, the step-1 loss is the formula of the variant on the batch's
     log-probs (LoRA starts as the base model: B = 0)."""
     from alignforge.data.tokenize import load_preference_dataset
@@ -166,25 +186,33 @@ def test_dpo_variants_step1_loss_equals_hand_computation(tmp_path, tiny_model_di
 
     beta = 0.5
     args = _common(tmp_path, tiny_model_dir, pairs_file, "v") + [
-        "train.max_steps=1", "train.group_by_length=false", f"dpo.beta={beta}", f"dpo.ref_model={other_model_dir}",
-        *extra]
+        "train.max_steps=1",
+        "train.group_by_length=false",
+        f"dpo.beta={beta}",
+        f"dpo.ref_model={other_model_dir}",
+        *extra,
+    ]
     hist = train_dpo(load_config(DPOConfig, None, args))["history"]
     pairs, _ = load_preference_dataset(pairs_file, load_tokenizer(str(tiny_model_dir)), 256)
     idx = first_batch(len(pairs), 4, seed=1)
-    expected, scale = _hand_dpo_loss(pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta,
-                                     **hand)
+    expected, scale = _hand_dpo_loss(pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta, **hand)
     # fp32 forward in the trainer vs float64 here: rounding of log-probs of magnitude `scale`
     assert hist[0]["loss"] == pytest.approx(expected, abs=1e-5 * scale)
     if hand.get("alpha"):  # the NTP term adds exactly alpha * the logged mean-token NLL of the chosen
-        base, _ = _hand_dpo_loss(pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta,
-                                 eps=hand["eps"])
+        base, _ = _hand_dpo_loss(
+            pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta, eps=hand["eps"]
+        )
         assert hist[0]["loss"] - base == pytest.approx(hand["alpha"] * hist[0]["nll_chosen"], abs=1e-5 * scale)
 
 
 @pytest.mark.parametrize("loss", ["ulma", "pointwise_dpo", "kto"])
 def test_pointwise_trainers_learn(tmp_path, tiny_model_dir, pairs_file, loss):
-    args = _common(tmp_path, tiny_model_dir, pairs_file, loss) + ["train.epochs=4", "train.lr=5e-3",
-                                                                   f"ulma.loss={loss}", "ulma.beta=0.5"]
+    args = _common(tmp_path, tiny_model_dir, pairs_file, loss) + [
+        "train.epochs=4",
+        "train.lr=5e-3",
+        f"ulma.loss={loss}",
+        "ulma.beta=0.5",
+    ]
     summary = train_ulma(load_config(ULMAConfig, None, args))
     hist = summary["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
@@ -200,13 +228,19 @@ def test_ulma_continuous_labels_and_no_negatives(tmp_path, tiny_model_dir, other
     from alignforge.models.loading import load_tokenizer
 
     beta, c = 0.5, 0.1
-    rows = [{"prompt": f"q{i}", "completion": GOOD[i % 2] if i < 8 else BAD[i % 2], "label": 1.0 if i < 8 else 0.7}
-            for i in range(12)]
+    rows = [
+        {"prompt": f"q{i}", "completion": GOOD[i % 2] if i < 8 else BAD[i % 2], "label": 1.0 if i < 8 else 0.7}
+        for i in range(12)
+    ]
     p = tmp_path / "pw.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = _common(tmp_path, tiny_model_dir, p, "u") + [
-        "train.max_steps=1", "train.group_by_length=false", f"ulma.beta={beta}", f"ulma.c={c}",
-        f"ulma.ref_model={other_model_dir}"]
+        "train.max_steps=1",
+        "train.group_by_length=false",
+        f"ulma.beta={beta}",
+        f"ulma.c={c}",
+        f"ulma.ref_model={other_model_dir}",
+    ]
     s = train_ulma(load_config(ULMAConfig, None, args))
     assert "continuous labels, 8 positive, 4 other" in (tmp_path / "u" / "data_report.txt").read_text()
     tok = load_tokenizer(str(tiny_model_dir))
@@ -229,8 +263,9 @@ def test_ulma_continuous_labels_and_no_negatives(tmp_path, tiny_model_dir, other
     assert s["history"][0]["pos_nll"] == pytest.approx(sft, abs=1e-4)
 
     # only positives: pure SFT on the per-token mean log-probs, no reference term
-    p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": GOOD[i % 2], "label": True}) + "\n"
-                         for i in range(8)))
+    p.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "completion": GOOD[i % 2], "label": True}) + "\n" for i in range(8))
+    )
     s = train_ulma(load_config(ULMAConfig, None, args + [f"train.output_dir={tmp_path / 'u2'}"]))
     points, _ = load_pointwise_dataset(p, tok, 256)
     batch = [points[i] for i in first_batch(len(points), 4, seed=1)]
@@ -242,8 +277,12 @@ def test_bad_pointwise_label_names_file_and_line(tmp_path, tiny_model_dir):
     from alignforge.errors import DataError
 
     p = tmp_path / "pw.jsonl"
-    p.write_text(json.dumps({"prompt": "q", "completion": "a", "label": 1}) + "\n"
-                 + json.dumps({"prompt": "q", "completion": "b", "label": 1.5}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "q", "completion": "a", "label": 1})
+        + "\n"
+        + json.dumps({"prompt": "q", "completion": "b", "label": 1.5})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"pw.jsonl:2: field 'label'"):
         train_ulma(load_config(ULMAConfig, None, _common(tmp_path, tiny_model_dir, p, "x")))
     p.write_text(json.dumps({"prompt": "q", "completion": "b", "label": float("nan")}).replace("NaN", "NaN") + "\n")
@@ -268,9 +307,14 @@ def test_bf16_reference_is_computed_in_the_training_precision(tmp_path, tiny_mod
 
 def write_pairs(path, n: int):
     rng = random.Random(3)
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
-             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(n)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -26,8 +26,9 @@ def rm_dir(tmp_path_factory, tiny_model_dir):
     rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
     with torch.no_grad():
         rm.model.score.weight.normal_(std=5.0)  # spread the scores
-    return save_reward_model(rm, load_tokenizer(str(tiny_model_dir)), tmp_path_factory.mktemp("rm") / "rm",
-                             {"mean": 0.0, "std": 1.0})
+    return save_reward_model(
+        rm, load_tokenizer(str(tiny_model_dir)), tmp_path_factory.mktemp("rm") / "rm", {"mean": 0.0, "std": 1.0}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,15 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("sft") / "sft.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": f"The answer is {i}."}]} for i in range(6)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"The answer is {i}."},
+            ]
+        }
+        for i in range(6)
+    ]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
 
@@ -52,11 +60,25 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out="ppo", *extra):
-    return [f"model.name_or_path={tiny_model_dir}", f"ppo.reward_model={rm_dir}", f"data.train_files=[{prompts_file}]",
-            f"train.output_dir={tmp_path / out}", "train.progress=false", "train.tensorboard=false",
-            "train.lr=1e-3", "train.seed=5", "ppo.iterations=2", "ppo.prompts_per_iteration=4",
-            "ppo.gen_batch_prompts=2", "ppo.samples_per_prompt=2", "ppo.max_new_tokens=6", "ppo.minibatches=2",
-            "ppo.ppo_epochs=2", "ppo.forward_batch_size=3", *extra]
+    return [
+        f"model.name_or_path={tiny_model_dir}",
+        f"ppo.reward_model={rm_dir}",
+        f"data.train_files=[{prompts_file}]",
+        f"train.output_dir={tmp_path / out}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.lr=1e-3",
+        "train.seed=5",
+        "ppo.iterations=2",
+        "ppo.prompts_per_iteration=4",
+        "ppo.gen_batch_prompts=2",
+        "ppo.samples_per_prompt=2",
+        "ppo.max_new_tokens=6",
+        "ppo.minibatches=2",
+        "ppo.ppo_epochs=2",
+        "ppo.forward_batch_size=3",
+        *extra,
+    ]
 
 
 def _run(args):
@@ -82,8 +104,22 @@ def test_ppo_gae_trains_logs_and_saves(tmp_path, tiny_model_dir, rm_dir, prompts
     res = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file))
     hist = res["history"]
     assert [h["step"] for h in hist] == [1, 2]
-    for key in ("reward_raw", "reward", "kl_ref", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl",
-                "response_len", "cut_share", "gen_s", "score_s", "train_s", "kl_coef"):
+    for key in (
+        "reward_raw",
+        "reward",
+        "kl_ref",
+        "entropy",
+        "policy_loss",
+        "value_loss",
+        "clip_frac",
+        "approx_kl",
+        "response_len",
+        "cut_share",
+        "gen_s",
+        "score_s",
+        "train_s",
+        "kl_coef",
+    ):
         assert key in hist[0] and torch.isfinite(torch.tensor(hist[0][key])), key
     assert 0 < hist[0]["response_len"] <= 6
     assert hist[0]["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy's
@@ -97,8 +133,9 @@ def test_ppo_gae_trains_logs_and_saves(tmp_path, tiny_model_dir, rm_dir, prompts
     assert "prompts: 8 read" in (out / "data_report.txt").read_text()
 
 
-def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(tmp_path, tiny_model_dir, rm_dir,
-                                                                         prompts_file):
+def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(
+    tmp_path, tiny_model_dir, rm_dir, prompts_file
+):
     """Greedy rollouts of the untrained policy are the reference answers, so r(x,y) - r(x,y_ref) = 0."""
     base = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "greedy", "ppo.temperature=0", "ppo.iterations=1")
     row = _run(base)["history"][0]
@@ -110,15 +147,26 @@ def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(tmp_p
     data = torch.load(cached[0])
     assert len(data["responses"]) == len(PROMPTS) and data["rewards"].shape == (len(PROMPTS),)
     # the ablation: no baseline, reward == raw reward
-    row = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "nobase", "ppo.temperature=0",
-                     "ppo.iterations=1", "ppo.reference_reward=false"))["history"][0]
+    row = _run(
+        _args(
+            tmp_path,
+            tiny_model_dir,
+            rm_dir,
+            prompts_file,
+            "nobase",
+            "ppo.temperature=0",
+            "ppo.iterations=1",
+            "ppo.reference_reward=false",
+        )
+    )["history"][0]
     assert row["reward"] == row["reward_raw"]
 
 
 @pytest.mark.parametrize("adv", ["grpo", "rloo", "remax"])
 def test_critic_free_estimators_run(tmp_path, tiny_model_dir, rm_dir, prompts_file, adv):
-    hist = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, adv, f"ppo.advantage={adv}",
-                      "ppo.iterations=1"))["history"]
+    hist = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, adv, f"ppo.advantage={adv}", "ppo.iterations=1"))[
+        "history"
+    ]
     assert "value_loss" not in hist[0] and torch.isfinite(torch.tensor(hist[0]["policy_loss"]))
 
 
@@ -129,8 +177,21 @@ def test_ntp_term_is_the_policy_nll_on_the_sft_batch(tmp_path, tiny_model_dir, r
     from alignforge.models.logprobs import target_logprobs
     from alignforge.trainers.common import micro_slice, step_indices
 
-    row = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "ntp", "ppo.iterations=1", "ppo.ppo_epochs=1",
-                     "ppo.minibatches=1", "ppo.ntp_coef=0.5", f"ppo.ntp_file={sft_file}", "ppo.ntp_batch_size=2"))
+    row = _run(
+        _args(
+            tmp_path,
+            tiny_model_dir,
+            rm_dir,
+            prompts_file,
+            "ntp",
+            "ppo.iterations=1",
+            "ppo.ppo_epochs=1",
+            "ppo.minibatches=1",
+            "ppo.ntp_coef=0.5",
+            f"ppo.ntp_file={sft_file}",
+            "ppo.ntp_batch_size=2",
+        )
+    )
     row = row["history"][0]
     tok = load_tokenizer(str(tiny_model_dir))
     ex, _ = load_sft_dataset(str(sft_file), tok, 512)
@@ -164,8 +225,8 @@ def test_rm_with_another_tokenizer_scores_the_text(tmp_path, tiny_model_dir):
     responses = [ptok(t, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for t in texts]
     got = scorer(prompts, responses)
     model, rtok, _ = load_reward_model(str(rm_dir))
-    for m, t, g in zip(msgs, texts, got):
-        p, c = tokenize_prompt_completion(m, [{"role": "assistant", "content": t}], rtok)
+    for m, t, g in zip(msgs, texts, got, strict=False):
+        p, c = tokenize_prompt_completion(m, [{"role": "assistant", "content": t}], rtok, full_render=True)
         ids = torch.tensor([p + c])
         with torch.no_grad():
             direct = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
@@ -173,20 +234,41 @@ def test_rm_with_another_tokenizer_scores_the_text(tmp_path, tiny_model_dir):
 
 
 def test_prompt_filter_overlong_prompts_and_empty_sets(tmp_path, tiny_model_dir, rm_dir, prompts_file):
-    args = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "filt", "ppo.iterations=1", "ppo.filter_samples=2",
-                 "ppo.filter_eps=0")
+    args = _args(
+        tmp_path,
+        tiny_model_dir,
+        rm_dir,
+        prompts_file,
+        "filt",
+        "ppo.iterations=1",
+        "ppo.filter_samples=2",
+        "ppo.filter_eps=0",
+    )
     _run(args)
     kept = (tmp_path / "filt" / "kept_prompts.jsonl").read_text().splitlines()
     assert len(kept) == len(PROMPTS)
     with pytest.raises(ConfigError, match="no prompts left.*8 dropped by the reward-variance filter"):
-        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "filt2", "ppo.filter_samples=2",
-                   "ppo.filter_eps=1e12"))
-    _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "trunc", "ppo.iterations=1",
-               "data.max_prompt_length=12"))
+        _run(
+            _args(
+                tmp_path, tiny_model_dir, rm_dir, prompts_file, "filt2", "ppo.filter_samples=2", "ppo.filter_eps=1e12"
+            )
+        )
+    _run(
+        _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "trunc", "ppo.iterations=1", "data.max_prompt_length=12")
+    )
     assert "8 truncated from the left" in (tmp_path / "trunc" / "data_report.txt").read_text()
     with pytest.raises(ConfigError, match="8 dropped as over-long"):
-        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "drop", "data.max_prompt_length=12",
-                   "data.overlong=drop"))
+        _run(
+            _args(
+                tmp_path,
+                tiny_model_dir,
+                rm_dir,
+                prompts_file,
+                "drop",
+                "data.max_prompt_length=12",
+                "data.overlong=drop",
+            )
+        )
 
 
 def test_nan_reward_stops_the_run(tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch):
@@ -211,8 +293,18 @@ def test_bad_config_is_named():
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]", "ppo.advantage=grpo"]))
     with pytest.raises(ConfigError, match="multiple of"):
-        train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]",
-                                                "ppo.prompts_per_iteration=6", "ppo.gen_batch_prompts=4"]))
+        train_ppo(
+            load_config(
+                PPOConfig,
+                None,
+                [
+                    "ppo.reward_model=x",
+                    "data.train_files=[x]",
+                    "ppo.prompts_per_iteration=6",
+                    "ppo.gen_batch_prompts=4",
+                ],
+            )
+        )
 
 
 # --------------------------------------------------------------------------- real processes
@@ -220,8 +312,9 @@ def test_bad_config_is_named():
 
 def _cli(args, env_extra=None, check=True):
     env = {**os.environ, "ALIGNFORGE_FAULT_AFTER_STEP": "", "ALIGNFORGE_FAULT_AFTER_ROLLOUT": "", **(env_extra or {})}
-    p = subprocess.run([sys.executable, "-m", "alignforge.cli", "ppo", *args], capture_output=True, text=True,
-                       env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "alignforge.cli", "ppo", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"rc={p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
     return p
@@ -234,12 +327,16 @@ def _weights(out: Path) -> dict:
 def test_killed_runs_resume_to_identical_weights(tmp_path, tiny_model_dir, rm_dir, prompts_file):
     """SIGKILL after the rollout of iteration 2, and in the middle of iteration 2's updates: each resumed
     run ends with bit-identical weights to an uninterrupted one (rollout = f(seed, iteration, weights))."""
-    base = lambda out: _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=3",  # noqa: E731
-                             "train.save_every=1")
+
+    def base(out):
+        return _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=3", "train.save_every=1")
+
     _cli(base("full"))
     ref = _weights(tmp_path / "full")
-    for out, env in (("killgen", {"ALIGNFORGE_FAULT_AFTER_ROLLOUT": "2"}),
-                     ("killupd", {"ALIGNFORGE_FAULT_AFTER_STEP": "6:KILL"})):  # 4 updates per iteration
+    for out, env in (
+        ("killgen", {"ALIGNFORGE_FAULT_AFTER_ROLLOUT": "2"}),
+        ("killupd", {"ALIGNFORGE_FAULT_AFTER_STEP": "6:KILL"}),
+    ):  # 4 updates per iteration
         p = _cli(base(out), env, check=False)
         assert p.returncode == -9, p.stderr
         assert not (tmp_path / out / "final").exists()
@@ -262,7 +359,9 @@ def test_resume_refuses_a_changed_rollout_shape(tmp_path, tiny_model_dir, rm_dir
 def test_two_processes_match_one(tmp_path, tiny_model_dir, rm_dir, prompts_file):
     from .test_distributed import _launch_two
 
-    base = lambda out: _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=2")  # noqa: E731
+    def base(out):
+        return _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, out, "ppo.iterations=2")
+
     _cli(base("one"))
     _launch_two(["ppo", *base("two")])
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")

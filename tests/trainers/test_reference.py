@@ -31,9 +31,14 @@ def _cache(tmp_path, monkeypatch):
 def pairs_file(tmp_path):
     """16 preference pairs: a helpful answer chosen over a curt one."""
     rng = random.Random(0)
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
-             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(16)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}],
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+        }
+        for i in range(16)
+    ]
     p = tmp_path / "pairs.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
@@ -63,26 +68,56 @@ def _seq_logp(lm, prompt_ids, response_ids) -> float:
 
 def test_two_process_reference_pass_equals_one_process(tmp_path, tiny_model_dir):
     rng = random.Random(3)
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: topic {rng.randint(0, 99)}?"}],
-             "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-             "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]} for i in range(15)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {i}: topic {rng.randint(0, 99)}?"}],
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+        }
+        for i in range(15)
+    ]
     data = tmp_path / "pairs15.jsonl"  # 15 pairs: shares of 8 and 7
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = _common(tmp_path, tiny_model_dir, data, "one") + ["train.max_steps=1", "train.per_device_batch_size=2",
-                                                             "dpo.ref_batch_size=3"]
+    args = _common(tmp_path, tiny_model_dir, data, "one") + [
+        "train.max_steps=1",
+        "train.per_device_batch_size=2",
+        "dpo.ref_batch_size=3",
+    ]
     train_dpo(load_config(DPOConfig, None, args))
     (one_path,) = _entries(tmp_path)
 
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="",
-               ALIGNFORGE_CACHE=str(tmp_path / "cache2"))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="", ALIGNFORGE_CACHE=str(tmp_path / "cache2")
+    )
 
     def launch(out_dir: str):
         p = subprocess.run(
-            [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-             "-m", "alignforge.cli", "dpo", *args, f"train.output_dir={tmp_path / out_dir}"],
-            capture_output=True, text=True, env=env, timeout=300)
+            [
+                str(accelerate),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(_free_port()),
+                "-m",
+                "alignforge.cli",
+                "dpo",
+                *args,
+                f"train.output_dir={tmp_path / out_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout + p.stderr
 
@@ -186,11 +221,17 @@ def _check_reference_is_model_as_loaded(tmp_path, adapter_dir, tiny_model_dir, p
     raise AssertionError(f"no {kind} cache entry")
 
 
-def test_lora_enabled_continues_the_adapter_and_its_reference_is_the_adapter(tmp_path, tiny_model_dir, adapter_dir,
-                                                                             pairs_file):
+def test_lora_enabled_continues_the_adapter_and_its_reference_is_the_adapter(
+    tmp_path, tiny_model_dir, adapter_dir, pairs_file
+):
     args = _common(tmp_path, tiny_model_dir, pairs_file, "a") + [
-        f"model.name_or_path={adapter_dir}", "lora.enabled=true", "lora.r=16", "train.max_steps=1",
-        "train.lr=1e-3", "dpo.beta=1.0"]
+        f"model.name_or_path={adapter_dir}",
+        "lora.enabled=true",
+        "lora.r=16",
+        "train.max_steps=1",
+        "train.lr=1e-3",
+        "dpo.beta=1.0",
+    ]
     s = train_dpo(load_config(DPOConfig, None, args))
     # policy == reference (both the model as loaded) at the first step: every log-ratio 0, loss log 2
     assert s["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -211,8 +252,12 @@ def test_lora_disabled_trains_the_merged_model_in_full(tmp_path, tiny_model_dir,
     from alignforge.models.loading import load_model
 
     args = _common(tmp_path, tiny_model_dir, pairs_file, "m") + [
-        f"model.name_or_path={adapter_dir}", "lora.enabled=false", "train.max_steps=1", "train.lr=1e-3",
-        "dpo.beta=1.0"]
+        f"model.name_or_path={adapter_dir}",
+        "lora.enabled=false",
+        "train.max_steps=1",
+        "train.lr=1e-3",
+        "dpo.beta=1.0",
+    ]
     s = train_dpo(load_config(DPOConfig, None, args))
     assert s["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     _check_reference_is_model_as_loaded(tmp_path, adapter_dir, tiny_model_dir, pairs_file, "pairs")

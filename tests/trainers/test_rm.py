@@ -10,8 +10,11 @@ import torch
 from alignforge.config import load_config
 from alignforge.trainers.rm import RMConfig, collate_unpacked, make_loss, train_rm
 
-GOOD = ["Sure, here is a clear and helpful answer.", "Here is a short helpful explanation.",
-        "Happy to help: the answer is below."]
+GOOD = [
+    "Sure, here is a clear and helpful answer.",
+    "Here is a short helpful explanation.",
+    "Happy to help: the answer is below.",
+]
 BAD = ["No.", "I do not care.", "Go away, I will not help you."]
 
 
@@ -22,18 +25,35 @@ def _write_pairs(path, n=24, seed=0):
         prompt = [{"role": "user", "content": f"Question {i}: tell me about topic {rng.randint(0, 99)}."}]
         if i % 4 == 0:  # multi-turn prompts
             prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}] + prompt
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-                     "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+                "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _cfg(tmp_path, model_dir, *extra):
     data = _write_pairs(tmp_path / "pairs.jsonl")
-    return load_config(RMConfig, None, [f"model.name_or_path={model_dir}", f"data.train_files={data}",
-                                        f"train.output_dir={tmp_path / 'rm'}", "train.epochs=4",
-                                        "train.per_device_batch_size=4", "train.lr=3e-3", "train.progress=false",
-                                        "reward.length_balance=false", "data.max_length=256", *extra])
+    return load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train_files={data}",
+            f"train.output_dir={tmp_path / 'rm'}",
+            "train.epochs=4",
+            "train.per_device_batch_size=4",
+            "train.lr=3e-3",
+            "train.progress=false",
+            "reward.length_balance=false",
+            "data.max_length=256",
+            *extra,
+        ],
+    )
 
 
 def test_rm_learns_and_saves(tmp_path, tiny_model_dir):
@@ -50,8 +70,11 @@ def test_rm_learns_and_saves(tmp_path, tiny_model_dir):
     from alignforge.data.tokenize import tokenize_preference
     from alignforge.models.packing import pack_pairs
 
-    rec = PreferenceRecord([{"role": "user", "content": "Question 7: tell me about topic 3."}],
-                           [{"role": "assistant", "content": GOOD[0]}], [{"role": "assistant", "content": BAD[2]}])
+    rec = PreferenceRecord(
+        [{"role": "user", "content": "Question 7: tell me about topic 3."}],
+        [{"role": "assistant", "content": GOOD[0]}],
+        [{"role": "assistant", "content": BAD[2]}],
+    )
     pair, _ = tokenize_preference(rec, tok, 256)
     with torch.no_grad():
         rc, rr = rm(pack_pairs([pair], tok.pad_token_id))
@@ -64,9 +87,15 @@ def test_overlong_pairs_are_dropped_not_cut_by_default(tmp_path, tiny_model_dir)
     data = _write_pairs(tmp_path / "pairs.jsonl", n=8)
     long_row = {"prompt": "Hi", "chosen": " ".join([GOOD[0]] * 12), "rejected": BAD[0]}
     data.write_text(data.read_text() + json.dumps(long_row) + "\n")
-    base = [f"model.name_or_path={tiny_model_dir}", f"data.train_files={data}", "train.max_steps=1",
-            "train.per_device_batch_size=4", "train.progress=false", "reward.length_balance=false",
-            "data.max_length=96"]
+    base = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train_files={data}",
+        "train.max_steps=1",
+        "train.per_device_batch_size=4",
+        "train.progress=false",
+        "reward.length_balance=false",
+        "data.max_length=96",
+    ]
     assert load_config(RMConfig, None, []).data.overlong == "truncate_prompt"
     s = train_rm(load_config(RMConfig, None, base + [f"train.output_dir={tmp_path / 'a'}"]))
     assert "8 examples from 9 records" in s["data_report"] and "; 0 truncated" in s["data_report"]
@@ -99,7 +128,9 @@ def test_packed_and_unpacked_losses_agree(tmp_path, tiny_model_dir):
 
 
 def test_length_balancing_is_applied_and_reported(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, "reward.length_balance=true", "train.epochs=1", "reward.bucket_edges=[0,4,1000]")
+    cfg = _cfg(
+        tmp_path, tiny_model_dir, "reward.length_balance=true", "train.epochs=1", "reward.bucket_edges=[0,4,1000]"
+    )
     train_rm(cfg)
     rep = json.loads((tmp_path / "rm" / "length_balance.json").read_text())
     # chosen (GOOD) answers are always longer than rejected ones here: balancing keeps none of them
@@ -120,7 +151,19 @@ def test_lora_reward_model(tmp_path, tiny_model_dir):
 def test_cli_rm_train_bad_pair(tmp_path, tiny_model_dir):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "hi", "chosen": "same", "rejected": "same"}) + "\n")
-    p = subprocess.run([sys.executable, "-m", "alignforge.cli", "rm", "train", f"model.name_or_path={tiny_model_dir}",
-                        f"data.train_files={data}", f"train.output_dir={tmp_path / 'o'}"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignforge.cli",
+            "rm",
+            "train",
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_files={data}",
+            f"train.output_dir={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and f"{data}:1: field 'rejected': chosen identical to rejected" in p.stderr

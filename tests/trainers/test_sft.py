@@ -23,8 +23,10 @@ N_EXAMPLES = 20  # batch 2 x accum 2 -> 5 steps per epoch; 2 epochs -> 10 steps
 def _write_data(path: Path) -> Path:
     rows = []
     for i in range(N_EXAMPLES):
-        msgs = [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
-                {"role": "assistant", "content": f"The answer is {2 * i}. Numbers are fun {i}."}]
+        msgs = [
+            {"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+            {"role": "assistant", "content": f"The answer is {2 * i}. Numbers are fun {i}."},
+        ]
         if i % 3 == 0:  # some multi-turn
             msgs += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
         rows.append(json.dumps({"messages": msgs}))
@@ -54,8 +56,9 @@ train:
 
 def _run(args, env_extra=None, check=True):
     env = {**os.environ, "ALIGNFORGE_FAULT_AFTER_STEP": "", **(env_extra or {})}
-    p = subprocess.run([sys.executable, "-m", "alignforge.cli", *args], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "alignforge.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"rc={p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
     return p
@@ -81,18 +84,21 @@ def reference_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_sft_outputs(reference_run):
-    hist = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    hist = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 10 and hist[-1]["loss"] < hist[0]["loss"]
     assert (reference_run / "final" / "tokenizer_config.json").is_file()
     assert (reference_run / "config.yaml").is_file() and (reference_run / "loss.png").is_file()
     assert "20 examples from 20 records" in (reference_run / "data_report.txt").read_text()
 
 
-@pytest.mark.parametrize("kill_after,save_every", [
-    (4, 3),    # mid-epoch: last checkpoint at step 3, step 4 is lost and redone
-    (5, 5),    # right at the epoch boundary, checkpoint there
-    (6, 5),    # just past the boundary: resume re-enters epoch 2 from its checkpoint at step 5
-])
+@pytest.mark.parametrize(
+    "kill_after,save_every",
+    [
+        (4, 3),  # mid-epoch: last checkpoint at step 3, step 4 is lost and redone
+        (5, 5),  # right at the epoch boundary, checkpoint there
+        (6, 5),  # just past the boundary: resume re-enters epoch 2 from its checkpoint at step 5
+    ],
+)
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_model_dir, reference_run, kill_after, save_every):
     cfg = _config(tmp_path, tiny_model_dir, "run", f"  save_every: {save_every}")
     killed = _run(["sft", str(cfg)], {"ALIGNFORGE_FAULT_AFTER_STEP": f"{kill_after}:KILL"}, check=False)
@@ -104,7 +110,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_model_dir, r
     resumed = _run(["sft", str(cfg), "--resume"])
     assert "resumed from" in resumed.stdout
     _assert_same(_weights(reference_run), _weights(run))
-    hist = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == list(range(1, 11))
 
 

@@ -83,15 +83,25 @@ def test_kto_step1_reference_point_and_loss_equal_hand_computation(tmp_path, tin
     points, _ = load_pointwise_dataset(data, load_tokenizer(str(tiny_model_dir)), 256)
     idx = first_batch(len(points), 4, seed=1)
     estimates = []
-    for name, (policy_dir, ref_dir) in {"a": (tiny_model_dir, distinct_model_dir),
-                                        "b": (distinct_model_dir, tiny_model_dir)}.items():
+    for name, (policy_dir, ref_dir) in {
+        "a": (tiny_model_dir, distinct_model_dir),
+        "b": (distinct_model_dir, tiny_model_dir),
+    }.items():
         args = _common(tmp_path, policy_dir, data, name) + [
-            "train.max_steps=1", "train.group_by_length=false", "train.per_device_batch_size=2", "train.grad_accum=2",
-            "ulma.loss=kto", f"ulma.beta={beta}", f"ulma.kto_lambda_d={lambda_d}", f"ulma.kto_lambda_u={lambda_u}",
-            f"ulma.ref_model={ref_dir}"]
+            "train.max_steps=1",
+            "train.group_by_length=false",
+            "train.per_device_batch_size=2",
+            "train.grad_accum=2",
+            "ulma.loss=kto",
+            f"ulma.beta={beta}",
+            f"ulma.kto_lambda_d={lambda_d}",
+            f"ulma.kto_lambda_u={lambda_u}",
+            f"ulma.ref_model={ref_dir}",
+        ]
         hist = train_ulma(load_config(ULMAConfig, None, args))["history"]
-        estimate, z0, loss, scale = _hand_kto(points, idx, load_f64(policy_dir), load_f64(ref_dir), beta=beta,
-                                              lambda_d=lambda_d, lambda_u=lambda_u)
+        estimate, z0, loss, scale = _hand_kto(
+            points, idx, load_f64(policy_dir), load_f64(ref_dir), beta=beta, lambda_d=lambda_d, lambda_u=lambda_u
+        )
         estimates.append(estimate)
         # fp32 forward in the trainer vs float64 here: rounding of summed log-probs of magnitude `scale`
         assert hist[0]["kto_z0"] == pytest.approx(z0, abs=1e-5 * scale)
@@ -112,9 +122,12 @@ def test_planned_mismatched_pairs_cover_the_loop(tmp_path):
         idx = step_indices(step, 10, 3, 4, lengths)
         seen.update((idx[k], idx[(k + 1) % len(idx)]) for k in range(len(idx)))
     assert planned == seen
-    assert set(planned_mismatched_pairs(10, TrainConfig(per_device_batch_size=3, max_steps=2, seed=4), 1, lengths)) \
-        == {pr for s in range(2) for idx in [step_indices(s, 10, 3, 4, lengths)]
-            for pr in zip(idx, idx[1:] + idx[:1], strict=True)}
+    assert set(planned_mismatched_pairs(10, TrainConfig(per_device_batch_size=3, max_steps=2, seed=4), 1, lengths)) == {
+        pr
+        for s in range(2)
+        for idx in [step_indices(s, 10, 3, 4, lengths)]
+        for pr in zip(idx, idx[1:] + idx[:1], strict=True)
+    }
 
 
 def test_kto_needs_a_global_batch_of_two(tmp_path, tiny_model_dir):

@@ -35,7 +35,7 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
     n = len(a)
     if n == 0:
         return None
-    po = sum(x == y for x, y in zip(a, b)) / n
+    po = sum(x == y for x, y in zip(a, b, strict=False)) / n
     ca, cb = Counter(a), Counter(b)
     pe = sum(ca[c] * cb[c] for c in ca) / (n * n)
     if pe >= 1.0:
@@ -63,11 +63,12 @@ def fleiss_kappa(items: Iterable[Sequence[Hashable]]) -> float | None:
     return (p_bar - pe) / (1 - pe)
 
 
-def krippendorff_alpha_ordinal(ratings: Mapping[Hashable, Mapping[Hashable, float | None]],
-                               domain: Sequence[float] = SCALE) -> float | None:
+def krippendorff_alpha_ordinal(
+    ratings: Mapping[Hashable, Mapping[Hashable, float | None]], domain: Sequence[float] = SCALE
+) -> float | None:
     """Krippendorff's α (ordinal) from ``{item: {rater: value or None}}``; None if undefined."""
-    import numpy as np
     import krippendorff
+    import numpy as np
 
     raters = sorted({r for row in ratings.values() for r in row}, key=str)
     items = [i for i, row in ratings.items() if sum(v is not None for v in row.values()) >= 2]
@@ -83,8 +84,7 @@ def krippendorff_alpha_ordinal(ratings: Mapping[Hashable, Mapping[Hashable, floa
     if len(values) < 2:
         return 1.0  # everybody gave the same value: complete agreement, no variation
     try:
-        a = krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal",
-                               value_domain=list(domain))
+        a = krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal", value_domain=list(domain))
     except (ValueError, ZeroDivisionError):
         return None
     return None if a is None or math.isnan(a) else float(a)
@@ -109,10 +109,16 @@ def agreement_report(judgments: Iterable[tuple[Hashable, str, int | None, bool]]
             pairs.append({"a": x, "b": y, "items": len(shared), "kappa": k})
     fleiss = fleiss_kappa([[label(*v) for v in row.values()] for row in by_item.values()])
     alpha = krippendorff_alpha_ordinal(
-        {it: {w: (None if bb else ov) for w, (ov, bb) in row.items()} for it, row in by_item.items()})
+        {it: {w: (None if bb else ov) for w, (ov, bb) in row.items()} for it, row in by_item.items()}
+    )
     multi = sum(1 for row in by_item.values() if len(row) >= 2)
-    return {"annotators": annotators, "cohen": pairs, "fleiss_kappa": fleiss,
-            "krippendorff_alpha_ordinal": alpha, "items_with_2plus": multi}
+    return {
+        "annotators": annotators,
+        "cohen": pairs,
+        "fleiss_kappa": fleiss,
+        "krippendorff_alpha_ordinal": alpha,
+        "items_with_2plus": multi,
+    }
 
 
 def longer_won_share(rows: Iterable[tuple[int | None, bool, str, str]]) -> dict:

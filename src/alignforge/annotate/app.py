@@ -44,12 +44,19 @@ from alignforge.errors import AlignforgeError
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "af_session"
 LOGIN_CSRF_COOKIE = "af_login_csrf"
-CSP = ("default-src 'self'; img-src 'none'; script-src 'self'; style-src 'self'; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; img-src 'none'; script-src 'self'; style-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 PUBLIC_PATHS = ("/login", "/healthz", "/static")
-MESSAGES = {"ok": "Judgment recorded.", "late": "Judgment recorded (your lease had expired).",
-            "dup": "That judgment was already recorded.", "skip": "Item skipped.",
-            "created": "User saved.", "updated": "User updated."}
+MESSAGES = {
+    "ok": "Judgment recorded.",
+    "late": "Judgment recorded (your lease had expired).",
+    "dup": "That judgment was already recorded.",
+    "skip": "Item skipped.",
+    "created": "User saved.",
+    "updated": "User updated.",
+}
 EXPORTS = ("trl", "ties", "raw", "pointwise")
 ACTIVE_VALUES: dict[str, bool | None] = {"": None, "1": True, "0": False}  # the users form's choices
 
@@ -90,8 +97,12 @@ def create_app(cfg: AppConfig) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["md"] = render_markdown
     templates.env.globals.update(
-        OVERALL_LABELS=svc.OVERALL_LABELS, PROMPT_QUALITY=PROMPT_QUALITY,
-        PROMPT_QUALITY_LABELS=svc.PROMPT_QUALITY_LABELS, CRITERIA=svc.CRITERIA, ROLES=ROLES)
+        OVERALL_LABELS=svc.OVERALL_LABELS,
+        PROMPT_QUALITY=PROMPT_QUALITY,
+        PROMPT_QUALITY_LABELS=svc.PROMPT_QUALITY_LABELS,
+        CRITERIA=svc.CRITERIA,
+        ROLES=ROLES,
+    )
 
     app = FastAPI(title="alignforge annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.cfg, app.state.engine, app.state.S = cfg, engine, S
@@ -119,17 +130,22 @@ def create_app(cfg: AppConfig) -> FastAPI:
 
     @app.exception_handler(CSRFError)
     async def _csrf(request: Request, exc: CSRFError) -> Response:
-        return PlainTextResponse("invalid or missing CSRF token; reload the page and try again",
-                                 status_code=403)
+        return PlainTextResponse("invalid or missing CSRF token; reload the page and try again", status_code=403)
 
     def page(request: Request, name: str, ctx: Ctx | None, status: int = 200, **kw: Any) -> Response:
-        return templates.TemplateResponse(request, name, {"me": ctx.user if ctx else None,
-                                                          "csrf": ctx.csrf if ctx else "", **kw},
-                                          status_code=status)
+        return templates.TemplateResponse(
+            request, name, {"me": ctx.user if ctx else None, "csrf": ctx.csrf if ctx else "", **kw}, status_code=status
+        )
 
     def bad_id(request: Request, ctx: Ctx) -> Response:
-        return page(request, "message.html", ctx, status=422, title="Not recorded",
-                    message=f"invalid assignment id (expected 1 to {svc.MAX_ID}); reload the page")
+        return page(
+            request,
+            "message.html",
+            ctx,
+            status=422,
+            title="Not recorded",
+            message=f"invalid assignment id (expected 1 to {svc.MAX_ID}); reload the page",
+        )
 
     def _auth(*roles: str, csrf: bool = False) -> Callable:
         async def dep(request: Request) -> Ctx:
@@ -146,6 +162,7 @@ def create_app(cfg: AppConfig) -> FastAPI:
                 if not isinstance(sent, str) or not secrets.compare_digest(sent, sess.csrf_token):
                     raise CSRFError()
             return Ctx(user, sess.csrf_token, token or "")
+
         return dep
 
     anyone = _auth(*ROLES)
@@ -162,34 +179,51 @@ def create_app(cfg: AppConfig) -> FastAPI:
     def login_form(request: Request) -> Response:
         tok = secrets.token_urlsafe(24)
         resp = page(request, "login.html", None, login_csrf=tok, error=None)
-        resp.set_cookie(LOGIN_CSRF_COOKIE, tok, httponly=True, samesite="strict",
-                        secure=cfg.secure_cookies, path="/login")
+        resp.set_cookie(
+            LOGIN_CSRF_COOKIE, tok, httponly=True, samesite="strict", secure=cfg.secure_cookies, path="/login"
+        )
         return resp
 
     @app.post("/login")
-    def login(request: Request, username: str = Form(""), password: str = Form(""),
-              csrf_token: str = Form("")) -> Response:
+    def login(
+        request: Request, username: str = Form(""), password: str = Form(""), csrf_token: str = Form("")
+    ) -> Response:
         cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
         if not cookie or not secrets.compare_digest(cookie, csrf_token):
             raise CSRFError()
         ip = request.client.host if request.client else "?"
         ukey, ikey = svc.login_buckets(username[:64], ip[:128])
         wait, attempt = svc.begin_login_attempt(
-            S, [(ukey, cfg.login_max_failures), (ikey, cfg.login_ip_max_failures)], cfg.login_window_s)
+            S, [(ukey, cfg.login_max_failures), (ikey, cfg.login_ip_max_failures)], cfg.login_window_s
+        )
         if wait > 0:
-            resp = page(request, "login.html", None, status=429, login_csrf=cookie,
-                        error=f"Too many failed login attempts. Try again in {int(wait) + 1} s.")
+            resp = page(
+                request,
+                "login.html",
+                None,
+                status=429,
+                login_csrf=cookie,
+                error=f"Too many failed login attempts. Try again in {int(wait) + 1} s.",
+            )
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         user = svc.authenticate(S, username[:64], password[:1024])
         svc.end_login_attempt(S, attempt, ok=user is not None, reset=(ukey,))
         if user is None:
-            return page(request, "login.html", None, status=401, login_csrf=cookie,
-                        error="Wrong user name or password.")
+            return page(
+                request, "login.html", None, status=401, login_csrf=cookie, error="Wrong user name or password."
+            )
         token = svc.create_session(S, user)
         resp = RedirectResponse("/admin" if user.role == "admin" else "/annotate", status_code=303)
-        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
-                        secure=cfg.secure_cookies, path="/", max_age=svc.SESSION_HOURS * 3600)
+        resp.set_cookie(
+            SESSION_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=cfg.secure_cookies,
+            path="/",
+            max_age=svc.SESSION_HOURS * 3600,
+        )
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 
@@ -213,16 +247,30 @@ def create_app(cfg: AppConfig) -> FastAPI:
         if a is None:
             return page(request, "done.html", ctx, progress=prog, message=msg)
         view = svc.item_view(S, a)
-        return page(request, "annotate.html", ctx, item=view, progress=prog, message=msg,
-                    submission_token=view.submission_token,
-                    lease_minutes=max(1, round((view.lease_expires_at - utcnow()).total_seconds() / 60)))
+        return page(
+            request,
+            "annotate.html",
+            ctx,
+            item=view,
+            progress=prog,
+            message=msg,
+            submission_token=view.submission_token,
+            lease_minutes=max(1, round((view.lease_expires_at - utcnow()).total_seconds() / 60)),
+        )
 
     @app.post("/annotate/submit")
-    def annotate_submit(request: Request, assignment_id: int = Form(...),
-                        submission_token: str = Form(...), overall: str = Form(""),
-                        prompt_quality: str = Form(""), helpfulness: str = Form(""),
-                        harmlessness: str = Form(""), fluency: str = Form(""),
-                        comment: str = Form(""), ctx: Ctx = Depends(anyone_post)) -> Response:
+    def annotate_submit(
+        request: Request,
+        assignment_id: int = Form(...),
+        submission_token: str = Form(...),
+        overall: str = Form(""),
+        prompt_quality: str = Form(""),
+        helpfulness: str = Form(""),
+        harmlessness: str = Form(""),
+        fluency: str = Form(""),
+        comment: str = Form(""),
+        ctx: Ctx = Depends(anyone_post),
+    ) -> Response:
         if not svc.valid_id(assignment_id):
             return bad_id(request, ctx)
         form = svc.JudgmentForm(overall, prompt_quality, helpfulness, harmlessness, fluency, comment)
@@ -231,12 +279,10 @@ def create_app(cfg: AppConfig) -> FastAPI:
             code = "dup" if res.status == "duplicate" else "late" if res.late else "ok"
             return RedirectResponse(f"/annotate?m={code}", status_code=303)
         status = 422 if form.validate() else 409
-        return page(request, "message.html", ctx, status=status, title="Not recorded",
-                    message=res.message)
+        return page(request, "message.html", ctx, status=status, title="Not recorded", message=res.message)
 
     @app.post("/annotate/skip")
-    def annotate_skip(request: Request, assignment_id: int = Form(...),
-                      ctx: Ctx = Depends(anyone_post)) -> Response:
+    def annotate_skip(request: Request, assignment_id: int = Form(...), ctx: Ctx = Depends(anyone_post)) -> Response:
         if not svc.valid_id(assignment_id):
             return bad_id(request, ctx)
         res = svc.skip(S, ctx.user.id, assignment_id)
@@ -251,31 +297,37 @@ def create_app(cfg: AppConfig) -> FastAPI:
 
     @app.get("/admin/users")
     def admin_users(request: Request, m: str = "", ctx: Ctx = Depends(admin)) -> Response:
-        return page(request, "users.html", ctx, users=svc.list_users(S), message=MESSAGES.get(m),
-                    error=None)
+        return page(request, "users.html", ctx, users=svc.list_users(S), message=MESSAGES.get(m), error=None)
 
     @app.post("/admin/users")
-    def admin_create_user(request: Request, username: str = Form(...), password: str = Form(...),
-                          role: str = Form("annotator"), ctx: Ctx = Depends(admin_post)) -> Response:
+    def admin_create_user(
+        request: Request,
+        username: str = Form(...),
+        password: str = Form(...),
+        role: str = Form("annotator"),
+        ctx: Ctx = Depends(admin_post),
+    ) -> Response:
         try:
             svc.create_user(S, username, password, role)
         except AlignforgeError as e:
-            return page(request, "users.html", ctx, status=400, users=svc.list_users(S),
-                        message=None, error=str(e))
+            return page(request, "users.html", ctx, status=400, users=svc.list_users(S), message=None, error=str(e))
         return RedirectResponse("/admin/users?m=created", status_code=303)
 
     @app.post("/admin/users/update")
-    def admin_update_user(request: Request, username: str = Form(...), role: str = Form(""),
-                          active: str = Form(""), password: str = Form(""),
-                          ctx: Ctx = Depends(admin_post)) -> Response:
+    def admin_update_user(
+        request: Request,
+        username: str = Form(...),
+        role: str = Form(""),
+        active: str = Form(""),
+        password: str = Form(""),
+        ctx: Ctx = Depends(admin_post),
+    ) -> Response:
         try:
             if active not in ACTIVE_VALUES:
                 raise AlignforgeError(f"invalid value for active: {active[:20]!r} (expected 1, 0 or empty)")
-            svc.set_user(S, username, role=role or None, active=ACTIVE_VALUES[active],
-                         password=password or None)
+            svc.set_user(S, username, role=role or None, active=ACTIVE_VALUES[active], password=password or None)
         except AlignforgeError as e:
-            return page(request, "users.html", ctx, status=400, users=svc.list_users(S),
-                        message=None, error=str(e))
+            return page(request, "users.html", ctx, status=400, users=svc.list_users(S), message=None, error=str(e))
         return RedirectResponse("/admin/users?m=updated", status_code=303)
 
     @app.get("/admin/agreement")
@@ -284,13 +336,22 @@ def create_app(cfg: AppConfig) -> FastAPI:
         from alignforge.annotate.export import aggregate
 
         rows = svc.judged_rows(S)
-        rep = agreement_report((r["item"].id, r["annotator"], r["judgment"].overall,
-                                r["judgment"].both_bad) for r in rows)
-        lw = longer_won_share((r["judgment"].overall, r["judgment"].both_bad,
-                               r["item"].response_a, r["item"].response_b) for r in rows)
+        rep = agreement_report(
+            (r["item"].id, r["annotator"], r["judgment"].overall, r["judgment"].both_bad) for r in rows
+        )
+        lw = longer_won_share(
+            (r["judgment"].overall, r["judgment"].both_bad, r["item"].response_a, r["item"].response_b) for r in rows
+        )
         agg = aggregate(S, "majority")
-        lw_major = longer_won_share(({"a": 1, "b": -1}.get(x["outcome"], 0), x["outcome"] == "both_bad",
-                                     x["item"].response_a, x["item"].response_b) for x in agg)
+        lw_major = longer_won_share(
+            (
+                {"a": 1, "b": -1}.get(x["outcome"], 0),
+                x["outcome"] == "both_bad",
+                x["item"].response_a,
+                x["item"].response_b,
+            )
+            for x in agg
+        )
         return page(request, "agreement.html", ctx, rep=rep, lw=lw, lw_major=lw_major)
 
     @app.get("/admin/export/{kind}.jsonl")
@@ -315,8 +376,9 @@ def create_app(cfg: AppConfig) -> FastAPI:
                 p.unlink()
             tmpdir.rmdir()
 
-        return FileResponse(out, media_type="application/x-ndjson", filename=f"{kind}.jsonl",
-                            background=BackgroundTask(cleanup))
+        return FileResponse(
+            out, media_type="application/x-ndjson", filename=f"{kind}.jsonl", background=BackgroundTask(cleanup)
+        )
 
     return app
 

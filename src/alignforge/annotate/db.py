@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
     event,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -92,9 +100,11 @@ class Assignment(Base):
     """
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),
-                      Index("ix_assignments_item_status", "item_id", "status"),
-                      Index("ix_assignments_submission_token", "submission_token", unique=True))
+    __table_args__ = (
+        UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),
+        Index("ix_assignments_item_status", "item_id", "status"),
+        Index("ix_assignments_submission_token", "submission_token", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
@@ -146,8 +156,7 @@ class LoginAttempt(Base):
     and servers."""
 
     __tablename__ = "login_attempts"
-    __table_args__ = (Index("ix_login_attempts_key_at", "key_hash", "at"),
-                      Index("ix_login_attempts_at", "at"))
+    __table_args__ = (Index("ix_login_attempts_key_at", "key_hash", "at"), Index("ix_login_attempts_at", "at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(64))
@@ -172,12 +181,12 @@ event.listen(Session, "before_flush", _forbid_judgment_changes)
 
 @event.listens_for(Session, "do_orm_execute")
 def _forbid_bulk_judgment_changes(state: Any) -> None:
-    if (state.is_update or state.is_delete) and state.bind_mapper is not None \
-            and state.bind_mapper.class_ is Judgment:
+    if (state.is_update or state.is_delete) and state.bind_mapper is not None and state.bind_mapper.class_ is Judgment:
         raise AppendOnlyError("judgments are append-only: refusing a bulk UPDATE/DELETE")
 
 
 # --------------------------------------------------------------------------- engines
+
 
 def normalize_url(url: str) -> str:
     """Accept plain ``postgresql://`` URLs (use psycopg 3) and bare SQLite paths."""
@@ -201,8 +210,14 @@ def make_engine(url: str, **kw: Any) -> Engine:
         if u.database in (None, "", ":memory:"):
             raise AlignforgeError("an in-memory SQLite database cannot be shared; give a file path")
         Path(u.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
-                               pool_size=8, max_overflow=32, pool_timeout=120, **kw)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            pool_size=8,
+            max_overflow=32,
+            pool_timeout=120,
+            **kw,
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
@@ -228,14 +243,14 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 # --------------------------------------------------------------------------- migrations
 
+
 def alembic_config(engine: Engine | None = None) -> Any:
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if engine is not None:
-        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False)
-                            .replace("%", "%%"))
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 

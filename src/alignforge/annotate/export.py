@@ -48,8 +48,7 @@ def majority(votes: list[tuple[int | None, bool]]) -> str:
     return winners[0]
 
 
-def bradley_terry(votes: list[tuple[int | None, bool]], tie_margin: float = 0.1
-                  ) -> tuple[str, float]:
+def bradley_terry(votes: list[tuple[int | None, bool]], tie_margin: float = 0.1) -> tuple[str, float]:
     wa = wb = 0.5  # Jeffreys prior
     n_decisive = n_bad = 0
     for overall, both_bad in votes:
@@ -85,8 +84,9 @@ def _asst(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def aggregate(S: sessionmaker[Session], method: str = "majority", min_judgments: int = 1,
-              bt_tie_margin: float = 0.1) -> list[dict]:
+def aggregate(
+    S: sessionmaker[Session], method: str = "majority", min_judgments: int = 1, bt_tie_margin: float = 0.1
+) -> list[dict]:
     """``[{item, outcome ("a", "b", "tie", "both_bad"), n, margin?}]`` in item order."""
     if method not in METHODS:
         raise AlignforgeError(f"unknown aggregation {method!r} (expected one of {', '.join(METHODS)})")
@@ -103,9 +103,14 @@ def aggregate(S: sessionmaker[Session], method: str = "majority", min_judgments:
     return out
 
 
-def export_trl(S: sessionmaker[Session], out: str | Path, method: str = "majority",
-               ties_path: str | Path | None = None, min_judgments: int = 1,
-               bt_tie_margin: float = 0.1) -> dict:
+def export_trl(
+    S: sessionmaker[Session],
+    out: str | Path,
+    method: str = "majority",
+    ties_path: str | Path | None = None,
+    min_judgments: int = 1,
+    bt_tie_margin: float = 0.1,
+) -> dict:
     """TRL conversational preference JSONL; returns counts."""
     agg = aggregate(S, method, min_judgments, bt_tie_margin)
     pairs, ties = [], []
@@ -123,14 +128,25 @@ def export_trl(S: sessionmaker[Session], out: str | Path, method: str = "majorit
             rec["n_judgments"] = a["n"]
             pairs.append(rec)
         else:
-            ties.append({"id": it.uid, "label": a["outcome"], "prompt": prompt,
-                         "response_a": it.response_a, "response_b": it.response_b,
-                         "n_judgments": a["n"]})
+            ties.append(
+                {
+                    "id": it.uid,
+                    "label": a["outcome"],
+                    "prompt": prompt,
+                    "response_a": it.response_a,
+                    "response_b": it.response_b,
+                    "n_judgments": a["n"],
+                }
+            )
     n = write_jsonl(pairs, out)
     n_ties = write_jsonl(ties, ties_path) if ties_path is not None else 0
-    return {"pairs": n, "ties_and_both_bad": len(ties), "ties_written": n_ties,
-            "ties": sum(t["label"] == "tie" for t in ties),
-            "both_bad": sum(t["label"] == "both_bad" for t in ties)}
+    return {
+        "pairs": n,
+        "ties_and_both_bad": len(ties),
+        "ties_written": n_ties,
+        "ties": sum(t["label"] == "tie" for t in ties),
+        "both_bad": sum(t["label"] == "both_bad" for t in ties),
+    }
 
 
 def export_raw(S: sessionmaker[Session], out: str | Path) -> int:
@@ -138,20 +154,36 @@ def export_raw(S: sessionmaker[Session], out: str | Path) -> int:
     rows = []
     for r in judged_rows(S):
         j, it = r["judgment"], r["item"]
-        rows.append({
-            "judgment_id": j.id, "item_id": it.uid, "annotator": r["annotator"],
-            "overall": j.overall, "both_bad": j.both_bad, "shown_overall": j.shown_overall,
-            "swapped": j.swapped, **{c: getattr(j, c) for c in CRITERIA},
-            "prompt_quality": j.prompt_quality, "comment": j.comment, "late": j.late,
-            "created_at": j.created_at.isoformat() + "Z", "is_gold": it.is_gold,
-            "prompt": json.loads(it.prompt_json), "response_a": it.response_a,
-            "response_b": it.response_b,
-        })
+        rows.append(
+            {
+                "judgment_id": j.id,
+                "item_id": it.uid,
+                "annotator": r["annotator"],
+                "overall": j.overall,
+                "both_bad": j.both_bad,
+                "shown_overall": j.shown_overall,
+                "swapped": j.swapped,
+                **{c: getattr(j, c) for c in CRITERIA},
+                "prompt_quality": j.prompt_quality,
+                "comment": j.comment,
+                "late": j.late,
+                "created_at": j.created_at.isoformat() + "Z",
+                "is_gold": it.is_gold,
+                "prompt": json.loads(it.prompt_json),
+                "response_a": it.response_a,
+                "response_b": it.response_b,
+            }
+        )
     return write_jsonl(rows, out)
 
 
-def export_pointwise(S: sessionmaker[Session], out: str | Path, method: str = "majority",
-                     min_judgments: int = 1, bt_tie_margin: float = 0.1) -> dict:
+def export_pointwise(
+    S: sessionmaker[Session],
+    out: str | Path,
+    method: str = "majority",
+    min_judgments: int = 1,
+    bt_tie_margin: float = 0.1,
+) -> dict:
     """Point-wise (ULMA) JSONL: ``{prompt, completion, label}`` rows."""
     rows = []
     counts: dict[str, int] = defaultdict(int)

@@ -31,19 +31,29 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from alignforge.annotate.db import (
-    PROMPT_QUALITY, ROLES, Assignment, AuthSession, Item, Judgment, LoginAttempt, User, utcnow,
+    PROMPT_QUALITY,
+    ROLES,
+    Assignment,
+    AuthSession,
+    Item,
+    Judgment,
+    LoginAttempt,
+    User,
+    utcnow,
 )
 from alignforge.errors import AlignforgeError, DataError
 
 # displayed overall choice -> score on the displayed A/B orientation; None = both bad
-OVERALL_CHOICES: dict[str, int | None] = {"a2": 2, "a1": 1, "tie": 0, "b1": -1, "b2": -2,
-                                          "both_bad": None}
-OVERALL_LABELS = {"a2": "A ≫ B", "a1": "A > B", "tie": "Tie", "b1": "B > A", "b2": "B ≫ A",
-                  "both_bad": "Both bad"}
+OVERALL_CHOICES: dict[str, int | None] = {"a2": 2, "a1": 1, "tie": 0, "b1": -1, "b2": -2, "both_bad": None}
+OVERALL_LABELS = {"a2": "A ≫ B", "a1": "A > B", "tie": "Tie", "b1": "B > A", "b2": "B ≫ A", "both_bad": "Both bad"}
 CRITERIA = ("helpfulness", "harmlessness", "fluency")
 CRITERION_CHOICES: dict[str, int | None] = {"a": 1, "same": 0, "b": -1, "": None}
-PROMPT_QUALITY_LABELS = {"clear": "Clear intent", "unclear_intent": "Unclear intent",
-                         "unclear_semantics": "Unclear semantics", "unanswerable": "Unanswerable"}
+PROMPT_QUALITY_LABELS = {
+    "clear": "Clear intent",
+    "unclear_intent": "Unclear intent",
+    "unclear_semantics": "Unclear semantics",
+    "unanswerable": "Unanswerable",
+}
 MAX_COMMENT = 5000
 SESSION_HOURS = 12
 MAX_ID = 2**31 - 1  # ids are INTEGER columns: 32-bit on PostgreSQL
@@ -95,6 +105,7 @@ def verify_password(stored: str | None, password: str) -> bool:
 
 # --------------------------------------------------------------------------- users
 
+
 def _check_username(name: str) -> str:
     name = name.strip()
     if not name or len(name) > 64 or not all(c.isalnum() or c in "._-@" for c in name):
@@ -102,8 +113,9 @@ def _check_username(name: str) -> str:
     return name
 
 
-def create_user(S: sessionmaker[Session], username: str, password: str, role: str = "annotator",
-                hasher: Any = None) -> User:
+def create_user(
+    S: sessionmaker[Session], username: str, password: str, role: str = "annotator", hasher: Any = None
+) -> User:
     username = _check_username(username)
     if role not in ROLES:
         raise AlignforgeError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -112,14 +124,20 @@ def create_user(S: sessionmaker[Session], username: str, password: str, role: st
     with S.begin() as s:
         if s.scalar(select(User.id).where(User.username == username)) is not None:
             raise AlignforgeError(f"user {username!r} already exists")
-        u = User(username=username, password_hash=hash_password(password, hasher), role=role,
-                 active=True)
+        u = User(username=username, password_hash=hash_password(password, hasher), role=role, active=True)
         s.add(u)
     return u
 
 
-def set_user(S: sessionmaker[Session], username: str, *, password: str | None = None,
-             role: str | None = None, active: bool | None = None, hasher: Any = None) -> User:
+def set_user(
+    S: sessionmaker[Session],
+    username: str,
+    *,
+    password: str | None = None,
+    role: str | None = None,
+    active: bool | None = None,
+    hasher: Any = None,
+) -> User:
     """Change a user; all or nothing. Refuses to demote or deactivate the last active admin
     (the admin rows are locked, so two admins demoting each other at once cannot both win)."""
     if role is not None and role not in ROLES:
@@ -132,14 +150,18 @@ def set_user(S: sessionmaker[Session], username: str, *, password: str | None = 
         u = s.scalar(select(User).where(User.username == username))
         if u is None:
             raise AlignforgeError(f"no such user: {username!r}")
-        loses_admin = u.role == "admin" and u.active and (
-            (role is not None and role != "admin") or active is False)
+        loses_admin = u.role == "admin" and u.active and ((role is not None and role != "admin") or active is False)
         if loses_admin:
-            admins = list(s.scalars(select(User.id).where(User.role == "admin", User.active.is_(True))
-                                    .order_by(User.id).with_for_update()))
+            admins = list(
+                s.scalars(
+                    select(User.id)
+                    .where(User.role == "admin", User.active.is_(True))
+                    .order_by(User.id)
+                    .with_for_update()
+                )
+            )
             if admins == [u.id]:
-                raise AlignforgeError(f"{username!r} is the last active admin: make another user admin "
-                                      "first")
+                raise AlignforgeError(f"{username!r} is the last active admin: make another user admin first")
         if password is not None:
             u.password_hash = hash_password(password, hasher)
         if role is not None:
@@ -166,6 +188,7 @@ def authenticate(S: sessionmaker[Session], username: str, password: str) -> User
 
 # --------------------------------------------------------------------------- sessions
 
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -174,9 +197,15 @@ def create_session(S: sessionmaker[Session], user: User) -> str:
     token = secrets.token_urlsafe(32)
     now = utcnow()
     with S.begin() as s:
-        s.add(AuthSession(token_hash=_token_hash(token), user_id=user.id,
-                          csrf_token=secrets.token_urlsafe(32), created_at=now,
-                          expires_at=now + dt.timedelta(hours=SESSION_HOURS)))
+        s.add(
+            AuthSession(
+                token_hash=_token_hash(token),
+                user_id=user.id,
+                csrf_token=secrets.token_urlsafe(32),
+                created_at=now,
+                expires_at=now + dt.timedelta(hours=SESSION_HOURS),
+            )
+        )
     return token
 
 
@@ -204,6 +233,7 @@ def delete_session(S: sessionmaker[Session], token: str | None) -> None:
 
 # --------------------------------------------------------------------------- login rate limit
 
+
 def _bucket_hash(bucket: str) -> str:
     return hashlib.sha256(bucket.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -216,8 +246,9 @@ def login_buckets(username: str, client: str) -> tuple[str, str]:
     return f"user:{client}:{username.strip().casefold()}", f"ip:{client}"
 
 
-def begin_login_attempt(S: sessionmaker[Session], buckets: list[tuple[str, int]], window_s: float,
-                        now: dt.datetime | None = None) -> tuple[float, list[int]]:
+def begin_login_attempt(
+    S: sessionmaker[Session], buckets: list[tuple[str, int]], window_s: float, now: dt.datetime | None = None
+) -> tuple[float, list[int]]:
     """Reserve one attempt in each ``(bucket, limit)``, in the database (so the limit holds
     across worker processes and servers). Returns ``(wait_s, ids)``: ``wait_s > 0`` when a
     bucket already holds ``limit`` attempts in the last ``window_s`` seconds (nothing is
@@ -237,8 +268,11 @@ def begin_login_attempt(S: sessionmaker[Session], buckets: list[tuple[str, int]]
     wait = 0.0
     with S() as s:
         for (h, limit), mine in zip(hashed, ids, strict=True):
-            n, oldest = s.execute(select(func.count(), func.min(LoginAttempt.at)).where(
-                LoginAttempt.key_hash == h, LoginAttempt.at > cutoff, LoginAttempt.id != mine)).one()
+            n, oldest = s.execute(
+                select(func.count(), func.min(LoginAttempt.at)).where(
+                    LoginAttempt.key_hash == h, LoginAttempt.at > cutoff, LoginAttempt.id != mine
+                )
+            ).one()
             if n >= limit and oldest is not None:
                 wait = max(wait, (oldest + dt.timedelta(seconds=window_s) - now).total_seconds(), 0.001)
     if wait > 0:
@@ -247,8 +281,7 @@ def begin_login_attempt(S: sessionmaker[Session], buckets: list[tuple[str, int]]
     return 0.0, ids
 
 
-def end_login_attempt(S: sessionmaker[Session], ids: list[int], ok: bool,
-                      reset: tuple[str, ...] = ()) -> None:
+def end_login_attempt(S: sessionmaker[Session], ids: list[int], ok: bool, reset: tuple[str, ...] = ()) -> None:
     """After the password check: a failure keeps the reserved attempts (they count until
     they leave the window); a success deletes them and clears the buckets in ``reset``."""
     if not ok:
@@ -261,6 +294,7 @@ def end_login_attempt(S: sessionmaker[Session], ids: list[int], ok: bool,
 
 
 # --------------------------------------------------------------------------- import
+
 
 @dataclass
 class PairRecord:
@@ -332,12 +366,12 @@ def parse_pair(obj: Any, fname: str, line: int) -> PairRecord:
         uid = str(uid)
         if not uid or len(uid) > 128:
             raise ctx.err("id", "must be 1-128 characters")
-    return PairRecord(uid or _content_uid(prompt, a, b), prompt, a, b, category, gold_overall,
-                      f"{fname}:{line}", line)
+    return PairRecord(uid or _content_uid(prompt, a, b), prompt, a, b, category, gold_overall, f"{fname}:{line}", line)
 
 
-def read_pairs(path: str | Path, skip_invalid: bool = False,
-               dropped: list[DataError] | None = None) -> list[PairRecord]:
+def read_pairs(
+    path: str | Path, skip_invalid: bool = False, dropped: list[DataError] | None = None
+) -> list[PairRecord]:
     """Validate a whole import file; raises :class:`ImportFileError` listing every bad line,
     or with ``skip_invalid`` leaves bad lines out (appending their errors to ``dropped``)."""
     p = Path(path)
@@ -359,8 +393,11 @@ def read_pairs(path: str | Path, skip_invalid: bool = False,
             errors.append(e)
             continue
         if rec.uid in seen:
-            errors.append(DataError(f"duplicate id {rec.uid!r} (first on line {seen[rec.uid]})",
-                                    file=fname, line=line, field="id"))
+            errors.append(
+                DataError(
+                    f"duplicate id {rec.uid!r} (first on line {seen[rec.uid]})", file=fname, line=line, field="id"
+                )
+            )
             continue
         seen[rec.uid] = line
         out.append(rec)
@@ -400,16 +437,19 @@ class ImportReport:
     conflicts: list[DataError] = field(default_factory=list)
 
     def summary(self) -> str:
-        s = (f"imported {self.path}: {self.read} pairs read, {self.added} added "
-             f"({self.gold} gold), {self.skipped_existing} already present")
+        s = (
+            f"imported {self.path}: {self.read} pairs read, {self.added} added "
+            f"({self.gold} gold), {self.skipped_existing} already present"
+        )
         if self.conflicts:
-            s += (f"; {len(self.conflicts)} of them with different content (stored content kept, "
-                  "give changed pairs a new id):\n" + "\n".join(e.format() for e in self.conflicts[:20]))
+            s += (
+                f"; {len(self.conflicts)} of them with different content (stored content kept, "
+                "give changed pairs a new id):\n" + "\n".join(e.format() for e in self.conflicts[:20])
+            )
             if len(self.conflicts) > 20:
                 s += f"\n... and {len(self.conflicts) - 20} more"
         if self.invalid:
-            s += f"; {len(self.invalid)} invalid records skipped:\n" + "\n".join(
-                e.format() for e in self.invalid[:20])
+            s += f"; {len(self.invalid)} invalid records skipped:\n" + "\n".join(e.format() for e in self.invalid[:20])
         return s
 
 
@@ -428,21 +468,38 @@ def import_pairs(S: sessionmaker[Session], path: str | Path, skip_invalid: bool 
         for r in recs:
             old = existing.get(r.uid)
             if old is not None:
-                diff = [name for name, new, was in (
-                    ("prompt", json.dumps(r.prompt, ensure_ascii=False), old.prompt_json),
-                    ("response_a", r.response_a, old.response_a),
-                    ("response_b", r.response_b, old.response_b),
-                    ("category", r.category, old.category),
-                    ("gold", r.gold_overall, old.gold_overall)) if new != was]
+                diff = [
+                    name
+                    for name, new, was in (
+                        ("prompt", json.dumps(r.prompt, ensure_ascii=False), old.prompt_json),
+                        ("response_a", r.response_a, old.response_a),
+                        ("response_b", r.response_b, old.response_b),
+                        ("category", r.category, old.category),
+                        ("gold", r.gold_overall, old.gold_overall),
+                    )
+                    if new != was
+                ]
                 if diff:
-                    conflicts.append(DataError(
-                        f"id {r.uid!r} is already imported with a different {', '.join(diff)}; "
-                        "kept the stored item", file=str(path), line=r.line, field="id"))
+                    conflicts.append(
+                        DataError(
+                            f"id {r.uid!r} is already imported with a different {', '.join(diff)}; "
+                            "kept the stored item",
+                            file=str(path),
+                            line=r.line,
+                            field="id",
+                        )
+                    )
                 continue
-            it = Item(uid=r.uid, prompt_json=json.dumps(r.prompt, ensure_ascii=False),
-                      response_a=r.response_a, response_b=r.response_b, category=r.category,
-                      is_gold=r.gold_overall is not None, gold_overall=r.gold_overall,
-                      source=(r.source or "")[-512:])
+            it = Item(
+                uid=r.uid,
+                prompt_json=json.dumps(r.prompt, ensure_ascii=False),
+                response_a=r.response_a,
+                response_b=r.response_b,
+                category=r.category,
+                is_gold=r.gold_overall is not None,
+                gold_overall=r.gold_overall,
+                source=(r.source or "")[-512:],
+            )
             s.add(it)
             existing[r.uid] = it
             added += 1
@@ -452,6 +509,7 @@ def import_pairs(S: sessionmaker[Session], path: str | Path, skip_invalid: bool 
 
 # --------------------------------------------------------------------------- leases
 
+
 def _lock_item(s: Session, item_id: int) -> Item | None:
     """Lock the item row until the transaction ends (SQLite: BEGIN IMMEDIATE already holds
     the database write lock; FOR UPDATE is not emitted there)."""
@@ -460,9 +518,11 @@ def _lock_item(s: Session, item_id: int) -> Item | None:
 
 def _places_taken(s: Session, item_id: int, now: dt.datetime, exclude_user: int | None = None) -> int:
     j = s.scalar(select(func.count()).select_from(Judgment).where(Judgment.item_id == item_id)) or 0
-    q = select(func.count()).select_from(Assignment).where(
-        Assignment.item_id == item_id, Assignment.status == "active",
-        Assignment.lease_expires_at > now)
+    q = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.item_id == item_id, Assignment.status == "active", Assignment.lease_expires_at > now)
+    )
     if exclude_user is not None:
         q = q.where(Assignment.user_id != exclude_user)
     return j + (s.scalar(q) or 0)
@@ -472,37 +532,55 @@ def _lease_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: float,
-               now: dt.datetime | None = None) -> Assignment | None:
+def claim_next(
+    S: sessionmaker[Session], user_id: int, k: int, lease_seconds: float, now: dt.datetime | None = None
+) -> Assignment | None:
     """The user's current unexpired lease, or a new lease on the first item with a free place
     (never an item the user judged or skipped); None when nothing is left for this user."""
     if k < 1:
         raise AlignforgeError(f"k must be >= 1, got {k}")
     with S.begin() as s:
         now = now or utcnow()
-        cur = s.scalar(select(Assignment).where(
-            Assignment.user_id == user_id, Assignment.status == "active",
-            Assignment.lease_expires_at > now).order_by(Assignment.id).limit(1))
+        cur = s.scalar(
+            select(Assignment)
+            .where(Assignment.user_id == user_id, Assignment.status == "active", Assignment.lease_expires_at > now)
+            .order_by(Assignment.id)
+            .limit(1)
+        )
         if cur is not None:
             if cur.submission_token is None:  # a lease from before migration 0002
                 cur.submission_token = _lease_token()
             return cur
-        jcount = select(func.count()).select_from(Judgment).where(
-            Judgment.item_id == Item.id).correlate(Item).scalar_subquery()
-        lcount = select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == Item.id, Assignment.status == "active",
-            Assignment.lease_expires_at > now).correlate(Item).scalar_subquery()
+        jcount = (
+            select(func.count())
+            .select_from(Judgment)
+            .where(Judgment.item_id == Item.id)
+            .correlate(Item)
+            .scalar_subquery()
+        )
+        lcount = (
+            select(func.count())
+            .select_from(Assignment)
+            .where(Assignment.item_id == Item.id, Assignment.status == "active", Assignment.lease_expires_at > now)
+            .correlate(Item)
+            .scalar_subquery()
+        )
         finished = select(Assignment.item_id).where(
-            Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped")))
+            Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped"))
+        )
         # Scan forward in id order. Under PostgreSQL's READ COMMITTED the candidate query reads
         # a snapshot, so concurrent claimers may fill a whole batch before we lock it: then
         # the next batch is read (a fresh snapshot), until no candidate is left.
         after = 0
         while True:
-            cands = list(s.scalars(
-                select(Item.id).where(Item.id > after, Item.id.not_in(finished),
-                                      or_(Item.is_gold, jcount + lcount < k))
-                .order_by(Item.id).limit(16)))
+            cands = list(
+                s.scalars(
+                    select(Item.id)
+                    .where(Item.id > after, Item.id.not_in(finished), or_(Item.is_gold, jcount + lcount < k))
+                    .order_by(Item.id)
+                    .limit(16)
+                )
+            )
             if not cands:
                 return None
             for item_id in cands:
@@ -510,8 +588,7 @@ def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: fl
                 item = _lock_item(s, item_id)
                 if item is None:
                     continue
-                mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                         Assignment.user_id == user_id))
+                mine = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user_id))
                 if mine is not None and mine.status != "active":
                     continue
                 if not item.is_gold and _places_taken(s, item_id, now, exclude_user=user_id) >= k:
@@ -521,9 +598,15 @@ def claim_next(S: sessionmaker[Session], user_id: int, k: int, lease_seconds: fl
                     mine.leased_at, mine.lease_expires_at = now, expires
                     mine.submission_token = mine.submission_token or _lease_token()
                     return mine
-                a = Assignment(item_id=item_id, user_id=user_id, swapped=bool(secrets.randbelow(2)),
-                               status="active", leased_at=now, lease_expires_at=expires,
-                               submission_token=_lease_token())
+                a = Assignment(
+                    item_id=item_id,
+                    user_id=user_id,
+                    swapped=bool(secrets.randbelow(2)),
+                    status="active",
+                    leased_at=now,
+                    lease_expires_at=expires,
+                    submission_token=_lease_token(),
+                )
                 s.add(a)
                 s.flush()
                 return a
@@ -587,8 +670,15 @@ def _canon(v: int | None, swapped: bool) -> int | None:
     return None if v is None else (-v if swapped else v)
 
 
-def submit(S: sessionmaker[Session], user_id: int, assignment_id: int, token: str,
-           form: JudgmentForm, k: int, now: dt.datetime | None = None) -> SubmitResult:
+def submit(
+    S: sessionmaker[Session],
+    user_id: int,
+    assignment_id: int,
+    token: str,
+    form: JudgmentForm,
+    k: int,
+    now: dt.datetime | None = None,
+) -> SubmitResult:
     """Record one judgment (idempotent on ``token``, which must be the one issued with the
     lease ``assignment_id``); see the module docstring."""
     if not token or len(token) > 64 or not all(c.isalnum() or c in "-_" for c in token):
@@ -605,8 +695,9 @@ def submit(S: sessionmaker[Session], user_id: int, assignment_id: int, token: st
             if a is None or a.user_id != user_id:
                 return SubmitResult("rejected", NOT_YOURS)
             if a.submission_token is None or not secrets.compare_digest(a.submission_token, token):
-                return SubmitResult("rejected", "invalid submission token: it was not issued for this "
-                                                "item; reload the page")
+                return SubmitResult(
+                    "rejected", "invalid submission token: it was not issued for this item; reload the page"
+                )
             item = _lock_item(s, a.item_id)
             prev = s.scalar(select(Judgment).where(Judgment.submission_token == token))
             if prev is not None:
@@ -614,25 +705,42 @@ def submit(S: sessionmaker[Session], user_id: int, assignment_id: int, token: st
                     return SubmitResult("rejected", "invalid submission token")
                 return SubmitResult("duplicate", "already recorded", prev.id, prev.late)
             s.refresh(a)
-            if a.status == "done" or s.scalar(select(Judgment.id).where(
-                    Judgment.item_id == a.item_id, Judgment.user_id == user_id)) is not None:
+            if (
+                a.status == "done"
+                or s.scalar(select(Judgment.id).where(Judgment.item_id == a.item_id, Judgment.user_id == user_id))
+                is not None
+            ):
                 return SubmitResult("rejected", "you already judged this item; the first judgment counts")
             if a.status == "skipped":
                 return SubmitResult("rejected", "you skipped this item; the judgment was not recorded")
             late = a.lease_expires_at <= now
-            if late and item is not None and not item.is_gold \
-                    and _places_taken(s, a.item_id, now, exclude_user=user_id) >= k:
+            if (
+                late
+                and item is not None
+                and not item.is_gold
+                and _places_taken(s, a.item_id, now, exclude_user=user_id) >= k
+            ):
                 return SubmitResult(
-                    "rejected", "your lease on this item expired and the item was given to another "
-                                "annotator; this judgment was not recorded")
+                    "rejected",
+                    "your lease on this item expired and the item was given to another "
+                    "annotator; this judgment was not recorded",
+                )
             shown = OVERALL_CHOICES[form.overall]
             j = Judgment(
-                submission_token=token, item_id=a.item_id, user_id=user_id, assignment_id=a.id,
-                overall=_canon(shown, a.swapped), both_bad=form.overall == "both_bad",
+                submission_token=token,
+                item_id=a.item_id,
+                user_id=user_id,
+                assignment_id=a.id,
+                overall=_canon(shown, a.swapped),
+                both_bad=form.overall == "both_bad",
                 shown_overall=form.overall,
-                prompt_quality=form.prompt_quality, comment=form.comment.strip() or None,
-                swapped=a.swapped, late=late, created_at=now,
-                **{c: _canon(CRITERION_CHOICES[getattr(form, c)], a.swapped) for c in CRITERIA})
+                prompt_quality=form.prompt_quality,
+                comment=form.comment.strip() or None,
+                swapped=a.swapped,
+                late=late,
+                created_at=now,
+                **{c: _canon(CRITERION_CHOICES[getattr(form, c)], a.swapped) for c in CRITERIA},
+            )
             s.add(j)
             a.status = "done"
             s.flush()
@@ -647,6 +755,7 @@ def submit(S: sessionmaker[Session], user_id: int, assignment_id: int, token: st
 
 
 # --------------------------------------------------------------------------- progress
+
 
 @dataclass
 class UserProgress:
@@ -672,18 +781,37 @@ def user_progress(S: sessionmaker[Session], user_id: int, k: int) -> dict:
     """What the annotator sees: judged count and how many items are still open to them."""
     now = utcnow()
     with S() as s:
-        judged = s.scalar(select(func.count()).select_from(Judgment)
-                          .where(Judgment.user_id == user_id)) or 0
+        judged = s.scalar(select(func.count()).select_from(Judgment).where(Judgment.user_id == user_id)) or 0
         finished = select(Assignment.item_id).where(
-            Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped")))
-        jcount = select(func.count()).select_from(Judgment).where(
-            Judgment.item_id == Item.id).correlate(Item).scalar_subquery()
-        lcount = select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == Item.id, Assignment.status == "active",
-            Assignment.lease_expires_at > now, Assignment.user_id != user_id
-        ).correlate(Item).scalar_subquery()
-        open_ = s.scalar(select(func.count()).select_from(Item).where(
-            Item.id.not_in(finished), or_(Item.is_gold, jcount + lcount < k))) or 0
+            Assignment.user_id == user_id, Assignment.status.in_(("done", "skipped"))
+        )
+        jcount = (
+            select(func.count())
+            .select_from(Judgment)
+            .where(Judgment.item_id == Item.id)
+            .correlate(Item)
+            .scalar_subquery()
+        )
+        lcount = (
+            select(func.count())
+            .select_from(Assignment)
+            .where(
+                Assignment.item_id == Item.id,
+                Assignment.status == "active",
+                Assignment.lease_expires_at > now,
+                Assignment.user_id != user_id,
+            )
+            .correlate(Item)
+            .scalar_subquery()
+        )
+        open_ = (
+            s.scalar(
+                select(func.count())
+                .select_from(Item)
+                .where(Item.id.not_in(finished), or_(Item.is_gold, jcount + lcount < k))
+            )
+            or 0
+        )
     return {"judged": judged, "open": open_}
 
 
@@ -692,16 +820,28 @@ def all_progress(S: sessionmaker[Session], k: int) -> dict:
         users = list(s.scalars(select(User).order_by(User.id)))
         rows = []
         for u in users:
-            js = list(s.execute(select(Judgment.overall, Judgment.both_bad, Judgment.late,
-                                       Item.is_gold, Item.gold_overall)
-                                .join(Item, Item.id == Judgment.item_id)
-                                .where(Judgment.user_id == u.id)))
-            skipped = s.scalar(select(func.count()).select_from(Assignment).where(
-                Assignment.user_id == u.id, Assignment.status == "skipped")) or 0
+            js = list(
+                s.execute(
+                    select(Judgment.overall, Judgment.both_bad, Judgment.late, Item.is_gold, Item.gold_overall)
+                    .join(Item, Item.id == Judgment.item_id)
+                    .where(Judgment.user_id == u.id)
+                )
+            )
+            skipped = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(Assignment)
+                    .where(Assignment.user_id == u.id, Assignment.status == "skipped")
+                )
+                or 0
+            )
             gold = [r for r in js if r.is_gold]
             correct = sum(1 for r in gold if not r.both_bad and _sign(r.overall) == _sign(r.gold_overall))
-            rows.append(UserProgress(u.username, u.role, u.active, len(js), skipped,
-                                     sum(1 for r in js if r.late), len(gold), correct))
+            rows.append(
+                UserProgress(
+                    u.username, u.role, u.active, len(js), skipped, sum(1 for r in js if r.late), len(gold), correct
+                )
+            )
         n_items = s.scalar(select(func.count()).select_from(Item).where(Item.is_gold.is_(False))) or 0
         n_gold = s.scalar(select(func.count()).select_from(Item).where(Item.is_gold.is_(True))) or 0
         per_item = dict(s.execute(select(Judgment.item_id, func.count()).group_by(Judgment.item_id)).all())
@@ -709,21 +849,39 @@ def all_progress(S: sessionmaker[Session], k: int) -> dict:
         complete = sum(1 for i, n in per_item.items() if i not in gold_ids and n >= k)
         n_judgments = sum(per_item.values())
         n_gold_judgments = sum(n for i, n in per_item.items() if i in gold_ids)
-        active = s.scalar(select(func.count()).select_from(Assignment).where(
-            Assignment.status == "active", Assignment.lease_expires_at > utcnow())) or 0
+        active = (
+            s.scalar(
+                select(func.count())
+                .select_from(Assignment)
+                .where(Assignment.status == "active", Assignment.lease_expires_at > utcnow())
+            )
+            or 0
+        )
     # ``target_judgments`` (items x k) counts non-gold items only, so it is compared with
     # ``item_judgments``; gold items go to everyone and are counted apart
-    return {"users": rows, "items": n_items, "gold_items": n_gold, "complete_items": complete,
-            "judgments": n_judgments, "item_judgments": n_judgments - n_gold_judgments,
-            "gold_judgments": n_gold_judgments, "active_leases": active, "k": k,
-            "target_judgments": n_items * k}
+    return {
+        "users": rows,
+        "items": n_items,
+        "gold_items": n_gold,
+        "complete_items": complete,
+        "judgments": n_judgments,
+        "item_judgments": n_judgments - n_gold_judgments,
+        "gold_judgments": n_gold_judgments,
+        "active_leases": active,
+        "k": k,
+        "target_judgments": n_items * k,
+    }
 
 
 def judged_rows(S: sessionmaker[Session]) -> list[dict]:
     """Every judgment joined with its item and annotator (admin/export use only)."""
     with S() as s:
-        q = (select(Judgment, Item, User.username).join(Item, Item.id == Judgment.item_id)
-             .join(User, User.id == Judgment.user_id).order_by(Judgment.id))
+        q = (
+            select(Judgment, Item, User.username)
+            .join(Item, Item.id == Judgment.item_id)
+            .join(User, User.id == Judgment.user_id)
+            .order_by(Judgment.id)
+        )
         out = []
         for j, it, name in s.execute(q):
             out.append({"judgment": j, "item": it, "annotator": name})

@@ -35,17 +35,24 @@ class BalanceReport:
     n_after: int = 0
 
     def summary(self) -> str:
-        lines = [f"length balancing: {self.n_before} -> {self.n_after} pairs "
-                 f"({self.equal_length} of equal length kept)",
-                 "  |len diff|     longer-won  shorter-won   ->  longer-won  shorter-won"]
+        lines = [
+            f"length balancing: {self.n_before} -> {self.n_after} pairs ({self.equal_length} of equal length kept)",
+            "  |len diff|     longer-won  shorter-won   ->  longer-won  shorter-won",
+        ]
         for b in self.buckets:
-            lines.append(f"  {b.label:>11}  {b.longer_won_before:>11}  {b.shorter_won_before:>11}   ->  "
-                         f"{b.longer_won_after:>10}  {b.shorter_won_after:>11}")
+            lines.append(
+                f"  {b.label:>11}  {b.longer_won_before:>11}  {b.shorter_won_before:>11}   ->  "
+                f"{b.longer_won_after:>10}  {b.shorter_won_after:>11}"
+            )
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"n_before": self.n_before, "n_after": self.n_after, "equal_length": self.equal_length,
-                "buckets": [vars(b) for b in self.buckets]}
+        return {
+            "n_before": self.n_before,
+            "n_after": self.n_after,
+            "equal_length": self.equal_length,
+            "buckets": [vars(b) for b in self.buckets],
+        }
 
 
 def bucket_labels(edges: Sequence[int]) -> list[str]:
@@ -65,8 +72,9 @@ def bucket_index(absdiff: int, edges: Sequence[int]) -> int:
     raise ValueError("equal lengths have no bucket")
 
 
-def balance_by_length(lengths: Sequence[tuple[int, int]], edges: Sequence[int] = DEFAULT_EDGES, seed: int = 0
-                      ) -> tuple[list[int], BalanceReport]:
+def balance_by_length(
+    lengths: Sequence[tuple[int, int]], edges: Sequence[int] = DEFAULT_EDGES, seed: int = 0
+) -> tuple[list[int], BalanceReport]:
     """Choose which pairs to keep.
 
     Args:
@@ -79,7 +87,7 @@ def balance_by_length(lengths: Sequence[tuple[int, int]], edges: Sequence[int] =
         ``(kept_indices, report)``; indices are sorted, so the original order is preserved.
     """
     edges = list(edges)
-    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise ValueError(f"bucket edges must start at 0 and increase: {edges}")
     labels = bucket_labels(edges)
     longer = [[] for _ in edges]

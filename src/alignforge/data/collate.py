@@ -12,8 +12,13 @@ from typing import Literal, Mapping, Sequence
 import torch
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, side: Literal["right", "left"] = "right",
-              masks: Mapping[str, Sequence[Sequence[int | bool]]] | None = None) -> dict[str, torch.Tensor]:
+def pad_batch(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    side: Literal["right", "left"] = "right",
+    masks: Mapping[str, Sequence[Sequence[int | bool]]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Pad ``rows`` of token ids to the longest one.
 
     Args:

@@ -28,11 +28,15 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Iterable
 
-from alignforge.errors import DataError
-from alignforge.data.readers import OnError, read_any, detect_kind, summarize_errors
+from alignforge.data.readers import OnError, detect_kind, read_any, summarize_errors
 from alignforge.data.records import (
-    Message, PointwiseRecord, PreferenceRecord, PromptRecord, SFTRecord,
+    Message,
+    PointwiseRecord,
+    PreferenceRecord,
+    PromptRecord,
+    SFTRecord,
 )
+from alignforge.errors import DataError
 
 TARGETS = ("preference", "pointwise", "sft", "prompt")
 
@@ -45,6 +49,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------- writing
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -64,8 +69,7 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     n = 0
     try:
         with os.fdopen(fd, "wb") as raw:
-            gz = gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) \
-                if out.name.endswith(".gz") else None
+            gz = gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) if out.name.endswith(".gz") else None
             sink: Any = gz if gz is not None else raw
             for rec in records:
                 sink.write(json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8"))
@@ -97,28 +101,38 @@ def record_to_trl(record: Any) -> dict:
     is written conversationally (a plain string could not hold it).
     """
     if isinstance(record, PreferenceRecord):
-        std = (not record.conversational and _single(record.prompt, "user")
-               and _single(record.chosen, "assistant") and _single(record.rejected, "assistant"))
-        d: dict = ({"prompt": record.prompt[0]["content"], "chosen": record.chosen[0]["content"],
-                    "rejected": record.rejected[0]["content"]} if std else
-                   {"prompt": _copy(record.prompt), "chosen": _copy(record.chosen),
-                    "rejected": _copy(record.rejected)})
+        std = (
+            not record.conversational
+            and _single(record.prompt, "user")
+            and _single(record.chosen, "assistant")
+            and _single(record.rejected, "assistant")
+        )
+        d: dict = (
+            {
+                "prompt": record.prompt[0]["content"],
+                "chosen": record.chosen[0]["content"],
+                "rejected": record.rejected[0]["content"],
+            }
+            if std
+            else {"prompt": _copy(record.prompt), "chosen": _copy(record.chosen), "rejected": _copy(record.rejected)}
+        )
         if record.category is not None:
             d["category"] = record.category
         return d
     if isinstance(record, PointwiseRecord):
-        std = (not record.conversational and _single(record.prompt, "user")
-               and _single(record.completion, "assistant"))
-        d = ({"prompt": record.prompt[0]["content"], "completion": record.completion[0]["content"]}
-             if std else {"prompt": _copy(record.prompt), "completion": _copy(record.completion)})
+        std = not record.conversational and _single(record.prompt, "user") and _single(record.completion, "assistant")
+        d = (
+            {"prompt": record.prompt[0]["content"], "completion": record.completion[0]["content"]}
+            if std
+            else {"prompt": _copy(record.prompt), "completion": _copy(record.completion)}
+        )
         d["label"] = record.label if isinstance(record.label, bool) else float(record.label)
         if record.category is not None:
             d["category"] = record.category
         return d
     if isinstance(record, SFTRecord):
         m = record.messages
-        if (not record.conversational and len(m) == 2 and m[0]["role"] == "user"
-                and m[1]["role"] == "assistant"):
+        if not record.conversational and len(m) == 2 and m[0]["role"] == "user" and m[1]["role"] == "assistant":
             return {"prompt": m[0]["content"], "completion": m[1]["content"]}
         return {"messages": _copy(m)}
     if isinstance(record, PromptRecord):
@@ -133,6 +147,7 @@ def _copy(msgs: list[Message]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- conversions
+
 
 def is_positive(label: bool | float) -> bool:
     return label is True or (not isinstance(label, bool) and label == 1.0)
@@ -169,8 +184,11 @@ def pointwise_to_preference(recs: list[PointwiseRecord]) -> list[PreferenceRecor
         for p, n in product(pos, neg):
             if p.completion == n.completion:
                 continue
-            out.append(PreferenceRecord(p.prompt, p.completion, n.completion, p.category,
-                                        p.conversational and n.conversational, p.source))
+            out.append(
+                PreferenceRecord(
+                    p.prompt, p.completion, n.completion, p.category, p.conversational and n.conversational, p.source
+                )
+            )
     return out
 
 
@@ -179,8 +197,10 @@ def convert_records(records: list, from_kind: str, to: str) -> list:
     if to not in TARGETS:
         raise DataError(f"unknown target kind {to!r} (expected one of {', '.join(TARGETS)})")
     if to not in _ALLOWED[from_kind]:
-        why = {"sft": "an SFT demonstration has no rejected response or label",
-               "prompt": "a prompt has no response"}.get(from_kind, "")
+        why = {
+            "sft": "an SFT demonstration has no rejected response or label",
+            "prompt": "a prompt has no response",
+        }.get(from_kind, "")
         raise DataError(f"cannot convert {from_kind} data to {to}" + (f": {why}" if why else ""))
     if from_kind == to:
         return list(records)
@@ -192,8 +212,7 @@ def convert_records(records: list, from_kind: str, to: str) -> list:
         return [SFTRecord(r.prompt + r.chosen, r.conversational, r.source) for r in records]
     # pointwise
     if to == "sft":
-        return [SFTRecord(r.prompt + r.completion, r.conversational, r.source)
-                for r in records if is_positive(r.label)]
+        return [SFTRecord(r.prompt + r.completion, r.conversational, r.source) for r in records if is_positive(r.label)]
     return pointwise_to_preference(records)
 
 
@@ -213,15 +232,16 @@ class ConvertReport:
         return len(self.dropped)
 
     def summary(self) -> str:
-        s = (f"converted {self.in_path} ({self.from_kind}) -> {self.out_path} ({self.to_kind}): "
-             f"read {self.n_valid} of {self.n_in} records, wrote {self.n_out}")
+        s = (
+            f"converted {self.in_path} ({self.from_kind}) -> {self.out_path} ({self.to_kind}): "
+            f"read {self.n_valid} of {self.n_in} records, wrote {self.n_out}"
+        )
         if self.dropped:
             s += f"; dropped {self.n_dropped}: {summarize_errors(self.dropped)}"
         return s
 
 
-def convert_file(in_path: str | Path, out_path: str | Path, to: str,
-                 on_error: OnError = "raise") -> ConvertReport:
+def convert_file(in_path: str | Path, out_path: str | Path, to: str, on_error: OnError = "raise") -> ConvertReport:
     """Read ``in_path`` (kind auto-detected), convert to ``to`` and write ``out_path``.
 
     Nothing is written if reading (with ``on_error="raise"``) or converting fails.
@@ -235,5 +255,6 @@ def convert_file(in_path: str | Path, out_path: str | Path, to: str,
     except DataError as e:
         raise DataError(e.reason, file=str(in_path)) from None
     n = write_jsonl((record_to_trl(r) for r in out), out_path)
-    return ConvertReport(str(in_path), str(out_path), from_kind, to, res.n_total,
-                         len(res.records), n, list(res.dropped))
+    return ConvertReport(
+        str(in_path), str(out_path), from_kind, to, res.n_total, len(res.records), n, list(res.dropped)
+    )

@@ -32,10 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Union
 
-from alignforge.errors import DataError
 from alignforge.data.records import (
-    Message, PointwiseRecord, PreferenceRecord, PromptRecord, SFTRecord, Source,
+    Message,
+    PointwiseRecord,
+    PreferenceRecord,
+    PromptRecord,
+    SFTRecord,
+    Source,
 )
+from alignforge.errors import DataError
 
 OnError = Literal["raise", "skip"]
 Kind = Literal["preference", "pointwise", "sft", "prompt"]
@@ -48,6 +53,7 @@ _HH_SPLIT = re.compile(r"\n\n(Human|Assistant):")
 
 # --------------------------------------------------------------------------- containers
 
+
 def _is_hf_dir(p: Path) -> bool:
     return any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
@@ -56,6 +62,7 @@ def _iter_hf_dir(p: Path) -> Iterator[tuple[int, Any]]:
     fname = str(p)
     try:
         import datasets  # lazy: heavy import
+
         ds = datasets.load_from_disk(fname)
     except Exception as e:  # noqa: BLE001 - any loader failure is a data problem
         raise DataError(f"cannot load datasets directory: {type(e).__name__}: {e}", file=fname) from e
@@ -96,8 +103,11 @@ def iter_entries(path: str | Path) -> Iterator[tuple[int, Any]]:
         raise DataError("file not found", file=fname)
     if p.is_dir():
         if not _is_hf_dir(p):
-            raise DataError("is a directory but not a Hugging Face datasets directory "
-                            "(no dataset_info.json / state.json / dataset_dict.json)", file=fname)
+            raise DataError(
+                "is a directory but not a Hugging Face datasets directory "
+                "(no dataset_info.json / state.json / dataset_dict.json)",
+                file=fname,
+            )
         yield from _iter_hf_dir(p)
         return
     raw = _open_bytes(p)
@@ -151,6 +161,7 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 # --------------------------------------------------------------------------- validation helpers
+
 
 def _tname(v: Any) -> str:
     if v is None:
@@ -224,8 +235,9 @@ def check_prompt(msgs: list[Message], fld: str, ctx: Ctx) -> None:
     if not msgs or all(not m["content"].strip() for m in msgs):
         raise ctx.err(fld, "empty prompt")
     if msgs[-1]["role"] != "user":
-        raise ctx.err(f"{fld}[{len(msgs) - 1}].role",
-                      f"prompt does not end on a user turn: last role is {msgs[-1]['role']!r}")
+        raise ctx.err(
+            f"{fld}[{len(msgs) - 1}].role", f"prompt does not end on a user turn: last role is {msgs[-1]['role']!r}"
+        )
 
 
 def check_response(msgs: list[Message], fld: str, ctx: Ctx) -> None:
@@ -235,8 +247,7 @@ def check_response(msgs: list[Message], fld: str, ctx: Ctx) -> None:
         raise ctx.err(fld, "empty response: no messages")
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
-            raise ctx.err(f"{fld}[{i}].role",
-                          f"non-assistant message in response: role {m['role']!r}")
+            raise ctx.err(f"{fld}[{i}].role", f"non-assistant message in response: role {m['role']!r}")
         if not m["content"].strip() and not ctx.lenient:
             raise ctx.err(fld if len(msgs) == 1 else f"{fld}[{i}].content", "empty response")
 
@@ -273,6 +284,7 @@ def _label(v: Any, ctx: Ctx) -> Union[bool, float]:
 
 # --------------------------------------------------------------------------- HH / conversation splitting
 
+
 def is_hh_string(v: Any) -> bool:
     """True for a raw Anthropic HH-RLHF transcript (starts with ``"\\n\\nHuman:"``)."""
     return isinstance(v, str) and v.startswith(HH_PREFIX)
@@ -287,7 +299,7 @@ def parse_hh(text: str) -> list[Message]:
     parts = _HH_SPLIT.split(text)
     # parts: [before, marker, text, marker, text, ...]; `before` is "" for a proper transcript
     msgs: list[Message] = []
-    for marker, content in zip(parts[1::2], parts[2::2]):
+    for marker, content in zip(parts[1::2], parts[2::2], strict=False):
         if content.startswith(" "):
             content = content[1:]
         msgs.append({"role": "user" if marker == "Human" else "assistant", "content": content})
@@ -299,26 +311,27 @@ def _split_last_response(msgs: list[Message], fld: str, ctx: Ctx) -> tuple[list[
     if not msgs:
         raise ctx.err(fld, "empty conversation")
     if msgs[-1]["role"] != "assistant":
-        raise ctx.err(fld, f"empty response: conversation ends on a {msgs[-1]['role']!r} turn, "
-                           "not an assistant turn")
+        raise ctx.err(fld, f"empty response: conversation ends on a {msgs[-1]['role']!r} turn, not an assistant turn")
     return msgs[:-1], msgs[-1:]
 
 
-def _split_pair(chosen: list[Message], rejected: list[Message], ctx: Ctx
-                ) -> tuple[list[Message], list[Message], list[Message]]:
+def _split_pair(
+    chosen: list[Message], rejected: list[Message], ctx: Ctx
+) -> tuple[list[Message], list[Message], list[Message]]:
     """Implicit prompt: the common turns before the final assistant turns must be identical."""
     pc, rc = _split_last_response(chosen, "chosen", ctx)
     pr, rr = _split_last_response(rejected, "rejected", ctx)
     if pc != pr:
-        k = next((i for i, (a, b) in enumerate(zip(pc, pr)) if a != b), min(len(pc), len(pr)))
-        raise ctx.err(f"rejected[{k}]",
-                      f"prompt mismatch: chosen and rejected differ before the last assistant turn "
-                      f"(turn {k}; {len(pc)} vs {len(pr)} prompt turns)")
+        k = next((i for i, (a, b) in enumerate(zip(pc, pr, strict=False)) if a != b), min(len(pc), len(pr)))
+        raise ctx.err(
+            f"rejected[{k}]",
+            f"prompt mismatch: chosen and rejected differ before the last assistant turn "
+            f"(turn {k}; {len(pc)} vs {len(pr)} prompt turns)",
+        )
     return pc, rc, rr
 
 
-def _split_hh_pair(chosen: str, rejected: str, ctx: Ctx
-                   ) -> tuple[list[Message], list[Message], list[Message]]:
+def _split_hh_pair(chosen: str, rejected: str, ctx: Ctx) -> tuple[list[Message], list[Message], list[Message]]:
     """Raw HH pair -> (prompt, chosen, rejected), by the convention of Anthropic's and TRL's loaders.
 
     The prompt is the common prefix of the two transcripts, cut at its last ``"\n\nAssistant:"``;
@@ -330,12 +343,11 @@ def _split_hh_pair(chosen: str, rejected: str, ctx: Ctx
     common = os.path.commonprefix([chosen, rejected])
     cut = common.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise ctx.err("rejected", "prompt mismatch: chosen and rejected share no prompt up to an "
-                                  "'\n\nAssistant:' turn")
+        raise ctx.err("rejected", "prompt mismatch: chosen and rejected share no prompt up to an '\n\nAssistant:' turn")
     prompt = parse_hh(chosen[:cut])
     outs = []
     for text in (chosen, rejected):
-        resp = text[cut + len(HH_ASSISTANT):]
+        resp = text[cut + len(HH_ASSISTANT) :]
         outs.append(_as_assistant(resp[1:] if resp.startswith(" ") else resp))
     return prompt, outs[0], outs[1]
 
@@ -367,8 +379,7 @@ def _prompt_value(v: Any, ctx: Ctx, fld: str = "prompt") -> tuple[list[Message],
     raise ctx.err(fld, f"wrong type: expected a string or a list of messages, got {_tname(v)}")
 
 
-def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: bool, ctx: Ctx
-                    ) -> list[Message]:
+def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: bool, ctx: Ctx) -> list[Message]:
     if standard_prompt:
         s = _string(v, fld, ctx) if not isinstance(v, list) else None
         if s is None:
@@ -385,6 +396,7 @@ def _response_value(v: Any, fld: str, conversational: bool, standard_prompt: boo
 
 
 # --------------------------------------------------------------------------- record parsers
+
 
 def parse_preference(obj: dict, ctx: Ctx) -> PreferenceRecord:
     """Validate one preference object (any supported form)."""
@@ -413,8 +425,7 @@ def parse_preference(obj: dict, ctx: Ctx) -> PreferenceRecord:
             cm, rm = _messages(c, "chosen", ctx), _messages(r, "rejected", ctx)
         else:
             bad = "rejected" if isinstance(c, (str, list)) else "chosen"
-            raise ctx.err(bad, f"wrong type: expected a list of messages or an HH string, "
-                               f"got {_tname(obj[bad])}")
+            raise ctx.err(bad, f"wrong type: expected a list of messages or an HH string, got {_tname(obj[bad])}")
         prompt, chosen, rejected = _split_pair(cm, rm, ctx)
         check_prompt(prompt, "prompt", ctx)
         check_response(chosen, "chosen", ctx)
@@ -474,8 +485,10 @@ def _check_sft_messages(msgs: list[Message], ctx: Ctx) -> None:
     if not any(m["role"] == "assistant" for m in msgs):
         raise ctx.err("messages", "no assistant turn: nothing to train on")
     if msgs[-1]["role"] != "assistant":
-        raise ctx.err(f"messages[{len(msgs) - 1}].role",
-                      f"conversation does not end on an assistant turn: last role is {msgs[-1]['role']!r}")
+        raise ctx.err(
+            f"messages[{len(msgs) - 1}].role",
+            f"conversation does not end on an assistant turn: last role is {msgs[-1]['role']!r}",
+        )
     if not msgs[-1]["content"].strip():
         raise ctx.err(f"messages[{len(msgs) - 1}].content", "empty response")
 
@@ -519,12 +532,15 @@ def parse_prompt(obj: dict, ctx: Ctx) -> PromptRecord:
 
 
 _PARSERS: dict[str, Callable[[dict, Ctx], Any]] = {
-    "preference": parse_preference, "pointwise": parse_pointwise,
-    "sft": parse_sft, "prompt": parse_prompt,
+    "preference": parse_preference,
+    "pointwise": parse_pointwise,
+    "sft": parse_sft,
+    "prompt": parse_prompt,
 }
 
 
 # --------------------------------------------------------------------------- results
+
 
 def reason_kind(err: DataError) -> str:
     """The grouping key of an error's reason (the part before the first ``':'``)."""
@@ -613,8 +629,9 @@ def read_unlabeled(path: str | Path) -> Iterator[tuple[int, dict, list[Message],
         yield line, obj, prompt, completion
 
 
-def read_any(path: str | Path, kind: str | None = None, on_error: OnError = "raise",
-             lenient: bool = False) -> ReadResult:
+def read_any(
+    path: str | Path, kind: str | None = None, on_error: OnError = "raise", lenient: bool = False
+) -> ReadResult:
     """Read ``path`` as ``kind`` (one of :data:`KINDS`; ``None`` = :func:`detect_kind`).
 
     ``lenient=True`` (for describing data, e.g. ``data stats``) accepts empty responses and
@@ -659,8 +676,12 @@ def detect_kind(path: str | Path) -> str:
             k = kind_of_object(v)
             if k is not None:
                 return k
-            bad = DataError(f"no prompt/chosen/rejected/completion/label/messages field "
-                            f"(keys: {', '.join(map(repr, list(v)[:8])) or 'none'})", file=fname, line=idx)
+            bad = DataError(
+                f"no prompt/chosen/rejected/completion/label/messages field "
+                f"(keys: {', '.join(map(repr, list(v)[:8])) or 'none'})",
+                file=fname,
+                line=idx,
+            )
         elif isinstance(v, DataError):
             bad = v
         else:
@@ -668,6 +689,9 @@ def detect_kind(path: str | Path) -> str:
         first_bad = first_bad or bad
     if first_bad is None:
         raise DataError("cannot detect the data kind: the file has no records", file=fname)
-    raise DataError(f"cannot detect the data kind: none of the {n} record(s) is recognisable; "
-                    f"first bad record: {first_bad.reason}",
-                    file=fname, line=first_bad.line, field=first_bad.field)
+    raise DataError(
+        f"cannot detect the data kind: none of the {n} record(s) is recognisable; first bad record: {first_bad.reason}",
+        file=fname,
+        line=first_bad.line,
+        field=first_bad.field,
+    )

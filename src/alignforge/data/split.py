@@ -39,13 +39,21 @@ class SplitReport:
     seed: int
 
     def summary(self) -> str:
-        s = (f"{self.in_path}: {self.n_read} {self.kind} records -> {self.n_train} train + "
-             f"{self.n_heldout} held out (seed {self.seed})")
+        s = (
+            f"{self.in_path}: {self.n_read} {self.kind} records -> {self.n_train} train + "
+            f"{self.n_heldout} held out (seed {self.seed})"
+        )
         return s + (f"; {self.n_dropped} unreadable records skipped" if self.n_dropped else "")
 
 
-def split_file(in_path: str | Path, train_out: str | Path, heldout_out: str | Path, k: int = 300,
-               seed: int = 0, kind: str | None = None) -> SplitReport:
+def split_file(
+    in_path: str | Path,
+    train_out: str | Path,
+    heldout_out: str | Path,
+    k: int = 300,
+    seed: int = 0,
+    kind: str | None = None,
+) -> SplitReport:
     """Split a data file (any format the readers accept) into train and held-out JSONL files.
 
     ``kind`` (``preference``, ``pointwise``, ``sft``, ``prompt``) defaults to the detected kind.
@@ -65,8 +73,15 @@ def split_file(in_path: str | Path, train_out: str | Path, heldout_out: str | Pa
     return SplitReport(str(in_path), kind, len(recs), len(res.dropped), len(train), len(held), seed)
 
 
-def experiment_split(in_path: str | Path, out_dir: str | Path, heldout: int = 300, split_seed: int = 0,
-                     n_train: int = 0, seed: int = 42, echo=print) -> tuple["SplitReport", int]:
+def experiment_split(
+    in_path: str | Path,
+    out_dir: str | Path,
+    heldout: int = 300,
+    split_seed: int = 0,
+    n_train: int = 0,
+    seed: int = 42,
+    echo=print,
+) -> tuple["SplitReport", int]:
     """The held-out protocol the RM and DPO/ULMA experiments share.
 
     Splits ``in_path`` (preference pairs) into a training pool and ``heldout`` pairs (seed
@@ -78,8 +93,9 @@ def experiment_split(in_path: str | Path, out_dir: str | Path, heldout: int = 30
     from alignforge.data.readers import read_preference
 
     data = Path(out_dir)
-    rep = split_file(in_path, data / "train_pool.jsonl", data / "heldout.jsonl", k=heldout, seed=split_seed,
-                     kind="preference")
+    rep = split_file(
+        in_path, data / "train_pool.jsonl", data / "heldout.jsonl", k=heldout, seed=split_seed, kind="preference"
+    )
     echo(rep.summary())
     pool = read_preference(data / "train_pool.jsonl").records
     n = len(pool) if n_train <= 0 else min(n_train, len(pool))

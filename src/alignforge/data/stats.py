@@ -32,7 +32,7 @@ GROUPS = ("single_turn", "multi_turn", "all")
 
 def _bins() -> list[tuple[int | None, int | None]]:
     edges: list[int | None] = [None, *DIFF_EDGES, None]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=False))
 
 
 def _bin_label(lo: int | None, hi: int | None) -> str:
@@ -135,19 +135,24 @@ def compute_stats(path: str | Path, tokenizer: Any, kind: str | None = None) -> 
         it = {"turns": turns, "history": tc(hist), "prompt": tc(last)}
         it.update({k: tc(v) for k, v in parts.items()})
         items.append(it)
-    fields = {"preference": ("history", "prompt", "chosen", "rejected"),
-              "prompt": ("history", "prompt")}.get(kind, ("history", "prompt", "response"))
+    fields = {"preference": ("history", "prompt", "chosen", "rejected"), "prompt": ("history", "prompt")}.get(
+        kind, ("history", "prompt", "response")
+    )
     stats: dict[str, Any] = {
-        "path": str(path), "kind": kind,
+        "path": str(path),
+        "kind": kind,
         "token_unit": "words" if tokenizer is None else "tokens",
-        "records": res.n_total, "valid": len(res.records), "dropped": len(res.dropped),
+        "records": res.n_total,
+        "valid": len(res.records),
+        "dropped": len(res.dropped),
         "dropped_reasons": dict(Counter(reason_kind(e) for e in res.dropped).most_common()),
         "first_dropped": str(res.dropped[0]) if res.dropped else None,
     }
     if kind == "preference":
         stats["pairs"] = len(res.records)
         stats["empty_response_pairs"] = sum(
-            1 for r in res.records if any(not m["content"].strip() for m in r.chosen + r.rejected))
+            1 for r in res.records if any(not m["content"].strip() for m in r.chosen + r.rejected)
+        )
         stats["identical_pairs"] = sum(1 for r in res.records if r.chosen == r.rejected)
     stats["rows"] = _rows(items, fields)
     if kind == "preference":
@@ -155,8 +160,7 @@ def compute_stats(path: str | Path, tokenizer: Any, kind: str | None = None) -> 
         unequal = [d for d in diffs if d != 0]
         stats["length_diff_histogram"] = diff_histogram(diffs)
         stats["equal_length_pairs"] = len(diffs) - len(unequal)
-        stats["longer_chosen_share"] = (round(sum(d > 0 for d in unequal) / len(unequal), 4)
-                                        if unequal else None)
+        stats["longer_chosen_share"] = round(sum(d > 0 for d in unequal) / len(unequal), 4) if unequal else None
     if kind == "pointwise":
         labels = [r.label for r in res.records]
         pos = sum(1 for x in labels if x is True or (not isinstance(x, bool) and x == 1.0))
@@ -176,12 +180,16 @@ def _fmt(x: Any) -> str:
 def format_stats(stats: dict) -> str:
     """A plain-text table of :func:`compute_stats` output."""
     unit = stats.get("token_unit", "tokens")
-    lines = [f"{stats['path']}  ({stats['kind']})",
-             f"records: {stats['records']}  valid: {stats['valid']}  dropped: {stats['dropped']}"
-             + (f"  pairs: {stats['pairs']}" if "pairs" in stats else "")]
+    lines = [
+        f"{stats['path']}  ({stats['kind']})",
+        f"records: {stats['records']}  valid: {stats['valid']}  dropped: {stats['dropped']}"
+        + (f"  pairs: {stats['pairs']}" if "pairs" in stats else ""),
+    ]
     if stats.get("empty_response_pairs") or stats.get("identical_pairs"):
-        lines.append(f"pairs that training would reject: {stats['empty_response_pairs']} with an empty response, "
-                     f"{stats['identical_pairs']} with chosen identical to rejected")
+        lines.append(
+            f"pairs that training would reject: {stats['empty_response_pairs']} with an empty response, "
+            f"{stats['identical_pairs']} with chosen identical to rejected"
+        )
     if stats.get("dropped_reasons"):
         lines.append("dropped: " + ", ".join(f"{n}× {k}" for k, n in stats["dropped_reasons"].items()))
         if stats.get("first_dropped"):
@@ -193,7 +201,9 @@ def format_stats(stats: dict) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(heads))]
     lines.append(f"average lengths in {unit}:")
     for r in table:
-        lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+        )
     if "length_diff_histogram" in stats:
         h = stats["length_diff_histogram"]
         top = max((b["count"] for b in h), default=0) or 1
@@ -203,8 +213,10 @@ def format_stats(stats: dict) -> str:
             bar = "#" * round(40 * b["count"] / top)
             lines.append(f"  {b['label'].rjust(lw)} | {str(b['count']).rjust(6)} {bar}")
         share = stats["longer_chosen_share"]
-        lines.append(f"longer response chosen: {'-' if share is None else f'{100 * share:.1f}%'} "
-                     f"of unequal-length pairs; equal-length pairs: {stats['equal_length_pairs']}")
+        lines.append(
+            f"longer response chosen: {'-' if share is None else f'{100 * share:.1f}%'} "
+            f"of unequal-length pairs; equal-length pairs: {stats['equal_length_pairs']}"
+        )
     if "labels" in stats:
         lb = stats["labels"]
         lines.append(f"labels: {lb['positive']} positive, {lb['negative']} negative, {lb['other']} other")

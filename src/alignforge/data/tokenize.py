@@ -61,11 +61,18 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from alignforge.errors import ConfigError, DataError, ModelError
 from alignforge.data.readers import OnError, read_preference, read_sft, summarize_errors
 from alignforge.data.records import (
-    Message, PointwiseRecord, PreferenceRecord, SFTRecord, Source, TokenizedPair, TokenizedPointwise, TokenizedSFT,
+    Message,
+    PointwiseRecord,
+    PreferenceRecord,
+    SFTRecord,
+    Source,
+    TokenizedPair,
+    TokenizedPointwise,
+    TokenizedSFT,
 )
+from alignforge.errors import ConfigError, DataError, ModelError
 
 Overlong = Literal["truncate", "drop", "truncate_prompt"]
 OVERLONG: tuple[str, ...] = ("truncate", "drop", "truncate_prompt")
@@ -78,10 +85,12 @@ class Cut(IntEnum):
     PROMPT = 1  # only the prompt lost tokens (from the left)
     RESPONSE = 2  # a response lost tokens, or would have (the example was then dropped)
 
+
 _BOS_CACHE: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -109,8 +118,7 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
     if not has_chat_template(tokenizer):
         return _render_plain(tokenizer, msgs, add_generation_prompt)
     try:
-        out = tokenizer.apply_chat_template(msgs, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
+        out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - jinja raise_exception() etc.
         raise DataError(f"chat template failed: {type(e).__name__}: {e}") from e
     if isinstance(out, list):  # some versions return a batch
@@ -119,6 +127,7 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
 
 
 # --------------------------------------------------------------------------- encoding
+
 
 def auto_bos_id(tokenizer: Any) -> int | None:
     """The BOS id the tokenizer adds by itself on ``tokenizer("x")``, else ``None``."""
@@ -138,8 +147,7 @@ def auto_bos_id(tokenizer: Any) -> int | None:
     return res
 
 
-def _encode(tokenizer: Any, text: str, offsets: bool = False
-            ) -> tuple[list[int], list[tuple[int, int]] | None]:
+def _encode(tokenizer: Any, text: str, offsets: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
     except NotImplementedError as e:
@@ -156,9 +164,14 @@ def _encode(tokenizer: Any, text: str, offsets: bool = False
 
 def _not_prefix(where: str, src: Source | None) -> DataError:
     s = src or Source()
-    return DataError("chat template is not prefix-consistent: the rendering of a conversation "
-                     f"does not start with the rendering of {where}; assistant tokens cannot be "
-                     "located", file=s.file, line=s.line, field="messages")
+    return DataError(
+        "chat template is not prefix-consistent: the rendering of a conversation "
+        f"does not start with the rendering of {where}; assistant tokens cannot be "
+        "located",
+        file=s.file,
+        line=s.line,
+        field="messages",
+    )
 
 
 def _with_source(e: DataError, src: Source | None) -> DataError:
@@ -167,8 +180,9 @@ def _with_source(e: DataError, src: Source | None) -> DataError:
     return DataError(e.reason, file=src.file, line=src.line, field=e.field or "messages")
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[Message], source: Source | None = None
-                    ) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[Message], source: Source | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """``(full_text, [(start, end) character span of each assistant message])``."""
     msgs = list(messages)
     try:
@@ -178,20 +192,21 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Message], source: Source 
             if m["role"] != "assistant":
                 continue
             prefix = render(tokenizer, msgs[:i], add_generation_prompt=True)
-            upto = render(tokenizer, msgs[:i + 1])
+            upto = render(tokenizer, msgs[: i + 1])
             if not upto.startswith(prefix):
                 raise _not_prefix(f"the turns before assistant message {i} plus the generation prompt", source)
             if not full.startswith(upto):
                 raise _not_prefix(f"its first {i + 1} messages", source)
-            tail = upto[len(prefix):].rstrip()
+            tail = upto[len(prefix) :].rstrip()
             spans.append((len(prefix), len(prefix) + len(tail)))
     except DataError as e:
         raise _with_source(e, source) from None
     return full, spans
 
 
-def tokenize_messages(tokenizer: Any, messages: Sequence[Message], source: Source | None = None
-                      ) -> tuple[list[int], list[int], int]:
+def tokenize_messages(
+    tokenizer: Any, messages: Sequence[Message], source: Source | None = None
+) -> tuple[list[int], list[int], int]:
     """Tokenize a conversation -> ``(input_ids, loss_mask, last_response_start)``.
 
     ``last_response_start`` is the index of the first token of the last assistant message
@@ -213,8 +228,7 @@ def tokenize_messages(tokenizer: Any, messages: Sequence[Message], source: Sourc
     return ids, mask, last_start
 
 
-def _prompt_text_ids(tokenizer: Any, prompt: Sequence[Message], source: Source | None
-                     ) -> tuple[str, list[int]]:
+def _prompt_text_ids(tokenizer: Any, prompt: Sequence[Message], source: Source | None) -> tuple[str, list[int]]:
     try:
         p_text = render(tokenizer, prompt, add_generation_prompt=True)
     except DataError as e:
@@ -222,22 +236,33 @@ def _prompt_text_ids(tokenizer: Any, prompt: Sequence[Message], source: Source |
     return p_text, _encode(tokenizer, p_text)[0]
 
 
-def _completion_ids(tokenizer: Any, prompt: Sequence[Message], p_text: str, p_ids: list[int],
-                    completion: Sequence[Message], source: Source | None, fld: str,
-                    full_render: bool = False) -> list[int]:
+def _completion_ids(
+    tokenizer: Any,
+    prompt: Sequence[Message],
+    p_text: str,
+    p_ids: list[int],
+    completion: Sequence[Message],
+    source: Source | None,
+    fld: str,
+    full_render: bool = False,
+) -> list[int]:
     try:
         full = render(tokenizer, list(prompt) + list(completion))
     except DataError as e:
         raise _with_source(e, source) from None
     if not full.startswith(p_text):
         s = source or Source()
-        raise DataError("chat template is not prefix-consistent: rendering prompt + response does "
-                        "not start with the rendered prompt (with generation prompt)",
-                        file=s.file, line=s.line, field=fld)
-    c_text = full[len(p_text):] if full_render else full[len(p_text):].rstrip()
+        raise DataError(
+            "chat template is not prefix-consistent: rendering prompt + response does "
+            "not start with the rendered prompt (with generation prompt)",
+            file=s.file,
+            line=s.line,
+            field=fld,
+        )
+    c_text = full[len(p_text) :] if full_render else full[len(p_text) :].rstrip()
     joint, _ = _encode(tokenizer, p_text + c_text)
-    if joint[:len(p_ids)] == p_ids:
-        return joint[len(p_ids):]
+    if joint[: len(p_ids)] == p_ids:
+        return joint[len(p_ids) :]
     return list(tokenizer(c_text, add_special_tokens=False)["input_ids"])
 
 
@@ -246,18 +271,24 @@ def tokenize_prompt(prompt_msgs: Sequence[Message], tokenizer: Any, source: Sour
     return _prompt_text_ids(tokenizer, prompt_msgs, source)[1]
 
 
-def tokenize_prompt_completion(prompt_msgs: Sequence[Message], completion_msgs: Sequence[Message],
-                               tokenizer: Any, source: Source | None = None, full_render: bool = False
-                               ) -> tuple[list[int], list[int]]:
+def tokenize_prompt_completion(
+    prompt_msgs: Sequence[Message],
+    completion_msgs: Sequence[Message],
+    tokenizer: Any,
+    source: Source | None = None,
+    full_render: bool = False,
+) -> tuple[list[int], list[int]]:
     """``(prompt_ids, completion_ids)``: prompt with generation prompt; completion up to and
     including the end-of-turn token, or to the end of the rendering with ``full_render``
     (reward models; see module docstring)."""
     p_text, p_ids = _prompt_text_ids(tokenizer, prompt_msgs, source)
-    return p_ids, _completion_ids(tokenizer, prompt_msgs, p_text, p_ids, completion_msgs, source, "completion",
-                                  full_render)
+    return p_ids, _completion_ids(
+        tokenizer, prompt_msgs, p_text, p_ids, completion_msgs, source, "completion", full_render
+    )
 
 
 # --------------------------------------------------------------------------- truncation
+
 
 def starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
     """Whether ``ids`` start with the tokenizer's BOS (which truncation keeps)."""
@@ -272,8 +303,9 @@ def _check_args(max_length: int, overlong: str) -> None:
         raise ConfigError(f"overlong must be 'truncate', 'drop' or 'truncate_prompt', got {overlong!r}")
 
 
-def _fit(prompt: list, responses: list[list], max_length: int, max_prompt_length: int | None,
-         keep_first: bool, overlong: str) -> tuple[list, list[list], Cut, bool]:
+def _fit(
+    prompt: list, responses: list[list], max_length: int, max_prompt_length: int | None, keep_first: bool, overlong: str
+) -> tuple[list, list[list], Cut, bool]:
     """``(prompt, responses, cut, keep)`` by the truncation rule; ``keep=False``: drop the example."""
     if len(prompt) + max((len(r) for r in responses), default=0) <= max_length:
         return prompt, responses, Cut.NONE, True
@@ -283,9 +315,9 @@ def _fit(prompt: list, responses: list[list], max_length: int, max_prompt_length
     return p, rs, cut, keep
 
 
-def truncate_prompt_responses(prompt: list, responses: list[list], max_length: int,
-                              max_prompt_length: int | None = None, keep_first: bool = False
-                              ) -> tuple[list, list[list], bool]:
+def truncate_prompt_responses(
+    prompt: list, responses: list[list], max_length: int, max_prompt_length: int | None = None, keep_first: bool = False
+) -> tuple[list, list[list], bool]:
     """Apply the truncation rule (module docstring) -> ``(prompt, responses, truncated)``.
 
     ``keep_first``: keep the prompt's first element (a BOS) when cutting it from the left.
@@ -298,22 +330,28 @@ def truncate_prompt_responses(prompt: list, responses: list[list], max_length: i
     keep = max(max_length - max_resp, min_prompt)
     if len(prompt) > keep:
         if keep_first and prompt:
-            prompt = [prompt[0]] + (prompt[len(prompt) - (keep - 1):] if keep > 1 else [])
+            prompt = [prompt[0]] + (prompt[len(prompt) - (keep - 1) :] if keep > 1 else [])
         else:
-            prompt = prompt[len(prompt) - keep:]
+            prompt = prompt[len(prompt) - keep :]
     room = max_length - len(prompt)
     return prompt, [r[:room] for r in responses], True
 
 
-def tokenize_sft(record: SFTRecord, tokenizer: Any, max_length: int, overlong: Overlong = "truncate",
-                 max_prompt_length: int | None = None) -> tuple[TokenizedSFT | None, Cut]:
+def tokenize_sft(
+    record: SFTRecord,
+    tokenizer: Any,
+    max_length: int,
+    overlong: Overlong = "truncate",
+    max_prompt_length: int | None = None,
+) -> tuple[TokenizedSFT | None, Cut]:
     """Tokenize one SFT record -> ``(example, cut)`` (:class:`Cut`); ``example`` is ``None`` when
     it does not fit in ``max_length`` and ``overlong`` drops it."""
     _check_args(max_length, overlong)
     ids, mask, start = tokenize_messages(tokenizer, record.messages, record.source)
     idx = list(range(len(ids)))
-    p, (r,), cut, keep = _fit(idx[:start], [idx[start:]], max_length, max_prompt_length,
-                              starts_with_bos(tokenizer, ids), overlong)
+    p, (r,), cut, keep = _fit(
+        idx[:start], [idx[start:]], max_length, max_prompt_length, starts_with_bos(tokenizer, ids), overlong
+    )
     if not keep:
         return None, cut
     if not cut:
@@ -322,9 +360,14 @@ def tokenize_sft(record: SFTRecord, tokenizer: Any, max_length: int, overlong: O
     return TokenizedSFT([ids[i] for i in kept], [mask[i] for i in kept], record.source), cut
 
 
-def tokenize_preference(record: PreferenceRecord, tokenizer: Any, max_length: int,
-                        max_prompt_length: int | None = None, overlong: Overlong = "truncate",
-                        full_render: bool = False) -> tuple[TokenizedPair | None, Cut]:
+def tokenize_preference(
+    record: PreferenceRecord,
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    overlong: Overlong = "truncate",
+    full_render: bool = False,
+) -> tuple[TokenizedPair | None, Cut]:
     """Tokenize one pair -> ``(pair, cut)`` (:class:`Cut`); ``pair`` is ``None`` when dropped.
     ``full_render``: responses run to the end of the rendering (reward models; module docstring)."""
     _check_args(max_length, overlong)
@@ -332,14 +375,19 @@ def tokenize_preference(record: PreferenceRecord, tokenizer: Any, max_length: in
     p_text, p_ids = _prompt_text_ids(tokenizer, record.prompt, src)
     c = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.chosen, src, "chosen", full_render)
     r = _completion_ids(tokenizer, record.prompt, p_text, p_ids, record.rejected, src, "rejected", full_render)
-    p, (c, r), cut, keep = _fit(p_ids, [c, r], max_length, max_prompt_length, starts_with_bos(tokenizer, p_ids),
-                                overlong)
+    p, (c, r), cut, keep = _fit(
+        p_ids, [c, r], max_length, max_prompt_length, starts_with_bos(tokenizer, p_ids), overlong
+    )
     return (TokenizedPair(p, c, r, record.category, src) if keep else None), cut
 
 
-def tokenize_pointwise(record: PointwiseRecord, tokenizer: Any, max_length: int,
-                       max_prompt_length: int | None = None, overlong: Overlong = "truncate"
-                       ) -> tuple[TokenizedPointwise | None, Cut]:
+def tokenize_pointwise(
+    record: PointwiseRecord,
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    overlong: Overlong = "truncate",
+) -> tuple[TokenizedPointwise | None, Cut]:
     """Tokenize one point-wise record -> ``(example, cut)`` (same truncation rule)."""
     _check_args(max_length, overlong)
     src = record.source
@@ -350,6 +398,7 @@ def tokenize_pointwise(record: PointwiseRecord, tokenizer: Any, max_length: int,
 
 
 # --------------------------------------------------------------------------- datasets
+
 
 @dataclass
 class DatasetReport:
@@ -380,23 +429,30 @@ class DatasetReport:
 
     def counts(self) -> dict:
         """The counts as a JSON-serialisable dict (e.g. for ``rm eval``'s ``summary.json``)."""
-        return {"summary": self.summary(), "n_read": self.n_read, "n_out": self.n_out,
-                "n_dropped": self.n_dropped, "n_truncated": self.n_truncated,
-                "n_response_truncated": self.n_response_truncated,
-                "n_overlong_dropped": self.n_overlong_dropped, "overlong": self.overlong,
-                "max_length": self.max_length}
+        return {
+            "summary": self.summary(),
+            "n_read": self.n_read,
+            "n_out": self.n_out,
+            "n_dropped": self.n_dropped,
+            "n_truncated": self.n_truncated,
+            "n_response_truncated": self.n_response_truncated,
+            "n_overlong_dropped": self.n_overlong_dropped,
+            "overlong": self.overlong,
+            "max_length": self.max_length,
+        }
 
     def summary(self) -> str:
-        s = (f"{self.kind}: {self.n_out} examples from {self.n_read} records in "
-             f"{len(self.files)} file(s)")
+        s = f"{self.kind}: {self.n_out} examples from {self.n_read} records in {len(self.files)} file(s)"
         if self.dropped:
             s += f"; dropped {self.n_dropped} invalid: {summarize_errors(self.dropped)}"
         s += f"; {self.n_truncated} truncated to max_length {self.max_length}"
         if self.n_truncated:
             s += f" ({self.n_response_truncated} with a response cut)"
         if self.n_overlong_dropped and self.overlong == "truncate_prompt":
-            s += (f"; {self.n_overlong_dropped} dropped: a response would not fit in max_length {self.max_length} "
-                  "even with the prompt cut")
+            s += (
+                f"; {self.n_overlong_dropped} dropped: a response would not fit in max_length {self.max_length} "
+                "even with the prompt cut"
+            )
         elif self.n_overlong_dropped:
             s += f"; {self.n_overlong_dropped} dropped as longer than max_length {self.max_length}"
         return s
@@ -432,25 +488,48 @@ def _load(kind: str, paths, reader, tok_fn, tokenizer, max_length, overlong, on_
     return out, report
 
 
-def load_sft_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, max_length: int,
-                     overlong: Overlong = "truncate", on_error: OnError = "raise",
-                     max_prompt_length: int | None = None
-                     ) -> tuple[list[TokenizedSFT], DatasetReport]:
+def load_sft_dataset(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    max_length: int,
+    overlong: Overlong = "truncate",
+    on_error: OnError = "raise",
+    max_prompt_length: int | None = None,
+) -> tuple[list[TokenizedSFT], DatasetReport]:
     """Read (:func:`read_sft`) and tokenize SFT files."""
-    return _load("sft", paths, read_sft,
-                 lambda r: tokenize_sft(r, tokenizer, max_length, overlong, max_prompt_length),
-                 tokenizer, max_length, overlong, on_error)
+    return _load(
+        "sft",
+        paths,
+        read_sft,
+        lambda r: tokenize_sft(r, tokenizer, max_length, overlong, max_prompt_length),
+        tokenizer,
+        max_length,
+        overlong,
+        on_error,
+    )
 
 
-def load_preference_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, max_length: int,
-                            max_prompt_length: int | None = None, overlong: Overlong = "truncate",
-                            on_error: OnError = "raise", full_render: bool = False
-                            ) -> tuple[list[TokenizedPair], DatasetReport]:
+def load_preference_dataset(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    overlong: Overlong = "truncate",
+    on_error: OnError = "raise",
+    full_render: bool = False,
+) -> tuple[list[TokenizedPair], DatasetReport]:
     """Read (:func:`read_preference`) and tokenize preference files (``full_render``: for a reward
     model, see :func:`tokenize_preference`)."""
-    return _load("preference", paths, read_preference,
-                 lambda r: tokenize_preference(r, tokenizer, max_length, max_prompt_length, overlong, full_render),
-                 tokenizer, max_length, overlong, on_error)
+    return _load(
+        "preference",
+        paths,
+        read_preference,
+        lambda r: tokenize_preference(r, tokenizer, max_length, max_prompt_length, overlong, full_render),
+        tokenizer,
+        max_length,
+        overlong,
+        on_error,
+    )
 
 
 def _read_pointwise_or_pairs(path: str, on_error: OnError):
@@ -465,11 +544,22 @@ def _read_pointwise_or_pairs(path: str, on_error: OnError):
     return read_pointwise(path, on_error)
 
 
-def load_pointwise_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, max_length: int,
-                           max_prompt_length: int | None = None, overlong: Overlong = "truncate",
-                           on_error: OnError = "raise"
-                           ) -> tuple[list[TokenizedPointwise], DatasetReport]:
+def load_pointwise_dataset(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    overlong: Overlong = "truncate",
+    on_error: OnError = "raise",
+) -> tuple[list[TokenizedPointwise], DatasetReport]:
     """Read point-wise files (or preference files, converted) and tokenize them."""
-    return _load("pointwise", paths, _read_pointwise_or_pairs,
-                 lambda r: tokenize_pointwise(r, tokenizer, max_length, max_prompt_length, overlong),
-                 tokenizer, max_length, overlong, on_error)
+    return _load(
+        "pointwise",
+        paths,
+        _read_pointwise_or_pairs,
+        lambda r: tokenize_pointwise(r, tokenizer, max_length, max_prompt_length, overlong),
+        tokenizer,
+        max_length,
+        overlong,
+        on_error,
+    )

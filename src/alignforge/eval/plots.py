@@ -32,8 +32,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_eval(result: dict, chosen: Sequence[float], rejected: Sequence[float], pairs: Sequence,
-              out_dir: str | Path) -> list[Path]:
+def plot_eval(
+    result: dict, chosen: Sequence[float], rejected: Sequence[float], pairs: Sequence, out_dir: str | Path
+) -> list[Path]:
     """Write the evaluation plots into ``out_dir``; returns their paths."""
     plt = _plt()
     out = Path(out_dir)
@@ -59,9 +60,10 @@ def plot_eval(result: dict, chosen: Sequence[float], rejected: Sequence[float], 
     w = 0.27
     acc = [b["accuracy"] for b in rows]
     bars = ax.bar(x - w, acc, w, label="all")
-    for bar, b in zip(bars, rows):
-        ax.annotate(f"n={b['n']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=7)
+    for bar, b in zip(bars, rows, strict=False):
+        ax.annotate(
+            f"n={b['n']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+        )
     for off, key, lab in ((0.0, "accuracy_longer_won", "longer won"), (w, "accuracy_shorter_won", "shorter won")):
         vals = [b.get(key) for b in rows]
         ax.bar(x + off, [v if v is not None else 0.0 for v in vals], w, label=lab)
@@ -80,7 +82,10 @@ def plot_eval(result: dict, chosen: Sequence[float], rejected: Sequence[float], 
     ax.scatter(lc, c, s=6, alpha=0.5, label="chosen")
     ax.scatter(lr, r, s=6, alpha=0.5, label="rejected")
     lcor = result["length_correlation"]
-    fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
     ax.set_title(f"score vs length: pearson {fmt(lcor['pearson'])}, spearman {fmt(lcor['spearman'])}")
     ax.set_xlabel("response length (tokens)")
     ax.set_ylabel("reward score")
@@ -100,8 +105,11 @@ def plot_eval(result: dict, chosen: Sequence[float], rejected: Sequence[float], 
         else:
             ax.boxplot(data)
         ax.set_xticks(np.arange(1, len(names) + 1))
-        ax.set_xticklabels([f"{n}\n(n={cats[n]['n']}, acc {cats[n]['accuracy']:.2f})" for n in names],
-                           fontsize=7, rotation=30 if len(names) > 6 else 0)
+        ax.set_xticklabels(
+            [f"{n}\n(n={cats[n]['n']}, acc {cats[n]['accuracy']:.2f})" for n in names],
+            fontsize=7,
+            rotation=30 if len(names) > 6 else 0,
+        )
         ax.set_ylabel("reward score (chosen + rejected)")
         ax.set_title("score distribution by category")
         paths.append(_save(fig, out / "score_by_category.png"))

@@ -64,8 +64,9 @@ def is_refusal(text: str, prefixes: Iterable[str] = REFUSAL_PREFIXES, normalize_
     return any(p in text for p in prefixes)
 
 
-def attack_success_rate(texts: Iterable[str], prefixes: Iterable[str] = REFUSAL_PREFIXES,
-                        normalize_quotes: bool = True) -> float:
+def attack_success_rate(
+    texts: Iterable[str], prefixes: Iterable[str] = REFUSAL_PREFIXES, normalize_quotes: bool = True
+) -> float:
     """Share of ``texts`` that contain no refusal string (an empty list raises ``ValueError``)."""
     texts = list(texts)
     if not texts:

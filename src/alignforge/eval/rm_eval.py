@@ -37,15 +37,28 @@ from alignforge.data.balance import DEFAULT_EDGES, bucket_index, bucket_labels
 from alignforge.data.readers import read_unlabeled  # re-exported
 from alignforge.eval.plots import plot_eval
 
-__all__ = ["score_pairs", "score_sequences", "evaluate_pairs", "plot_eval", "run_rm_eval", "score_file",
-           "read_unlabeled", "pearson", "spearman", "rankdata", "bootstrap_ci", "bucket_labels",
-           "format_eval"]
+__all__ = [
+    "score_pairs",
+    "score_sequences",
+    "evaluate_pairs",
+    "plot_eval",
+    "run_rm_eval",
+    "score_file",
+    "read_unlabeled",
+    "pearson",
+    "spearman",
+    "rankdata",
+    "bootstrap_ci",
+    "bucket_labels",
+    "format_eval",
+]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 NO_CATEGORY = "(none)"
 
 
 # --------------------------------------------------------------------------- statistics (numpy)
+
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """1-based ranks; tied values get the average of the ranks they span."""
@@ -87,8 +100,9 @@ def pair_outcomes(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
     return np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 chunk: int = 200) -> list[float] | None:
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 200
+) -> list[float] | None:
     """Percentile bootstrap CI of the mean of ``values`` (seeded, so reproducible)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0 or n_boot <= 0:
@@ -97,7 +111,7 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     means = np.empty(n_boot, dtype=np.float64)
     for s in range(0, n_boot, chunk):  # bounded memory for large evaluation sets
         k = min(chunk, n_boot - s)
-        means[s:s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
+        means[s : s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return [float(lo), float(hi)]
@@ -112,17 +126,28 @@ def _mean(x: np.ndarray) -> float | None:
 
 
 def _score_summary(x: np.ndarray) -> dict:
-    return {"mean": _mean(x), "std": _std(x),
-            "quantiles": ({str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))}
-                          if x.size else None)}
+    return {
+        "mean": _mean(x),
+        "std": _std(x),
+        "quantiles": (
+            {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES), strict=False)} if x.size else None
+        ),
+    }
 
 
 def _acc(o: np.ndarray) -> float | None:
     return float(o.mean()) if o.size else None
 
 
-def evaluate_pairs(chosen_scores: Sequence[float], rejected_scores: Sequence[float], pairs: Sequence, *,
-                   n_boot: int = 1000, seed: int = 0, edges: Sequence[int] = DEFAULT_EDGES) -> dict:
+def evaluate_pairs(
+    chosen_scores: Sequence[float],
+    rejected_scores: Sequence[float],
+    pairs: Sequence,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    edges: Sequence[int] = DEFAULT_EDGES,
+) -> dict:
     """Statistics of an RM's scores on preference pairs (JSON-serialisable; see module docstring).
 
     ``pairs`` are ``TokenizedPair``-like (``chosen_ids``, ``rejected_ids``, ``category``);
@@ -135,7 +160,7 @@ def evaluate_pairs(chosen_scores: Sequence[float], rejected_scores: Sequence[flo
     if c.shape != (n,) or r.shape != (n,):
         raise ValueError(f"need one chosen and one rejected score per pair: {c.shape}, {r.shape}, {n} pairs")
     edges = list(edges)
-    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise ValueError(f"bucket edges must start at 0 and increase: {edges}")
     lc = np.array([len(p.chosen_ids) for p in pairs], dtype=np.int64)
     lr = np.array([len(p.rejected_ids) for p in pairs], dtype=np.int64)
@@ -155,9 +180,15 @@ def evaluate_pairs(chosen_scores: Sequence[float], rejected_scores: Sequence[flo
         row: dict[str, Any] = {"bucket": label, "n": int(m.sum()), "accuracy": _acc(out[m])}
         if k >= 0:
             lw, sw = m & (d > 0), m & (d < 0)
-            row.update({"n_longer_won": int(lw.sum()), "accuracy_longer_won": _acc(out[lw]),
-                        "n_shorter_won": int(sw.sum()), "accuracy_shorter_won": _acc(out[sw]),
-                        "rm_prefers_longer": _acc(prefers_longer[m])})
+            row.update(
+                {
+                    "n_longer_won": int(lw.sum()),
+                    "accuracy_longer_won": _acc(out[lw]),
+                    "n_shorter_won": int(sw.sum()),
+                    "accuracy_shorter_won": _acc(out[sw]),
+                    "rm_prefers_longer": _acc(prefers_longer[m]),
+                }
+            )
         buckets.append(row)
 
     scores = np.concatenate([c, r])
@@ -173,8 +204,11 @@ def evaluate_pairs(chosen_scores: Sequence[float], rejected_scores: Sequence[flo
         "accuracy_longer_won": _acc(out[d > 0]),
         "accuracy_shorter_won": _acc(out[d < 0]),
         "rm_prefers_longer": _acc(prefers_longer[neq]),
-        "length_correlation": {"n": int(scores.size), "pearson": pearson(scores, lengths),
-                               "spearman": spearman(scores, lengths)},
+        "length_correlation": {
+            "n": int(scores.size),
+            "pearson": pearson(scores, lengths),
+            "spearman": spearman(scores, lengths),
+        },
         "score_chosen": _score_summary(c),
         "score_rejected": _score_summary(r),
         "margin_mean": _mean(c - r),
@@ -190,9 +224,13 @@ def evaluate_pairs(chosen_scores: Sequence[float], rejected_scores: Sequence[flo
         by_cat = {}
         for name in sorted(set(names.tolist())):
             m = names == name
-            by_cat[name] = {"n": int(m.sum()), "accuracy": _acc(out[m]),
-                            "score_chosen": _score_summary(c[m]), "score_rejected": _score_summary(r[m]),
-                            "score_all": _score_summary(np.concatenate([c[m], r[m]]))}
+            by_cat[name] = {
+                "n": int(m.sum()),
+                "accuracy": _acc(out[m]),
+                "score_chosen": _score_summary(c[m]),
+                "score_rejected": _score_summary(r[m]),
+                "score_all": _score_summary(np.concatenate([c[m], r[m]])),
+            }
         result["by_category"] = by_cat
     return result
 
@@ -205,28 +243,34 @@ def format_eval(result: dict) -> str:
     """A short plain-text table of an :func:`evaluate_pairs` result."""
     ci = result.get("accuracy_ci95") or [None, None]
     lc = result["length_correlation"]
-    lines = [f"pairs: {result['n_pairs']}   accuracy: {_fmt(result['accuracy'])} "
-             f"(95% CI {_fmt(ci[0])}-{_fmt(ci[1])}, ties {result['n_ties']})",
-             f"chosen score {_fmt(result['score_chosen']['mean'])} ± {_fmt(result['score_chosen']['std'])}   "
-             f"rejected score {_fmt(result['score_rejected']['mean'])} ± {_fmt(result['score_rejected']['std'])}",
-             f"score vs length: pearson {_fmt(lc['pearson'])}, spearman {_fmt(lc['spearman'])}   "
-             f"longer response chosen in {_fmt(result['longer_chosen_share'])} of pairs; "
-             f"RM prefers the longer in {_fmt(result['rm_prefers_longer'])}",
-             "",
-             f"  {'|len diff|':>10} {'n':>6} {'acc':>6} {'n long':>7} {'acc long':>8} "
-             f"{'n short':>7} {'acc short':>9} {'prefers long':>12}"]
+    lines = [
+        f"pairs: {result['n_pairs']}   accuracy: {_fmt(result['accuracy'])} "
+        f"(95% CI {_fmt(ci[0])}-{_fmt(ci[1])}, ties {result['n_ties']})",
+        f"chosen score {_fmt(result['score_chosen']['mean'])} ± {_fmt(result['score_chosen']['std'])}   "
+        f"rejected score {_fmt(result['score_rejected']['mean'])} ± {_fmt(result['score_rejected']['std'])}",
+        f"score vs length: pearson {_fmt(lc['pearson'])}, spearman {_fmt(lc['spearman'])}   "
+        f"longer response chosen in {_fmt(result['longer_chosen_share'])} of pairs; "
+        f"RM prefers the longer in {_fmt(result['rm_prefers_longer'])}",
+        "",
+        f"  {'|len diff|':>10} {'n':>6} {'acc':>6} {'n long':>7} {'acc long':>8} "
+        f"{'n short':>7} {'acc short':>9} {'prefers long':>12}",
+    ]
     for b in result["accuracy_by_length_bucket"]:
         if not b["n"]:
             continue
-        lines.append(f"  {b['bucket']:>10} {b['n']:>6} {_fmt(b['accuracy']):>6} "
-                     f"{b.get('n_longer_won', ''):>7} {_fmt(b.get('accuracy_longer_won')):>8} "
-                     f"{b.get('n_shorter_won', ''):>7} {_fmt(b.get('accuracy_shorter_won')):>9} "
-                     f"{_fmt(b.get('rm_prefers_longer')):>12}")
+        lines.append(
+            f"  {b['bucket']:>10} {b['n']:>6} {_fmt(b['accuracy']):>6} "
+            f"{b.get('n_longer_won', ''):>7} {_fmt(b.get('accuracy_longer_won')):>8} "
+            f"{b.get('n_shorter_won', ''):>7} {_fmt(b.get('accuracy_shorter_won')):>9} "
+            f"{_fmt(b.get('rm_prefers_longer')):>12}"
+        )
     if result.get("by_category"):
         lines += ["", f"  {'category':>20} {'n':>6} {'acc':>6} {'chosen':>8} {'rejected':>8}"]
         for name, v in result["by_category"].items():
-            lines.append(f"  {name[:20]:>20} {v['n']:>6} {_fmt(v['accuracy']):>6} "
-                         f"{_fmt(v['score_chosen']['mean'], '.2f'):>8} {_fmt(v['score_rejected']['mean'], '.2f'):>8}")
+            lines.append(
+                f"  {name[:20]:>20} {v['n']:>6} {_fmt(v['accuracy']):>6} "
+                f"{_fmt(v['score_chosen']['mean'], '.2f'):>8} {_fmt(v['score_rejected']['mean'], '.2f'):>8}"
+            )
     return "\n".join(lines)
 
 
@@ -234,8 +278,8 @@ def format_eval(result: dict) -> str:
 
 from alignforge.models.reward import score_pairs, score_sequences  # noqa: E402,F401  (re-exported)
 
-
 # --------------------------------------------------------------------------- files
+
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,16 +310,16 @@ def _to_device(rm, device: str | None):
     return rm.to(resolve_device(device))
 
 
-def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: int | None,
-                  overlong: str = "truncate_prompt"):
+def _load_limited(
+    paths: list[str], tok, max_length: int, on_error: str, limit: int | None, overlong: str = "truncate_prompt"
+):
     """``load_preference_dataset`` (RM tokenisation), but tokenizing only until ``limit`` pairs are produced."""
     from alignforge.data.readers import read_preference
     from alignforge.data.tokenize import DatasetReport, load_preference_dataset, tokenize_preference
     from alignforge.errors import DataError
 
     if limit is None:
-        return load_preference_dataset(paths, tok, max_length, overlong=overlong, on_error=on_error,
-                                       full_render=True)
+        return load_preference_dataset(paths, tok, max_length, overlong=overlong, on_error=on_error, full_render=True)
     report = DatasetReport("preference", paths, max_length, overlong=overlong)
     pairs: list = []
     for path in paths:
@@ -301,10 +345,21 @@ def _load_limited(paths: list[str], tok, max_length: int, on_error: str, limit: 
     return pairs, report
 
 
-def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path], out_dir: str | Path,
-                max_length: int = 512, batch_size: int = 8, limit: int | None = None,
-                on_error: str = "skip", n_boot: int = 1000, seed: int = 0, plots: bool = True,
-                progress: bool = True, device: str | None = None, overlong: str = "truncate_prompt") -> dict:
+def run_rm_eval(
+    rm_path: str | Path,
+    data_path: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    max_length: int = 512,
+    batch_size: int = 8,
+    limit: int | None = None,
+    on_error: str = "skip",
+    n_boot: int = 1000,
+    seed: int = 0,
+    plots: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+    overlong: str = "truncate_prompt",
+) -> dict:
     """Evaluate a saved RM on preference data; writes ``summary.json``, ``scores.jsonl`` and PNGs.
 
     ``limit``: evaluate the first ``limit`` valid pairs only. ``overlong``: pairs longer than
@@ -328,20 +383,41 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
     result = evaluate_pairs(chosen, rejected, pairs, n_boot=n_boot, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     scores_path = out / "scores.jsonl"
-    write_jsonl(({"file": p.source.file, "line": p.source.line, "category": p.category,
-                  "chosen": float(c), "rejected": float(r), "len_chosen": len(p.chosen_ids),
-                  "len_rejected": len(p.rejected_ids), "len_prompt": len(p.prompt_ids)}
-                 for p, c, r in zip(pairs, chosen, rejected)), scores_path)
+    write_jsonl(
+        (
+            {
+                "file": p.source.file,
+                "line": p.source.line,
+                "category": p.category,
+                "chosen": float(c),
+                "rejected": float(r),
+                "len_chosen": len(p.chosen_ids),
+                "len_rejected": len(p.rejected_ids),
+                "len_prompt": len(p.prompt_ids),
+            }
+            for p, c, r in zip(pairs, chosen, rejected, strict=False)
+        ),
+        scores_path,
+    )
     plot_paths = plot_eval(result, chosen, rejected, pairs, out) if plots else []
     summary = {
-        "rm": str(rm_path), "data": paths,
-        "config": {"max_length": max_length, "batch_size": batch_size, "limit": limit,
-                   "on_error": on_error, "overlong": overlong},
+        "rm": str(rm_path),
+        "data": paths,
+        "config": {
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "limit": limit,
+            "on_error": on_error,
+            "overlong": overlong,
+        },
         "rm_stats": stats,
         "data_report": {**report.counts(), "first_errors": [str(e) for e in report.dropped[:5]]},
         **result,
-        "files": {"summary": str(out / "summary.json"), "scores": str(scores_path),
-                  "plots": [str(p) for p in plot_paths]},
+        "files": {
+            "summary": str(out / "summary.json"),
+            "scores": str(scores_path),
+            "plots": [str(p) for p in plot_paths],
+        },
     }
     _write_json_atomic(summary, out / "summary.json")
     return summary
@@ -349,9 +425,17 @@ def run_rm_eval(rm_path: str | Path, data_path: str | Path | Sequence[str | Path
 
 # --------------------------------------------------------------------------- score a file
 
-def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, batch_size: int = 8,
-               max_length: int = 1024, normalize: bool = False, progress: bool = True,
-               device: str | None = None) -> dict:
+
+def score_file(
+    rm_path: str | Path,
+    in_path: str | Path,
+    out_path: str | Path,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    normalize: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
     """Add ``score`` (and ``score_normalized`` with ``normalize``) to every record of ``in_path``;
     write JSONL (``.gz`` → gzip) atomically to ``out_path``. Every record is validated before
     the model runs; a bad one raises ``DataError`` (FILE:LINE: field ...). Prompt + completion
@@ -367,8 +451,10 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
     rm, tok, stats = load_reward_model(str(rm_path))
     mean, std = stats.get("mean"), stats.get("std")
     if normalize and (mean is None or not std):
-        raise ModelError(f"{rm_path}: cannot normalise scores: the reward model has no reference "
-                         "statistics (reward_stats.json with mean and a non-zero std)")
+        raise ModelError(
+            f"{rm_path}: cannot normalise scores: the reward model has no reference "
+            "statistics (reward_stats.json with mean and a non-zero std)"
+        )
     records, seqs, n_trunc, n_resp = [], [], 0, 0
     for line, obj, prompt, completion in read_unlabeled(in_path):
         p, c = tokenize_prompt_completion(prompt, completion, tok, Source(str(in_path), line), full_render=True)
@@ -384,7 +470,7 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
     scores = score_sequences(rm, seqs, _pad_id(tok), batch_size=batch_size, progress=progress)
 
     def rows():
-        for obj, s in zip(records, scores):
+        for obj, s in zip(records, scores, strict=False):
             row = dict(obj)
             row["score"] = float(s)
             if normalize:
@@ -392,6 +478,11 @@ def score_file(rm_path: str | Path, in_path: str | Path, out_path: str | Path, b
             yield row
 
     write_jsonl(rows(), out_path)
-    return {"n": len(records), "n_truncated": n_trunc, "n_response_truncated": n_resp,
-            "score_mean": float(scores.mean()),
-            "score_std": _std(scores), "out": str(out_path)}
+    return {
+        "n": len(records),
+        "n_truncated": n_trunc,
+        "n_response_truncated": n_resp,
+        "score_mean": float(scores.mean()),
+        "score_std": _std(scores),
+        "out": str(out_path),
+    }

@@ -25,16 +25,32 @@ class DPODataReport:
     out_path: str
 
     def summary(self) -> str:
-        return (f"wrote {self.written} pairs for {self.prompts} prompts to {self.out_path}; skipped "
-                f"{self.skipped_small_gap} with a reward gap below min_gap and {self.skipped_identical} "
-                f"whose best and worst responses were identical")
+        return (
+            f"wrote {self.written} pairs for {self.prompts} prompts to {self.out_path}; skipped "
+            f"{self.skipped_small_gap} with a reward gap below min_gap and {self.skipped_identical} "
+            f"whose best and worst responses were identical"
+        )
 
 
-def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model: str, policy: str = "embedded",
-                    k: int = 4, temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 128,
-                    seed: int = 0, min_gap: float = 0.0, batch_size: int = 8, max_length: int = 1024,
-                    limit: int | None = None, backend=None, rm=None, progress: bool = True,
-                    device: str | None = None) -> DPODataReport:
+def build_dpo_pairs(
+    prompts_path: str | Path,
+    out_path: str | Path,
+    reward_model: str,
+    policy: str = "embedded",
+    k: int = 4,
+    temperature: float = 0.9,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    min_gap: float = 0.0,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    limit: int | None = None,
+    backend=None,
+    rm=None,
+    progress: bool = True,
+    device: str | None = None,
+) -> DPODataReport:
     """See the module docstring. ``backend`` / ``rm`` (a loaded RewardModel with its tokenizer as
     ``(rm, tokenizer)``) override loading ``policy`` / ``reward_model``, which are otherwise loaded
     onto ``device`` (default: CUDA when available, else the CPU)."""
@@ -57,8 +73,13 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
         backend = HFBackend(load_model(policy).to(dev), load_tokenizer(policy, padding_side="left"))
     samples = [[] for _ in recs]
     for j in range(k):
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               seed=seed + j * 100003, batch_size=batch_size)
+        cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + j * 100003,
+            batch_size=batch_size,
+        )
         for i, text in enumerate(backend.generate([r.prompt for r in recs], cfg)):
             samples[i].append(text)
     if rm is None:
@@ -67,19 +88,20 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
     else:
         model, tok = rm
     seqs, owner = [], []
-    for i, (r, texts) in enumerate(zip(recs, samples)):
+    for i, (r, texts) in enumerate(zip(recs, samples, strict=False)):
         for t in texts:
-            p, c = tokenize_prompt_completion(r.prompt, [{"role": "assistant", "content": t if t.strip() else " "}], tok,
-                                              full_render=True)
+            p, c = tokenize_prompt_completion(
+                r.prompt, [{"role": "assistant", "content": t if t.strip() else " "}], tok, full_render=True
+            )
             p, (c,), _ = truncate_prompt_responses(p, [c], max_length)
             seqs.append(p + c)
             owner.append(i)
     scores = score_sequences(model, seqs, tok.pad_token_id, batch_size, progress=progress)
     per = [[] for _ in recs]
-    for i, s in zip(owner, scores):
+    for i, s in zip(owner, scores, strict=False):
         per[i].append(float(s))
     rows, small, same = [], 0, 0
-    for r, texts, sc in zip(recs, samples, per):
+    for r, texts, sc in zip(recs, samples, per, strict=False):
         best = max(range(k), key=lambda j: sc[j])
         worst = min(range(k), key=lambda j: sc[j])
         if sc[best] - sc[worst] < min_gap:
@@ -88,8 +110,14 @@ def build_dpo_pairs(prompts_path: str | Path, out_path: str | Path, reward_model
         if texts[best].strip() == texts[worst].strip() or not texts[best].strip() or not texts[worst].strip():
             same += 1
             continue
-        rows.append({"prompt": r.prompt, "chosen": [{"role": "assistant", "content": texts[best]}],
-                     "rejected": [{"role": "assistant", "content": texts[worst]}],
-                     "score_chosen": sc[best], "score_rejected": sc[worst]})
+        rows.append(
+            {
+                "prompt": r.prompt,
+                "chosen": [{"role": "assistant", "content": texts[best]}],
+                "rejected": [{"role": "assistant", "content": texts[worst]}],
+                "score_chosen": sc[best],
+                "score_rejected": sc[worst],
+            }
+        )
     write_jsonl(rows, out_path)
     return DPODataReport(len(recs), len(rows), small, same, str(out_path))

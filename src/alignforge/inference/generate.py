@@ -63,8 +63,7 @@ class GeneratedSequence:
 class GenerationBackend(Protocol):
     """Anything that turns conversations into responses."""
 
-    def generate(self, prompts: list[Conversation], cfg: GenerationConfig) -> list[str]:
-        ...
+    def generate(self, prompts: list[Conversation], cfg: GenerationConfig) -> list[str]: ...
 
 
 class HFBackend:
@@ -73,8 +72,7 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any):
         self.model = model
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             from alignforge.errors import ModelError
 
@@ -86,8 +84,7 @@ class HFBackend:
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for x in ([self.tokenizer.eos_token_id]
-                  + (gen_eos if isinstance(gen_eos, list) else [gen_eos])):
+        for x in [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]):
             if x is not None and x not in ids:
                 ids.append(int(x))
         return ids
@@ -106,8 +103,7 @@ class HFBackend:
         if isinstance(prompt, str):
             text = prompt
         else:
-            text = self.tokenizer.apply_chat_template(
-                list(prompt), tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if self._bos_to_add is not None and (not ids or ids[0] != self._bos_to_add):
             ids.insert(0, self._bos_to_add)
@@ -118,8 +114,11 @@ class HFBackend:
         from transformers import GenerationConfig as HFGenerationConfig
 
         kw: dict[str, Any] = dict(
-            max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, num_beams=1,
-            repetition_penalty=1.0, pad_token_id=self.pad_id,
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=0,
+            num_beams=1,
+            repetition_penalty=1.0,
+            pad_token_id=self.pad_id,
             # An empty list disables EOS stopping (None would fall back to the model's).
             eos_token_id=list(self.eos_ids) if cfg.stop_on_eos else [],
             do_sample=not cfg.greedy,
@@ -149,8 +148,9 @@ class HFBackend:
 
             return torch.device("cpu")
 
-    def _generate_batch(self, rows: list[list[int]], cfg: GenerationConfig, seed: int,
-                        hf_cfg: Any) -> list[GeneratedSequence]:
+    def _generate_batch(
+        self, rows: list[list[int]], cfg: GenerationConfig, seed: int, hf_cfg: Any
+    ) -> list[GeneratedSequence]:
         import torch
 
         ids, mask = self._left_pad(rows)
@@ -158,18 +158,18 @@ class HFBackend:
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=hf_cfg)
-        new = out[:, ids.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg
+            )
+        new = out[:, ids.shape[1] :].tolist()
         result = []
-        for prompt, toks in zip(rows, new):
+        for prompt, toks in zip(rows, new, strict=False):
             resp, finished = self._trim(toks, cfg)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
             result.append(GeneratedSequence(list(prompt), resp, text, finished))
         return result
 
-    def generate_ids(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None
-                     ) -> list[GeneratedSequence]:
+    def generate_ids(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None) -> list[GeneratedSequence]:
         """Generate for every prompt; returns ids and text, in prompt order.
 
         Batch ``b`` (0-based) is sampled with seed ``cfg.seed + b`` in a forked RNG, so
@@ -178,8 +178,9 @@ class HFBackend:
         """
         return self.generate_from_ids([self.render(p) for p in prompts], cfg)
 
-    def generate_from_ids(self, rows: Sequence[list[int]], cfg: GenerationConfig | None = None
-                          ) -> list[GeneratedSequence]:
+    def generate_from_ids(
+        self, rows: Sequence[list[int]], cfg: GenerationConfig | None = None
+    ) -> list[GeneratedSequence]:
         """:meth:`generate_ids` for prompts that are already token ids (rendered, with the
         generation prompt), e.g. the ``prompt_ids`` of tokenized training data."""
         cfg = cfg or GenerationConfig()
@@ -194,8 +195,7 @@ class HFBackend:
         try:
             out: list[GeneratedSequence] = []
             for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
-                out += self._generate_batch(rows[start:start + cfg.batch_size], cfg,
-                                            cfg.seed + b, hf_cfg)
+                out += self._generate_batch(rows[start : start + cfg.batch_size], cfg, cfg.seed + b, hf_cfg)
         finally:
             self.model.train(was_training)
         return out

@@ -32,10 +32,20 @@ class PairsReport:
         return s
 
 
-def generate_pairs(prompts_path: str | Path, out_path: str | Path, model: str = "embedded",
-                   temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 128,
-                   seed: int = 0, max_tries: int = 4, limit: int | None = None,
-                   batch_size: int = 8, backend=None, device: str | None = None) -> PairsReport:
+def generate_pairs(
+    prompts_path: str | Path,
+    out_path: str | Path,
+    model: str = "embedded",
+    temperature: float = 0.9,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    max_tries: int = 4,
+    limit: int | None = None,
+    batch_size: int = 8,
+    backend=None,
+    device: str | None = None,
+) -> PairsReport:
     """See the module docstring. ``backend`` (a ``GenerationBackend``) overrides ``model``, which is
     otherwise loaded onto ``device`` (default: CUDA when available, else the CPU)."""
     from alignforge.data.convert import write_jsonl
@@ -58,17 +68,22 @@ def generate_pairs(prompts_path: str | Path, out_path: str | Path, model: str = 
     rounds = 0
     # round r samples with seed `seed + r * 100003`; two rounds are needed for a first pair
     while todo and rounds < max_tries + 1:
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               seed=seed + rounds * 100003, batch_size=batch_size)
+        cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + rounds * 100003,
+            batch_size=batch_size,
+        )
         texts = backend.generate([recs[i].prompt for i in todo], cfg)
         rounds += 1
-        for i, t in zip(todo, texts):
+        for i, t in zip(todo, texts, strict=False):
             if t.strip() and all(t.strip() != s.strip() for s in samples[i]):
                 samples[i].append(t)
         todo = [i for i in todo if len(samples[i]) < 2]
     rows = []
     seen: dict[str, int] = {}
-    for r, s in zip(recs, samples):
+    for r, s in zip(recs, samples, strict=False):
         key = json.dumps(r.prompt, ensure_ascii=False, sort_keys=True)
         uid = "gen-" + hashlib.sha256(key.encode()).hexdigest()[:16]
         seen[uid] = seen.get(uid, 0) + 1
@@ -78,5 +93,5 @@ def generate_pairs(prompts_path: str | Path, out_path: str | Path, model: str = 
             continue
         rows.append({"id": uid, "prompt": r.prompt, "response_a": s[0], "response_b": s[1]})
     n = write_jsonl(rows, out_path)
-    failed = [f"{r.source.file}:{r.source.line}" for r, s in zip(recs, samples) if len(s) < 2]
+    failed = [f"{r.source.file}:{r.source.line}" for r, s in zip(recs, samples, strict=False) if len(s) < 2]
     return PairsReport(len(recs), n, str(out_path), failed, rounds)

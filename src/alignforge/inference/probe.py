@@ -24,8 +24,9 @@ from typing import Any, Sequence
 from alignforge.inference.generate import GenerationConfig, HFBackend
 
 
-def probe_prompt_ids(train_prompt_ids: Sequence[Sequence[int]], n: int, *, tokenizer: Any = None,
-                     probe_file: str | None = None) -> list[list[int]]:
+def probe_prompt_ids(
+    train_prompt_ids: Sequence[Sequence[int]], n: int, *, tokenizer: Any = None, probe_file: str | None = None
+) -> list[list[int]]:
     """The prompts the probe answers: the first ``n`` of ``probe_file`` (a prompts file, any format
     ``data.readers.read_prompts`` takes), or else the first ``n`` distinct training prompts."""
     if probe_file:
@@ -48,8 +49,14 @@ def probe_prompt_ids(train_prompt_ids: Sequence[Sequence[int]], n: int, *, token
 class GenerationProbe:
     """Greedy answers to fixed prompts; ``probe(model, step)`` returns the metrics to log."""
 
-    def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 samples_path: str | Path | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        samples_path: str | Path | None = None,
+        batch_size: int = 8,
+    ):
         if not prompts:
             from alignforge.errors import ConfigError
 
@@ -60,8 +67,9 @@ class GenerationProbe:
         self.samples_path = Path(samples_path) if samples_path else None
 
     @classmethod
-    def from_config(cls, train_cfg: Any, tokenizer: Any, train_prompt_ids: Sequence[Sequence[int]]
-                    ) -> "GenerationProbe | None":
+    def from_config(
+        cls, train_cfg: Any, tokenizer: Any, train_prompt_ids: Sequence[Sequence[int]]
+    ) -> "GenerationProbe | None":
         """The probe a ``TrainConfig`` asks for, or ``None`` when ``probe_every == 0``."""
         if train_cfg.probe_every <= 0:
             return None
@@ -70,13 +78,13 @@ class GenerationProbe:
         for key in ("probe_prompts", "probe_max_new_tokens"):
             if getattr(train_cfg, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1 when train.probe_every > 0, got {getattr(train_cfg, key)}")
-        prompts = probe_prompt_ids(train_prompt_ids, train_cfg.probe_prompts, tokenizer=tokenizer,
-                                   probe_file=train_cfg.probe_file)
+        prompts = probe_prompt_ids(
+            train_prompt_ids, train_cfg.probe_prompts, tokenizer=tokenizer, probe_file=train_cfg.probe_file
+        )
         if not prompts:
             where = f"train.probe_file {train_cfg.probe_file}" if train_cfg.probe_file else "the training data"
             raise ConfigError(f"the generation probe found no prompts in {where}")
-        return cls(tokenizer, prompts, train_cfg.probe_max_new_tokens,
-                   Path(train_cfg.output_dir) / "samples.jsonl")
+        return cls(tokenizer, prompts, train_cfg.probe_max_new_tokens, Path(train_cfg.output_dir) / "samples.jsonl")
 
     def _drop_from(self, step: int) -> None:
         """Forget samples of ``step`` and later: left by a killed run that is now resumed (or by an
@@ -108,12 +116,23 @@ class GenerationProbe:
             self._drop_from(step)
             with open(self.samples_path, "a", encoding="utf-8") as f:
                 for g in gens:
-                    f.write(json.dumps({
-                        "step": step, "prompt": self.tokenizer.decode(g.prompt_ids, skip_special_tokens=False),
-                        "response": g.text, "n_tokens": len(g.response_ids), "finished": g.finished}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "prompt": self.tokenizer.decode(g.prompt_ids, skip_special_tokens=False),
+                                "response": g.text,
+                                "n_tokens": len(g.response_ids),
+                                "finished": g.finished,
+                            }
+                        )
+                        + "\n"
+                    )
         n = len(gens)
-        return {"gen_len_mean": sum(len(g.response_ids) for g in gens) / n,
-                "gen_finished": sum(g.finished for g in gens) / n}
+        return {
+            "gen_len_mean": sum(len(g.response_ids) for g in gens) / n,
+            "gen_finished": sum(g.finished for g in gens) / n,
+        }
 
 
 def policy_probe(train_cfg: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]):

@@ -71,8 +71,9 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_
     return r
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded responses.
 
     ``δ_t = r_t + γ·V_{t+1} − V_t`` (``V`` is 0 past the last real token), ``A_t = δ_t + γλ·A_{t+1}``,
@@ -114,8 +115,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * m
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, kind: Literal["grpo", "rloo"],
-                     norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, kind: Literal["grpo", "rloo"], norm_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Critic-free sequence advantages from ``K = group_size`` samples per prompt.
 
     * grpo: ``(r_i − mean(r)) / (std(r) + eps)`` (sample std, ddof=1, as DeepSeekMath/TRL);
@@ -130,8 +132,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: Literal["grpo
     """
     K = group_size
     if K < 2 or rewards.numel() % K:
-        raise ValueError(f"group advantages need K >= 2 samples per prompt, a multiple of K in all; got "
-                         f"{rewards.numel()} rewards with K={K}")
+        raise ValueError(
+            f"group advantages need K >= 2 samples per prompt, a multiple of K in all; got "
+            f"{rewards.numel()} rewards with K={K}"
+        )
     g = rewards.view(-1, K)
     mean = g.mean(1, keepdim=True)
     if kind == "grpo":
@@ -145,8 +149,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: Literal["grpo
     return adv.reshape(-1)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per token: ``−min(ρA, clip(ρ, 1−ε, 1+ε)A)``, ``ρ = exp(logπ − logπ_old)``.
 
     Args:
@@ -166,13 +171,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     losses = torch.maximum(unclipped, clipped) * m
     with torch.no_grad():
         lr = log_ratio.detach()
-        metrics = {"clipped": ((clipped > unclipped).to(m.dtype) * m).sum(),
-                   "approx_kl": ((torch.exp(lr) - 1 - lr) * m).sum()}
+        metrics = {
+            "clipped": ((clipped > unclipped).to(m.dtype) * m).sum(),
+            "approx_kl": ((torch.exp(lr) - 1 - lr) * m).sum(),
+        }
     return losses, metrics
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, per token: ``½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)``.
 
     ``clip <= 0`` gives the plain ``½(V − R)²``.

@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0,
-             loss_type: Literal["sigmoid", "ipo"] = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise DPO (``sigmoid``; with ``label_smoothing`` ε > 0 this is cDPO) or IPO.
 
     * sigmoid: ``-(1-ε)·log σ(βΔ) - ε·log σ(-βΔ)``
@@ -42,12 +49,23 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}")
     rw, rl = (beta * h_w).detach(), (beta * h_l).detach()
-    return losses, {"reward_chosen": rw, "reward_rejected": rl, "reward_margin": rw - rl,
-                    "reward_accuracy": (rw > rl).to(rw.dtype)}
+    return losses, {
+        "reward_chosen": rw,
+        "reward_rejected": rl,
+        "reward_margin": rw - rl,
+        "reward_accuracy": (rw > rl).to(rw.dtype),
+    }
 
 
-def pointwise_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 0.1,
-                       c: float = 0.0, continuous: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pointwise_dpo_loss(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    c: float = 0.0,
+    continuous: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Point-wise DPO (ULMA §3a): a log-loss (binary z) or a regression (continuous z) on ``βh + c``.
 
     * binary:     ``-[z·log σ(βh + c) + (1-z)·log σ(-(βh + c))]``
@@ -72,9 +90,17 @@ def pointwise_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Te
     return losses, {"sigmoid_reward": torch.sigmoid(a).detach(), "h": h.detach()}
 
 
-def ulma_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 0.1, c: float = 0.0,
-              continuous: bool = False, n_pos: float | None = None, n_neg: float | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ulma_loss(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    c: float = 0.0,
+    continuous: bool = False,
+    n_pos: float | None = None,
+    n_neg: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ULMA: SFT (no KL) on positives plus the KL-regularised point-wise term on negatives (§3a).
 
     ``L = Σ_{z=1} -logπ(y|x) / n_pos  +  Σ_{z≠1} ℓ_neg / n_neg`` with ``ℓ_neg = -log σ(-βh - c)``
@@ -100,14 +126,26 @@ def ulma_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, 
     n_n = float(neg.sum()) if n_neg is None else float(n_neg)
     loss = (pos_sum / n_p if n_p > 0 else pos_sum * 0.0) + (neg_sum / n_n if n_n > 0 else neg_sum * 0.0)
     sig = torch.sigmoid(a).detach()
-    return loss, {"pos_nll": pos_sum.detach(), "neg_loss": neg_sum.detach(), "n_pos": pos.sum().detach(),
-                  "n_neg": neg.sum().detach(), "sigmoid_reward_pos": (sig * pos).sum(),
-                  "sigmoid_reward_neg": (sig * neg).sum()}
+    return loss, {
+        "pos_nll": pos_sum.detach(),
+        "neg_loss": neg_sum.detach(),
+        "n_pos": pos.sum().detach(),
+        "n_neg": neg.sum().detach(),
+        "sigmoid_reward_pos": (sig * pos).sum(),
+        "sigmoid_reward_neg": (sig * neg).sum(),
+    }
 
 
-def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl_estimate: torch.Tensor | float, *,
-             beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def kto_loss(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_estimate: torch.Tensor | float,
+    *,
+    beta: float = 0.1,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO (Ethayarajh et al.), the unpaired peer baseline: ``λ_y − v(x, y)`` per sample.
 
     ``v = λ_D·σ(β(h − z0))`` for desirable and ``λ_U·σ(β(z0 − h))`` for undesirable samples, with
@@ -128,8 +166,13 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, k
     return lam - v, {"reward": (beta * h).detach(), "z0": z0}
 
 
-def kto_reference_point(policy_kl: torch.Tensor, ref_kl: torch.Tensor, *, n_total: int | None = None,
-                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def kto_reference_point(
+    policy_kl: torch.Tensor,
+    ref_kl: torch.Tensor,
+    *,
+    n_total: int | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """KTO's reference point ``z0 = max(0, KL̂(π_θ‖π_ref))``, detached (Ethayarajh et al.; TRL).
 
     ``KL̂ = (1/n) Σ_i [logπ_θ(y'_i|x_i) − logπ_ref(y'_i|x_i)]`` over the ``n`` *mismatched* pairs
@@ -147,8 +190,10 @@ def kto_reference_point(policy_kl: torch.Tensor, ref_kl: torch.Tensor, *, n_tota
     Returns:
         ``()`` tensor: z0 ≥ 0, no grad.
     """
-    total = torch.as_tensor(policy_kl, dtype=torch.float64).detach().sum() - torch.as_tensor(
-        ref_kl, dtype=torch.float64).detach().sum()
+    total = (
+        torch.as_tensor(policy_kl, dtype=torch.float64).detach().sum()
+        - torch.as_tensor(ref_kl, dtype=torch.float64).detach().sum()
+    )
     if all_reduce is not None:
         total = all_reduce(total)
     n = len(policy_kl) if n_total is None else n_total

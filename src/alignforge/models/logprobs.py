@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
-                         temperature: float = 1.0, with_entropy: bool = False):
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """Log-probability of each target token from its logits (the one place this is computed).
 
     Args:
@@ -43,9 +48,16 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: f
     return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    target_mask: torch.Tensor, position_ids: torch.Tensor | None = None, *,
-                    temperature: float = 1.0, with_entropy: bool = False):
+def target_logprobs(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """Log-probability of each target token given everything before it.
 
     Args:
@@ -67,12 +79,18 @@ def target_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     base = unwrap_base(lm)
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     tm = target_mask[:, 1:].bool()
     h = hidden[:, :-1][tm]  # (N, H): states that predict a target token
-    res = logprobs_from_logits(head(h), input_ids[:, 1:][tm], getattr(base.config, "final_logit_softcapping", None),
-                               temperature=temperature, with_entropy=with_entropy)
+    res = logprobs_from_logits(
+        head(h),
+        input_ids[:, 1:][tm],
+        getattr(base.config, "final_logit_softcapping", None),
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
     lp, ent = res if with_entropy else (res, None)
     out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
     out[:, 1:][tm] = lp
@@ -94,6 +112,11 @@ class TokenLogProbs(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return target_logprobs(self.lm, input_ids, attention_mask, target_mask, position_ids)

@@ -34,8 +34,14 @@ class LoraSettings:
     def from_config(cls, cfg: Any, task_type: str = "CAUSAL_LM") -> "LoraSettings":
         """From ``alignforge.config.LoraConfig`` (``["all-linear"]`` means the string ``"all-linear"``)."""
         tm = list(cfg.target_modules)
-        return cls(enabled=cfg.enabled, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                   target_modules="all-linear" if tm == ["all-linear"] else tm, task_type=task_type)
+        return cls(
+            enabled=cfg.enabled,
+            r=cfg.r,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules="all-linear" if tm == ["all-linear"] else tm,
+            task_type=task_type,
+        )
 
 
 def _unwrap_ddp(model: Any) -> Any:
@@ -82,11 +88,16 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
     if is_peft(model):
-        raise ModelError("model already has a PEFT adapter; load it with trainable_adapter=True "
-                         "to continue training it instead of applying a new one")
+        raise ModelError(
+            "model already has a PEFT adapter; load it with trainable_adapter=True "
+            "to continue training it instead of applying a new one"
+        )
     cfg = LoraConfig(
-        task_type=TaskType[settings.task_type], r=settings.r, lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout, target_modules=settings.target_modules,
+        task_type=TaskType[settings.task_type],
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
         modules_to_save=settings.modules_to_save,
     )
     try:
@@ -118,8 +129,10 @@ def reference_mode(model: Any) -> Iterator[Any]:
 
     inner = _unwrap_ddp(model)
     if not is_peft(inner):
-        raise ModelError("reference_mode needs a LoRA/PEFT model; for full fine-tuning pass an "
-                         "explicit reference model (e.g. load_model(<base>) frozen in eval mode)")
+        raise ModelError(
+            "reference_mode needs a LoRA/PEFT model; for full fine-tuning pass an "
+            "explicit reference model (e.g. load_model(<base>) frozen in eval mode)"
+        )
     was_training = inner.training
     inner.eval()
     try:
@@ -142,7 +155,8 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path
             if not cfg.base_model_name_or_path:
                 base = unwrap_base(model)
                 cfg.base_model_name_or_path = _portable_name(
-                    getattr(base, "_alignforge_name", None) or base.config._name_or_path)
+                    getattr(base, "_alignforge_name", None) or base.config._name_or_path
+                )
             model.save_pretrained(str(tmp))
         else:
             model.save_pretrained(str(tmp))
@@ -151,8 +165,7 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path
     return Path(out_dir).expanduser().resolve()
 
 
-def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  dtype: str = "float32") -> Path:
+def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Load base + adapter, merge the LoRA weights in, save a full HF model + tokenizer."""
     model = load_model(adapter_dir, dtype)
     if not is_peft(model):

@@ -37,17 +37,16 @@ def pack_pairs(pairs: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
         P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         if P == 0 or C == 0 or R == 0:
             raise ValueError("a packed pair needs a non-empty prompt and two non-empty responses")
-        ids[b, :P + C + R] = torch.tensor(list(p.prompt_ids) + list(p.chosen_ids) + list(p.rejected_ids))
-        pos[b, :P + C] = torch.arange(P + C)
-        pos[b, P + C:P + C + R] = torch.arange(P, P + R)
+        ids[b, : P + C + R] = torch.tensor(list(p.prompt_ids) + list(p.chosen_ids) + list(p.rejected_ids))
+        pos[b, : P + C] = torch.arange(P + C)
+        pos[b, P + C : P + C + R] = torch.arange(P, P + R)
         seg[b, :P] = PROMPT
-        seg[b, P:P + C] = CHOSEN
-        seg[b, P + C:P + C + R] = REJECTED
+        seg[b, P : P + C] = CHOSEN
+        seg[b, P + C : P + C + R] = REJECTED
         last["prompt_last"][b] = P - 1
         last["chosen_last"][b] = P + C - 1
         last["rejected_last"][b] = P + C + R - 1
-    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg,
-            "attention_mask": (seg != PAD).long(), **last}
+    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg, "attention_mask": (seg != PAD).long(), **last}
 
 
 def block_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +72,9 @@ def packed_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor
     if torch.is_autocast_enabled(batch["input_ids"].device.type):
         dtype = torch.get_autocast_dtype(batch["input_ids"].device.type)
     mask = block_mask(batch["segment_ids"], dtype)
-    out = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                  use_cache=False)
+    out = decoder(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    )
     return out.last_hidden_state
 
 
@@ -104,8 +104,9 @@ def packed_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     src[rows, first_rej] = batch["prompt_last"]
     b_idx, t_idx = is_resp.nonzero(as_tuple=True)
     h = hidden[b_idx, src[b_idx, t_idx]]
-    lp = logprobs_from_logits(head(h), batch["input_ids"][b_idx, t_idx],
-                              getattr(base.config, "final_logit_softcapping", None))
+    lp = logprobs_from_logits(
+        head(h), batch["input_ids"][b_idx, t_idx], getattr(base.config, "final_logit_softcapping", None)
+    )
     is_chosen = seg[b_idx, t_idx] == CHOSEN
     zeros = torch.zeros(B, dtype=lp.dtype, device=lp.device)
     return {

@@ -53,9 +53,13 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "reflogps" / f"{key}.pt"
 
 
-def load_or_compute(key: str, compute: Callable[..., dict[str, torch.Tensor]], accelerator=None,
-                    echo: Callable[[str], None] = print, n: int | None = None
-                    ) -> tuple[dict[str, torch.Tensor], bool]:
+def load_or_compute(
+    key: str,
+    compute: Callable[..., dict[str, torch.Tensor]],
+    accelerator=None,
+    echo: Callable[[str], None] = print,
+    n: int | None = None,
+) -> tuple[dict[str, torch.Tensor], bool]:
     """Return ``(tensors, was_cached)``; on a miss the values are computed and written atomically.
 
     With ``n`` (the number of examples), ``compute(indices)`` returns the values of those examples
@@ -109,11 +113,11 @@ def _sharded(compute: Callable[[list[int]], dict[str, torch.Tensor]], n: int, ac
     print(f"reference log-probs: process {rank}/{world} computed {len(mine)} of {n}", flush=True)
     out = {}
     for k, v in sorted(values.items()):
-        v = v[:len(mine)]
+        v = v[: len(mine)]
         padded = torch.zeros((per, *v.shape[1:]), dtype=v.dtype)
-        padded[:len(v)] = v.cpu()
+        padded[: len(v)] = v.cpu()
         gathered = accelerator.gather(padded.to(accelerator.device)).cpu().reshape(world, per, *v.shape[1:])
-        out[k] = torch.cat([gathered[r, :len(shard(n, r, world))] for r in range(world)])
+        out[k] = torch.cat([gathered[r, : len(shard(n, r, world))] for r in range(world)])
     return out
 
 

@@ -77,8 +77,12 @@ class RewardModel(nn.Module):
         if "segment_ids" in batch:
             h = packed_hidden_states(decoder, batch)
             return self._score(h[rows, batch["chosen_last"]]), self._score(h[rows, batch["rejected_last"]])
-        h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        h = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
         return self._score(h[rows, last_token_index(batch["attention_mask"])])
 
 
@@ -142,8 +146,9 @@ def rendering_end_id(tokenizer: Any) -> int:
     """The last token id of a rendered conversation (the token a reward model scores)."""
     from alignforge.data.tokenize import tokenize_prompt_completion
 
-    p, c = tokenize_prompt_completion([{"role": "user", "content": "Hi"}],
-                                      [{"role": "assistant", "content": "Hello."}], tokenizer, full_render=True)
+    p, c = tokenize_prompt_completion(
+        [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello."}], tokenizer, full_render=True
+    )
     return (p + c)[-1]
 
 
@@ -155,14 +160,21 @@ def scoring_tokenizer(tokenizer: Any) -> Any:
     end = rendering_end_id(tokenizer)
     if tokenizer.pad_token_id != end:
         return tokenizer
-    for cand in [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                 *tokenizer.all_special_ids, 0, 1]:
+    for cand in [
+        tokenizer.unk_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        *tokenizer.all_special_ids,
+        0,
+        1,
+    ]:
         if cand is not None and cand != end:
             tok = copy.deepcopy(tokenizer)
             tok.pad_token = tok.convert_ids_to_tokens(cand)
             return tok
-    raise ModelError("cannot choose a pad token for the reward model: every candidate is the last "
-                     "token of a rendered conversation")
+    raise ModelError(
+        "cannot choose a pad token for the reward model: every candidate is the last token of a rendered conversation"
+    )
 
 
 def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, stats: dict) -> Path:
@@ -187,16 +199,30 @@ def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, sta
 
 # --------------------------------------------------------------------------- batched scoring
 
+
 def _progress(enabled: bool, total: int, description: str):
     """A started rich progress bar (on stderr) and its task, or ``(None, None)``."""
     if not enabled:
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
     prog.start()
     return prog, prog.add_task(description, total=total)
 
@@ -205,11 +231,12 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)  # longest first: OOM early
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def score_pairs(rm, pairs: Sequence, pad_id: int, batch_size: int = 8, progress: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(
+    rm, pairs: Sequence, pad_id: int, batch_size: int = 8, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Score both responses of every pair -> ``(chosen, rejected)`` float64 arrays in input order.
 
     Pairs are packed (``[prompt | chosen | rejected]``) and batched by length.
@@ -224,8 +251,9 @@ def score_pairs(rm, pairs: Sequence, pad_id: int, batch_size: int = 8, progress:
     prog, task = _progress(progress, n, "scoring pairs")
     try:
         with torch.no_grad():
-            for idx in batches_by_length([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
-                                         batch_size):
+            for idx in batches_by_length(
+                [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs], batch_size
+            ):
                 batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], pad_id).items()}
                 rc, rr = rm(batch)
                 chosen[idx] = rc.double().cpu().numpy()
@@ -239,8 +267,9 @@ def score_pairs(rm, pairs: Sequence, pad_id: int, batch_size: int = 8, progress:
     return chosen, rejected
 
 
-def score_sequences(rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8,
-                    progress: bool = True) -> np.ndarray:
+def score_sequences(
+    rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8, progress: bool = True
+) -> np.ndarray:
     """Score whole token sequences (prompt + response), right-padded, batched by length;
     input order kept."""
     from alignforge.data.collate import pad_batch

@@ -41,20 +41,26 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32,
-                     num_layers: int = 2, vocab_size: int = 512) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 512
+) -> Path:
     """Write a tiny random Llama plus tokenizer to ``out_dir`` (HF format) and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,10 +69,16 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 3
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(vocab_size)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -37,11 +37,13 @@ class ValueModel(nn.Module):
                 return h
         raise AttributeError(f"{type(base).__name__} has no 'score' head")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         base = _base(self.model)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+        hidden = base.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         head = self.head()
         w = next(head.parameters())
         v = head(hidden.to(w.dtype)).squeeze(-1)

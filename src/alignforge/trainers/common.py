@@ -132,8 +132,9 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
 MEGABATCH = 16  # length grouping sorts windows of this many global batches
 
 
-def epoch_order(epoch: int, n_examples: int, global_batch: int, seed: int,
-                lengths: Sequence[int] | None = None) -> list[int]:
+def epoch_order(
+    epoch: int, n_examples: int, global_batch: int, seed: int, lengths: Sequence[int] | None = None
+) -> list[int]:
     """The order of the examples in ``epoch``: a seeded shuffle, optionally grouped by length.
 
     With ``lengths``, each window of ``MEGABATCH`` global batches of the shuffle is sorted by
@@ -145,20 +146,21 @@ def epoch_order(epoch: int, n_examples: int, global_batch: int, seed: int,
     if lengths is None:
         return perm
     w = global_batch * MEGABATCH
-    return [i for k in range(0, n_examples, w) for i in sorted(perm[k:k + w], key=lambda i: -lengths[i])]
+    return [i for k in range(0, n_examples, w) for i in sorted(perm[k : k + w], key=lambda i: -lengths[i])]
 
 
-def step_indices(step: int, n_examples: int, global_batch: int, seed: int,
-                 lengths: Sequence[int] | None = None) -> list[int]:
+def step_indices(
+    step: int, n_examples: int, global_batch: int, seed: int, lengths: Sequence[int] | None = None
+) -> list[int]:
     """Indices of the examples in global step ``step`` (pure function: resume = step number)."""
     spe = steps_per_epoch(n_examples, global_batch)
     epoch, k = divmod(step, spe)
-    return epoch_order(epoch, n_examples, global_batch, seed, lengths)[k * global_batch:(k + 1) * global_batch]
+    return epoch_order(epoch, n_examples, global_batch, seed, lengths)[k * global_batch : (k + 1) * global_batch]
 
 
 def micro_slice(indices: list[int], micro: int, rank: int, world: int, batch: int) -> list[int]:
     start = (micro * world + rank) * batch
-    return indices[start:start + batch]
+    return indices[start : start + batch]
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -252,9 +254,16 @@ SIGNATURE_LABELS = {  # key -> how the resume message names it
 
 def run_signature(cfg: TrainConfig, world_size: int, total_steps: int, n_examples: int, digest: str) -> dict:
     """What fixes the data order and the schedule of a run; stored in every checkpoint."""
-    return {"per_device_batch_size": cfg.per_device_batch_size, "grad_accum": cfg.grad_accum,
-            "world_size": world_size, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
-            "total_steps": total_steps, "n_examples": n_examples, "examples_digest": digest}
+    return {
+        "per_device_batch_size": cfg.per_device_batch_size,
+        "grad_accum": cfg.grad_accum,
+        "world_size": world_size,
+        "seed": cfg.seed,
+        "group_by_length": cfg.group_by_length,
+        "total_steps": total_steps,
+        "n_examples": n_examples,
+        "examples_digest": digest,
+    }
 
 
 def signature_differences(saved: dict, now: dict) -> list[str]:
@@ -312,7 +321,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-max(1, keep_last)]:
+        for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -342,14 +351,20 @@ class Checkpointer:
         state = json.loads((ck / STATE_FILE).read_text())
         saved_sig = state.get("run")
         if saved_sig is None:
-            self.acc.print(f"resume: {ck} was written before checkpoints recorded the run's shape; "
-                           "resuming without checking batch size, seed or data")
+            self.acc.print(
+                f"resume: {ck} was written before checkpoints recorded the run's shape; "
+                "resuming without checking batch size, seed or data"
+            )
         elif diffs := signature_differences(saved_sig, self.signature):
-            msg = (f"train.resume: {ck} was written by a run with a different data order or schedule, "
-                   "so resuming would not continue it:\n  " + "\n  ".join(diffs))
+            msg = (
+                f"train.resume: {ck} was written by a run with a different data order or schedule, "
+                "so resuming would not continue it:\n  " + "\n  ".join(diffs)
+            )
             if not self.cfg.resume_force:
-                raise ConfigError(msg + "\nRestore those settings, use a new train.output_dir, or set "
-                                  "train.resume_force=true to resume anyway")
+                raise ConfigError(
+                    msg + "\nRestore those settings, use a new train.output_dir, or set "
+                    "train.resume_force=true to resume anyway"
+                )
             self.acc.print(msg + "\n(train.resume_force=true: resuming anyway)")
         self.acc.load_state(str(ck))
         self.resumed_from = self.last_saved = str(ck)
@@ -393,8 +408,9 @@ class GuardedStep:
     gradient norm; ``last_lr`` is the learning rate the step used.
     """
 
-    def __init__(self, accelerator, module: nn.Module, optimizer, scheduler, cfg: TrainConfig,
-                 last_good: Callable[[], str]):
+    def __init__(
+        self, accelerator, module: nn.Module, optimizer, scheduler, cfg: TrainConfig, last_good: Callable[[], str]
+    ):
         self.acc, self.module, self.opt, self.sched, self.cfg = accelerator, module, optimizer, scheduler, cfg
         self.last_good = last_good
         self.last_lr = float("nan")
@@ -409,8 +425,9 @@ class GuardedStep:
             gnorm = torch.stack(grads).norm() if grads else torch.zeros(())
         gnorm = float(gnorm)
         if not finite(gnorm):
-            raise TrainingError(f"non-finite gradient norm ({gnorm}) at {where}; stopped before the update, "
-                                f"{self.last_good()}")
+            raise TrainingError(
+                f"non-finite gradient norm ({gnorm}) at {where}; stopped before the update, {self.last_good()}"
+            )
         self.last_lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -434,9 +451,19 @@ class Logger:
     """Progress bar + TensorBoard (+ the history that becomes ``metrics.jsonl``) on the main process;
     silent elsewhere. The bar shows ``loss`` and ``rate_key`` (tokens/s by default)."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, total: int, start: int, history: list[dict], *,
-                 label: str = "train", rate_key: str = "tokens_per_s", rate_label: str = "tok/s",
-                 rate_format: str = ".0f"):
+    def __init__(
+        self,
+        accelerator,
+        cfg: TrainConfig,
+        total: int,
+        start: int,
+        history: list[dict],
+        *,
+        label: str = "train",
+        rate_key: str = "tokens_per_s",
+        rate_label: str = "tok/s",
+        rate_format: str = ".0f",
+    ):
         self.main = accelerator.is_main_process
         self.rate_key, self.rate_format = rate_key, rate_format
         self.out = Path(cfg.output_dir)
@@ -453,12 +480,24 @@ class Logger:
             except ImportError:  # pragma: no cover - tensorboard is a core dependency
                 self.tb = None
         if cfg.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(
-                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} " + rate_label),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} " + rate_label),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
@@ -473,8 +512,9 @@ class Logger:
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.progress is not None:
             loss = f"{row['loss']:.4f}" if "loss" in row else "-"
-            self.progress.update(self.task, completed=row["step"], loss=loss,
-                                 tps=format(row.get(self.rate_key, 0), self.rate_format))
+            self.progress.update(
+                self.task, completed=row["step"], loss=loss, tps=format(row.get(self.rate_key, 0), self.rate_format)
+            )
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -515,7 +555,7 @@ def plot_history(history: list[dict], path: str | Path, title: str = "training")
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     steps = [r["step"] for r in history]
-    for ax, k in zip(axes.flat, keys):
+    for ax, k in zip(axes.flat, keys, strict=False):
         ax.plot(steps, [r.get(k, float("nan")) for r in history], marker="." if len(steps) < 50 else None)
         ax.set_title(k)
         ax.set_xlabel("step")
@@ -570,8 +610,9 @@ def finite(x: torch.Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
-def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: Any = None,
-                 title: str = "training") -> dict:
+def run_training(
+    task: Task, cfg: TrainConfig, accelerator=None, *, run_config: Any = None, title: str = "training"
+) -> dict:
     """Train ``task.module`` to the end (or from the newest checkpoint with ``cfg.resume``).
 
     Returns a summary dict: ``{"step", "final_dir", "history", "resumed_from"}``.
@@ -657,7 +698,7 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 epoch, k = divmod(step, spe)
                 if order[0] != epoch:
                     order = (epoch, epoch_order(epoch, n, G, cfg.seed, lengths))
-                idx = order[1][k * G:(k + 1) * G]
+                idx = order[1][k * G : (k + 1) * G]
                 norm = task.normalizer([task.examples[i] for i in idx])
                 items = max(float(norm["items"] if isinstance(norm, dict) else norm), 1e-8)
                 if not isinstance(norm, dict):
@@ -696,12 +737,18 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 probe_due = cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == total)
                 if step % max(1, cfg.log_every) == 0 or step == total or probe_due:
                     n_win = window["steps"]
-                    row = {"step": step, "loss": window["loss"] / n_win, "lr": lr,
-                           "grad_norm": window["grad_norm"] / n_win, "epoch": round(step / spe, 4),
-                           "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0 - probe_s[0])}
+                    row = {
+                        "step": step,
+                        "loss": window["loss"] / n_win,
+                        "lr": lr,
+                        "grad_norm": window["grad_norm"] / n_win,
+                        "epoch": round(step / spe, 4),
+                        "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0 - probe_s[0]),
+                    }
                     sums, w_items = window_sums(), window["items"]
-                    row.update(task.summarize(sums, w_items) if task.summarize else
-                               {k: v / w_items for k, v in sums.items()})  # per-item means over the window
+                    row.update(
+                        task.summarize(sums, w_items) if task.summarize else {k: v / w_items for k, v in sums.items()}
+                    )  # per-item means over the window
                     window.update(steps=0, loss=0.0, grad_norm=0.0, items=0.0, sums={}, carried={})
                     if probe_due:
                         row.update(probe(step))
@@ -720,8 +767,9 @@ def run_training(task: Task, cfg: TrainConfig, accelerator=None, *, run_config: 
                 if stop:
                     if not saved_now:
                         save(step)
-                    raise TrainingInterrupted(f"interrupted: checkpoint saved at {ckpt.last_saved}; "
-                                              "continue with train.resume=true")
+                    raise TrainingInterrupted(
+                        f"interrupted: checkpoint saved at {ckpt.last_saved}; continue with train.resume=true"
+                    )
     finally:
         logger.close()
         if accelerator.is_main_process and history:

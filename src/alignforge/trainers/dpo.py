@@ -45,8 +45,9 @@ class DPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/dpo", lr=1e-6,
-                                                                   group_by_length=True))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="outputs/dpo", lr=1e-6, group_by_length=True)
+    )
     dpo: DPOParams = field(default_factory=DPOParams)
 
 
@@ -78,7 +79,7 @@ def pair_logps(lm, pairs: list, pad_id: int, batch_size: int = 8) -> dict[str, t
     device = next(lm.parameters()).device
     outs: dict[str, list] = {}
     for i in range(0, len(pairs), batch_size):
-        b = {k: v.to(device) for k, v in pack_pairs(pairs[i:i + batch_size], pad_id).items()}
+        b = {k: v.to(device) for k, v in pack_pairs(pairs[i : i + batch_size], pad_id).items()}
         for k, v in packed_response_logps(lm, b).items():
             outs.setdefault(k, []).append(v.cpu())
     lm.train(was)
@@ -99,6 +100,7 @@ def reference_logps(lm, pairs: list, pad_id: int, params: DPOParams, accelerator
     )
 
     with reference_policy(lm, params.ref_model, accelerator.device) as ref:
+
         def compute(idx: list[int]):
             # in the training precision (half the time of fp32 under bf16). Step-0 log-ratios are then exactly
             # 0 when the reference and training batches have the same shapes; otherwise bf16 rounding differs
@@ -108,8 +110,9 @@ def reference_logps(lm, pairs: list, pad_id: int, params: DPOParams, accelerator
                 return pair_logps(ref, [pairs[i] for i in idx], pad_id, params.ref_batch_size)
 
         digest = examples_digest(pairs, ("prompt_ids", "chosen_ids", "rejected_ids"))
-        key = cache_key(reference_fingerprint(ref), digest,
-                        {"kind": "pairs", "precision": str(accelerator.mixed_precision)})
+        key = cache_key(
+            reference_fingerprint(ref), digest, {"kind": "pairs", "precision": str(accelerator.mixed_precision)}
+        )
         values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(pairs))
     return values
 
@@ -135,20 +138,26 @@ def make_loss(params: DPOParams):
         pr = reduce_logps(out["rejected_logps"], nr, how)
         rc = reduce_logps(batch["ref_chosen"], nc, how)
         rr = reduce_logps(batch["ref_rejected"], nr, how)
-        losses, m = dpo_loss(pc, pr, rc, rr, beta=params.beta, label_smoothing=params.label_smoothing,
-                             loss_type=params.loss_type)
+        losses, m = dpo_loss(
+            pc, pr, rc, rr, beta=params.beta, label_smoothing=params.label_smoothing, loss_type=params.loss_type
+        )
         loss = losses.sum()
         nll = -(out["chosen_logps"] / nc.clamp(min=1))
         if params.ntp_coef:
             loss = loss + params.ntp_coef * nll.sum()
         metrics = {k: v.sum() for k, v in m.items()}
-        metrics.update({
-            "logps_chosen": out["chosen_logps"].detach().sum(), "logps_rejected": out["rejected_logps"].detach().sum(),
-            "nll_chosen": nll.detach().sum(),
-            # sequence-level KL estimate on the data responses: mean of log pi/pi_ref
-            "kl_data": ((out["chosen_logps"] - batch["ref_chosen"] + out["rejected_logps"] - batch["ref_rejected"])
-                        .detach() / 2).sum(),
-        })
+        metrics.update(
+            {
+                "logps_chosen": out["chosen_logps"].detach().sum(),
+                "logps_rejected": out["rejected_logps"].detach().sum(),
+                "nll_chosen": nll.detach().sum(),
+                # sequence-level KL estimate on the data responses: mean of log pi/pi_ref
+                "kl_data": (
+                    (out["chosen_logps"] - batch["ref_chosen"] + out["rejected_logps"] - batch["ref_rejected"]).detach()
+                    / 2
+                ).sum(),
+            }
+        )
         return loss / normalizer, metrics
 
     return loss_fn
@@ -173,24 +182,38 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    pairs, report = load_preference_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length,
-                                            overlong=cfg.data.overlong, on_error=cfg.data.on_error)
+    pairs, report = load_preference_dataset(
+        cfg.data.train_files,
+        tokenizer,
+        cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        overlong=cfg.data.overlong,
+        on_error=cfg.data.on_error,
+    )
     write_data_report(accelerator, cfg.train.output_dir, report.summary())
 
     set_seed(cfg.train.seed)
     model = build_policy(cfg.model, cfg.lora, accelerator.device)
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
     ref = reference_logps(model, pairs, pad_id, cfg.dpo, accelerator)
-    examples = [PairWithRef(p, float(c), float(r)) for p, c, r in zip(pairs, ref["chosen_logps"], ref["rejected_logps"])]
+    examples = [
+        PairWithRef(p, float(c), float(r))
+        for p, c, r in zip(pairs, ref["chosen_logps"], ref["rejected_logps"], strict=False)
+    ]
 
     def save(unwrapped, out: Path) -> None:
         save_trained(unwrapped.lm, tokenizer, out)
 
-    task = Task(module=PackedPairLogProbs(model), examples=examples, collate=lambda ex: collate_pairs(ex, pad_id),
-                normalizer=len, loss=make_loss(cfg.dpo), save_model=save,
-                lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
-                probe=policy_probe(cfg.train, tokenizer, [p.prompt_ids for p in pairs]))
+    task = Task(
+        module=PackedPairLogProbs(model),
+        examples=examples,
+        collate=lambda ex: collate_pairs(ex, pad_id),
+        normalizer=len,
+        loss=make_loss(cfg.dpo),
+        save_model=save,
+        lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
+        probe=policy_probe(cfg.train, tokenizer, [p.prompt_ids for p in pairs]),
+    )
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title="DPO")
     summary["data_report"] = report.summary()
     summary["config"] = asdict(cfg)

@@ -98,8 +98,9 @@ class PPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, max_prompt_length=256))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/ppo", lr=1e-6,
-                                                                   scheduler="constant", save_every=1))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="outputs/ppo", lr=1e-6, scheduler="constant", save_every=1)
+    )
     ppo: PPOParams = field(default_factory=PPOParams)
 
 
@@ -121,15 +122,18 @@ class PromptReport:
     kept: int = 0
 
     def summary(self) -> str:
-        s = (f"prompts: {self.read} read, {self.truncated} truncated from the left, "
-             f"{self.dropped_long} dropped as over-long")
+        s = (
+            f"prompts: {self.read} read, {self.truncated} truncated from the left, "
+            f"{self.dropped_long} dropped as over-long"
+        )
         if self.dropped_filter:
             s += f", {self.dropped_filter} dropped by the reward-variance filter"
         return s + f"; {self.kept} used"
 
 
-def load_prompts(files: list[str], tokenizer, max_prompt_length: int, overlong: str, on_error: str
-                 ) -> tuple[list[Prompt], PromptReport]:
+def load_prompts(
+    files: list[str], tokenizer, max_prompt_length: int, overlong: str, on_error: str
+) -> tuple[list[Prompt], PromptReport]:
     """Read and tokenise prompt files (any format ``read_prompts`` takes); over-long prompts are cut from
     the left (``overlong=truncate``) or dropped, and counted."""
     from alignforge.data.readers import read_prompts
@@ -164,7 +168,7 @@ def iteration_prompts(i: int, n: int, per_iter: int, seed: int) -> list[int]:
         epoch, k = divmod(start + len(out), n)
         g = torch.Generator().manual_seed(seed + epoch)
         perm = torch.randperm(n, generator=g).tolist()
-        out += perm[k:k + per_iter - len(out)]
+        out += perm[k : k + per_iter - len(out)]
     return out
 
 
@@ -185,7 +189,7 @@ def right_pad(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     """
     from alignforge.data.collate import pad_batch
 
-    b = pad_batch([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)
+    b = pad_batch([list(p) + list(r) for p, r in zip(prompts, responses, strict=False)], pad_id)
     ids, att = b["input_ids"], b["attention_mask"]
     R = max(1, max(len(r) for r in responses))
     k = torch.arange(R)
@@ -231,8 +235,13 @@ class ActorCritic(nn.Module):
         self.policy = policy
         self.critic = critic
 
-    def forward(self, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool,
-                ntp: dict[str, torch.Tensor] | None = None):
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        temperature: float,
+        with_entropy: bool,
+        ntp: dict[str, torch.Tensor] | None = None,
+    ):
         from alignforge.models.logprobs import target_logprobs
 
         lp, ent = response_logps(self.policy, batch, temperature, with_entropy)
@@ -247,7 +256,14 @@ class ActorCritic(nn.Module):
 
 
 class RewardScorer:
-    """The frozen reward model on (prompt, response) pairs; re-tokenises when its tokenizer differs."""
+    """The frozen reward model on (prompt, response) pairs.
+
+    Each response is decoded to text and the conversation re-rendered with the reward model's own
+    chat template to the end of the rendering (``full_render``), which is what the reward model scores
+    everywhere else (``rm score``, ``dpo-data``, plain transformers); so a reward model whose tokenizer
+    differs from the policy's scores the same text. A response cut at ``max_new_tokens`` is scored as if
+    it ended there.
+    """
 
     def __init__(self, path: str, policy_tokenizer, device, batch_size: int):
         from alignforge.models.reward import load_reward_model
@@ -256,18 +272,22 @@ class RewardScorer:
         self.rm.to(device)
         self.policy_tok = policy_tokenizer
         self.batch_size = batch_size
-        self.same = (self.tok.get_vocab() == policy_tokenizer.get_vocab()
-                     and getattr(self.tok, "chat_template", None) == getattr(policy_tokenizer, "chat_template", None))
+        self.same = self.tok.get_vocab() == policy_tokenizer.get_vocab() and getattr(
+            self.tok, "chat_template", None
+        ) == getattr(policy_tokenizer, "chat_template", None)
 
     def sequences(self, prompts: list[Prompt], responses: list[list[int]]) -> list[list[int]]:
-        if self.same:
-            return [list(p.ids) + list(r) for p, r in zip(prompts, responses)]
         from alignforge.data.tokenize import tokenize_prompt_completion
 
         out = []
-        for p, r in zip(prompts, responses):
+        for p, r in zip(prompts, responses, strict=True):
             text = self.policy_tok.decode(r, skip_special_tokens=True)
-            pi, ci = tokenize_prompt_completion(p.messages, [{"role": "assistant", "content": text}], self.tok)
+            pi, ci = tokenize_prompt_completion(
+                p.messages,
+                [{"role": "assistant", "content": text if text.strip() else " "}],
+                self.tok,
+                full_render=True,
+            )
             out.append(pi + ci)
         return out
 
@@ -285,9 +305,15 @@ class RewardScorer:
 def _gen_cfg(p: PPOParams, seed: int, rows: int, greedy: bool = False):
     from alignforge.inference.generate import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=p.max_new_tokens, temperature=0.0 if greedy else p.temperature,
-                            top_p=p.top_p, top_k=p.top_k, seed=seed, batch_size=max(1, rows),
-                            stop_on_eos=not p.ignore_eos)
+    return GenerationConfig(
+        max_new_tokens=p.max_new_tokens,
+        temperature=0.0 if greedy else p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=seed,
+        batch_size=max(1, rows),
+        stop_on_eos=not p.ignore_eos,
+    )
 
 
 def _check(cfg: PPOConfig, world: int) -> None:
@@ -300,16 +326,29 @@ def _check(cfg: PPOConfig, world: int) -> None:
         raise ConfigError("ppo.reward_model is required: a reward model trained with `alignforge rm train`")
     if p.advantage in ("grpo", "rloo") and p.samples_per_prompt < 2:
         raise ConfigError(f"ppo.advantage={p.advantage} needs ppo.samples_per_prompt >= 2, got {p.samples_per_prompt}")
-    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "gen_batch_prompts", "ppo_epochs",
-                 "minibatches", "forward_batch_size", "max_new_tokens", "score_batch_size"):
+    for name in (
+        "iterations",
+        "prompts_per_iteration",
+        "samples_per_prompt",
+        "gen_batch_prompts",
+        "ppo_epochs",
+        "minibatches",
+        "forward_batch_size",
+        "max_new_tokens",
+        "score_batch_size",
+    ):
         if getattr(p, name) < 1:
             raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(p, name)}")
     if p.prompts_per_iteration % (p.gen_batch_prompts * world):
-        raise ConfigError(f"ppo.prompts_per_iteration ({p.prompts_per_iteration}) must be a multiple of "
-                          f"ppo.gen_batch_prompts × processes ({p.gen_batch_prompts} × {world})")
+        raise ConfigError(
+            f"ppo.prompts_per_iteration ({p.prompts_per_iteration}) must be a multiple of "
+            f"ppo.gen_batch_prompts × processes ({p.gen_batch_prompts} × {world})"
+        )
     if (p.gen_batch_prompts * p.samples_per_prompt) % p.minibatches:
-        raise ConfigError(f"ppo.minibatches ({p.minibatches}) must divide the rows of a generation block "
-                          f"(gen_batch_prompts × samples_per_prompt = {p.gen_batch_prompts * p.samples_per_prompt})")
+        raise ConfigError(
+            f"ppo.minibatches ({p.minibatches}) must divide the rows of a generation block "
+            f"(gen_batch_prompts × samples_per_prompt = {p.gen_batch_prompts * p.samples_per_prompt})"
+        )
     if p.temperature < 0:
         raise ConfigError(f"ppo.temperature must be >= 0, got {p.temperature}")
     if p.ntp_coef > 0 and not p.ntp_file:
@@ -353,8 +392,9 @@ class _Trainer:
         self.tok = load_tokenizer(cfg.model.name_or_path)
         self.pad_id = self.tok.pad_token_id
         mpl = cfg.data.max_prompt_length or cfg.data.max_length // 2
-        self.prompts, self.prompt_report = load_prompts(cfg.data.train_files, self.tok, mpl, cfg.data.overlong,
-                                                        cfg.data.on_error)
+        self.prompts, self.prompt_report = load_prompts(
+            cfg.data.train_files, self.tok, mpl, cfg.data.overlong, cfg.data.on_error
+        )
         set_seed(cfg.train.seed)
         self.policy = build_policy(cfg.model, cfg.lora, acc.device)
         from alignforge.models.lora import adapter_is_identity
@@ -386,8 +426,9 @@ class _Trainer:
         if p.ntp_coef > 0:
             from alignforge.data.tokenize import load_sft_dataset
 
-            self.ntp, rep = load_sft_dataset(p.ntp_file, self.tok, cfg.data.max_length, overlong=cfg.data.overlong,
-                                             on_error=cfg.data.on_error)
+            self.ntp, rep = load_sft_dataset(
+                p.ntp_file, self.tok, cfg.data.max_length, overlong=cfg.data.overlong, on_error=cfg.data.on_error
+            )
             if not self.ntp:
                 from alignforge.errors import ConfigError
 
@@ -423,11 +464,23 @@ class _Trainer:
         p = self.p
         with self.reference_policy() as ref:
             fp = model_fingerprint(ref)
-        blob = json.dumps({"ref": fp, "rm": model_fingerprint(self.scorer.rm), "prompts": examples_digest(self.prompts),
-                           "greedy": p.ref_greedy, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
-                           "max_new_tokens": p.max_new_tokens, "ignore_eos": p.ignore_eos,
-                           "gen_batch_prompts": p.gen_batch_prompts, "seed": self.cfg.train.seed,
-                           "precision": str(self.acc.mixed_precision)}, sort_keys=True)
+        blob = json.dumps(
+            {
+                "ref": fp,
+                "rm": model_fingerprint(self.scorer.rm),
+                "prompts": examples_digest(self.prompts),
+                "greedy": p.ref_greedy,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "top_k": p.top_k,
+                "max_new_tokens": p.max_new_tokens,
+                "ignore_eos": p.ignore_eos,
+                "gen_batch_prompts": p.gen_batch_prompts,
+                "seed": self.cfg.train.seed,
+                "precision": str(self.acc.mixed_precision),
+            },
+            sort_keys=True,
+        )
         key = hashlib.sha256(blob.encode()).hexdigest()[:24]
         path = cache_dir() / "ppo_ref" / f"{key}.pt"
         if path.is_file():
@@ -441,12 +494,16 @@ class _Trainer:
             with self.reference_policy() as ref:
                 for b in blocks:
                     idx = list(range(b * G, min(len(self.prompts), (b + 1) * G)))
-                    gens = self.generate(ref, [self.prompts[j].ids for j in idx],
-                                         mix_seed(self.cfg.train.seed, -1, b), greedy=p.ref_greedy)
+                    gens = self.generate(
+                        ref,
+                        [self.prompts[j].ids for j in idx],
+                        mix_seed(self.cfg.train.seed, -1, b),
+                        greedy=p.ref_greedy,
+                    )
                     resp = [g.response_ids for g in gens]
                     with self.acc.autocast():
                         r = self.scorer([self.prompts[j] for j in idx], resp)
-                    mine += [(j, rr, float(s)) for j, rr, s in zip(idx, resp, r)]
+                    mine += [(j, rr, float(s)) for j, rr, s in zip(idx, resp, r, strict=False)]
             allr = sorted(gather_object(mine) if self.world > 1 else mine)
             data = {"responses": [x[1] for x in allr], "rewards": torch.tensor([x[2] for x in allr])}
             if self.acc.is_main_process:
@@ -476,7 +533,7 @@ class _Trainer:
             with self.acc.autocast():
                 r = self.scorer([self.prompts[j] for j in idx for _ in range(K)], [g.response_ids for g in gens])
             var = r.view(-1, K).var(dim=1, unbiased=False)
-            mine += [(j, float(v)) for j, v in zip(idx, var)]
+            mine += [(j, float(v)) for j, v in zip(idx, var, strict=False)]
         allv = sorted(gather_object(mine) if self.world > 1 else mine)
         keep = [j for j, v in allv if v >= p.filter_eps]
         self.prompt_report.dropped_filter = len(self.prompts) - len(keep)
@@ -500,16 +557,17 @@ class _Trainer:
         blocks, prompts, responses, finished, greedy_resp = [], [], [], [], []
         policy = module.policy
         for b in self.my_blocks(len(glob)):
-            idx = glob[b * G:(b + 1) * G]
+            idx = glob[b * G : (b + 1) * G]
             rows = [self.prompts[j] for j in idx for _ in range(K)]
             gens = self.generate(policy, [r.ids for r in rows], mix_seed(self.cfg.train.seed, it, b))
             blocks.append((b, len(prompts), len(rows)))
-            prompts += [(j, r) for j, r in zip([j for j in idx for _ in range(K)], rows)]
+            prompts += [(j, r) for j, r in zip([j for j in idx for _ in range(K)], rows, strict=False)]
             responses += [g.response_ids for g in gens]
             finished += [g.finished for g in gens]
             if p.advantage == "remax":
-                greedy_resp += [g.response_ids for g in self.generate(policy, [self.prompts[j].ids for j in idx], 0,
-                                                                         greedy=True)]
+                greedy_resp += [
+                    g.response_ids for g in self.generate(policy, [self.prompts[j].ids for j in idx], 0, greedy=True)
+                ]
         gen_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -517,13 +575,15 @@ class _Trainer:
         with acc.autocast():
             raw = self.scorer(recs, responses)
             if p.advantage == "remax":
-                base_g = self.scorer([self.prompts[j] for b in self.my_blocks(len(glob))
-                                      for j in glob[b * G:(b + 1) * G]], greedy_resp)
+                base_g = self.scorer(
+                    [self.prompts[j] for b in self.my_blocks(len(glob)) for j in glob[b * G : (b + 1) * G]], greedy_resp
+                )
         if not bool(torch.isfinite(raw).all()):
             from alignforge.errors import TrainingError
 
-            raise TrainingError(f"non-finite reward at iteration {it + 1}; stopped before the update, "
-                                f"{self.ck.last_good()}")
+            raise TrainingError(
+                f"non-finite reward at iteration {it + 1}; stopped before the update, {self.ck.last_good()}"
+            )
         score = raw.clone()
         if self.ref_rewards is not None:
             score = score - self.ref_rewards[[j for j, _ in prompts]]
@@ -534,7 +594,7 @@ class _Trainer:
         module.eval()
         with acc.autocast():
             for s in range(0, len(recs), B):
-                batch = right_pad(ids_p[s:s + B], responses[s:s + B], pad)
+                batch = right_pad(ids_p[s : s + B], responses[s : s + B], pad)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 lp, _ = response_logps(policy, batch, self.lp_temperature)
                 with self.reference_policy() as ref:
@@ -571,10 +631,25 @@ class _Trainer:
         score_s = time.perf_counter() - t1
         _fault("rollout", it + 1)
         lens = m.sum(1)
-        return {"blocks": blocks, "prompt_idx": [j for j, _ in prompts], "prompt_ids": ids_p,
-                "responses": responses, "old_lp": old_lp, "ref_lp": ref_lp, "mask": mask, "adv": adv,
-                "ret": ret, "values": vals, "raw": raw, "score": score, "finished": finished, "kl": kl,
-                "lens": lens, "gen_s": gen_s, "score_s": score_s}
+        return {
+            "blocks": blocks,
+            "prompt_idx": [j for j, _ in prompts],
+            "prompt_ids": ids_p,
+            "responses": responses,
+            "old_lp": old_lp,
+            "ref_lp": ref_lp,
+            "mask": mask,
+            "adv": adv,
+            "ret": ret,
+            "values": vals,
+            "raw": raw,
+            "score": score,
+            "finished": finished,
+            "kl": kl,
+            "lens": lens,
+            "gen_s": gen_s,
+            "score_s": score_s,
+        }
 
     # ----------------------------------------------------------------- update
     def minibatch_rows(self, ro: dict, it: int, epoch: int, mb: int) -> list[int]:
@@ -584,7 +659,7 @@ class _Trainer:
             g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, it, epoch, b))
             perm = torch.randperm(n, generator=g).tolist()
             c = n // self.p.minibatches
-            out += [start + k for k in perm[mb * c:(mb + 1) * c]]
+            out += [start + k for k in perm[mb * c : (mb + 1) * c]]
         return out
 
     def ntp_rows(self, update: int) -> list[int]:
@@ -610,7 +685,7 @@ class _Trainer:
                 rows = self.minibatch_rows(ro, it, epoch, mb)
                 n_tok = torch.tensor(float(ro["mask"][rows].sum()), device=acc.device)
                 n_tok = max(float(acc.reduce(n_tok, "sum")), 1.0)
-                chunks = [rows[s:s + p.forward_batch_size] for s in range(0, len(rows), p.forward_batch_size)]
+                chunks = [rows[s : s + p.forward_batch_size] for s in range(0, len(rows), p.forward_batch_size)]
                 ntp_batch = ntp_norm = None
                 if self.ntp is not None:
                     from alignforge.data.collate import collate_sft
@@ -691,11 +766,18 @@ class _Trainer:
         module, optimizer = acc.prepare(module, optimizer)
         acc.register_for_checkpointing(scheduler)
         unwrapped = acc.unwrap_model(module)
-        shape = {"prompts_per_iteration": p.prompts_per_iteration, "samples_per_prompt": p.samples_per_prompt,
-                 "gen_batch_prompts": p.gen_batch_prompts, "minibatches": p.minibatches,
-                 "ppo_epochs": p.ppo_epochs, "world_size": self.world, "seed": cfg.train.seed,
-                 "n_examples": len(self.prompts), "examples_digest": examples_digest(self.prompts),
-                 "total_steps": p.iterations}
+        shape = {
+            "prompts_per_iteration": p.prompts_per_iteration,
+            "samples_per_prompt": p.samples_per_prompt,
+            "gen_batch_prompts": p.gen_batch_prompts,
+            "minibatches": p.minibatches,
+            "ppo_epochs": p.ppo_epochs,
+            "world_size": self.world,
+            "seed": cfg.train.seed,
+            "n_examples": len(self.prompts),
+            "examples_digest": examples_digest(self.prompts),
+            "total_steps": p.iterations,
+        }
         self.ck = ck = Checkpointer(acc, cfg.train, shape, p.iterations)
         self.kl_coef = p.kl_coef
         self.update_step, it, history = 0, 0, []
@@ -710,8 +792,17 @@ class _Trainer:
             dump_config(cfg, self.out / "config.yaml")
             drop_later_samples(self.out / "samples.jsonl", it)
         guard = GuardedStep(acc, module, optimizer, scheduler, cfg.train, ck.last_good)
-        logger = Logger(acc, cfg.train, p.iterations, it, history, label="ppo", rate_key="reward",
-                        rate_label="reward", rate_format="+.3f")
+        logger = Logger(
+            acc,
+            cfg.train,
+            p.iterations,
+            it,
+            history,
+            label="ppo",
+            rate_key="reward",
+            rate_label="reward",
+            rate_format="+.3f",
+        )
         try:
             with sigint_flag() as sigint:
                 while it < p.iterations:
@@ -722,8 +813,13 @@ class _Trainer:
                     train_s = time.perf_counter() - t2
                     row = self.metrics(it, ro, sums, train_s)
                     if p.adaptive_kl:
-                        self.kl_coef = adaptive_kl_coef(self.kl_coef, row["kl_ref"], p.kl_target, p.kl_horizon,
-                                                        p.prompts_per_iteration * p.samples_per_prompt)
+                        self.kl_coef = adaptive_kl_coef(
+                            self.kl_coef,
+                            row["kl_ref"],
+                            p.kl_target,
+                            p.kl_horizon,
+                            p.prompts_per_iteration * p.samples_per_prompt,
+                        )
                     it += 1
                     logger.log(row)
                     if p.sample_every and (it % p.sample_every == 0 or it == 1):
@@ -739,15 +835,22 @@ class _Trainer:
                     if stop:
                         if not saved:
                             ck.save(it, history, extra)
-                        raise TrainingInterrupted(f"interrupted: checkpoint saved at {ck.last_saved}; "
-                                                  "continue with train.resume=true")
+                        raise TrainingInterrupted(
+                            f"interrupted: checkpoint saved at {ck.last_saved}; continue with train.resume=true"
+                        )
         finally:
             logger.close()
             if acc.is_main_process and history:
                 write_metrics(history, self.out)
         final = ck.save_final(lambda tmp: self._save_policy(unwrapped, tmp), history, title="PPO")
-        return {"step": it, "final_dir": str(final), "history": history, "resumed_from": ck.resumed_from,
-                "data_report": self.prompt_report.summary(), "config": asdict(cfg)}
+        return {
+            "step": it,
+            "final_dir": str(final),
+            "history": history,
+            "resumed_from": ck.resumed_from,
+            "data_report": self.prompt_report.summary(),
+            "config": asdict(cfg),
+        }
 
     def _save_policy(self, unwrapped: ActorCritic, out: Path) -> None:
         from alignforge.models.lora import save_trained
@@ -759,27 +862,39 @@ class _Trainer:
         m = ro["mask"].float()
         n_seq = float(m.shape[0])
         local = {
-            "n_seq": n_seq, "reward_raw": float(ro["raw"].sum()), "reward": float(ro["score"].sum()),
-            "kl_ref": float(ro["kl"].sum()), "response_len": float(ro["lens"].sum()),
+            "n_seq": n_seq,
+            "reward_raw": float(ro["raw"].sum()),
+            "reward": float(ro["score"].sum()),
+            "kl_ref": float(ro["kl"].sum()),
+            "response_len": float(ro["lens"].sum()),
             "cut": float(sum(1 for f in ro["finished"] if not f)),
             "kl_k1": float(((ro["old_lp"] - ro["ref_lp"]) * m).sum()),
         }
         keys = sorted(local)
         t = acc.reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64, device=acc.device), "sum")
-        g = dict(zip(keys, t.tolist()))
+        g = dict(zip(keys, t.tolist(), strict=False))
         keys2 = sorted(sums)
         t2 = acc.reduce(torch.tensor([sums[k] for k in keys2], dtype=torch.float64, device=acc.device), "sum")
-        s = dict(zip(keys2, t2.tolist()))
+        s = dict(zip(keys2, t2.tolist(), strict=False))
         N = g["n_seq"]
         tok = max(s.get("tokens", 1.0) / self.world, 1.0)  # every rank added the same global count
         ups = max(s.get("updates", 1.0) / self.world, 1.0)
         row = {
-            "step": it + 1, "reward_raw": g["reward_raw"] / N, "reward": g["reward"] / N,
-            "kl_ref": g["kl_k1"] / N, "response_len": g["response_len"] / N, "cut_share": g["cut"] / N,
-            "policy_loss": s.get("policy_loss", 0.0) / tok, "clip_frac": s.get("clipped", 0.0) / tok,
-            "approx_kl": s.get("approx_kl", 0.0) / tok, "entropy": s.get("entropy", 0.0) / tok,
-            "grad_norm": s.get("grad_norm", 0.0) / self.world / ups, "kl_coef": self.kl_coef,
-            "gen_s": ro["gen_s"], "score_s": ro["score_s"], "train_s": train_s,
+            "step": it + 1,
+            "reward_raw": g["reward_raw"] / N,
+            "reward": g["reward"] / N,
+            "kl_ref": g["kl_k1"] / N,
+            "response_len": g["response_len"] / N,
+            "cut_share": g["cut"] / N,
+            "policy_loss": s.get("policy_loss", 0.0) / tok,
+            "clip_frac": s.get("clipped", 0.0) / tok,
+            "approx_kl": s.get("approx_kl", 0.0) / tok,
+            "entropy": s.get("entropy", 0.0) / tok,
+            "grad_norm": s.get("grad_norm", 0.0) / self.world / ups,
+            "kl_coef": self.kl_coef,
+            "gen_s": ro["gen_s"],
+            "score_s": ro["score_s"],
+            "train_s": train_s,
             "lr": self._lr(),
         }
         row["loss"] = row["policy_loss"]
@@ -800,11 +915,20 @@ class _Trainer:
         n = min(self.p.n_samples_logged, len(ro["responses"]))
         with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
             for k in range(n):
-                f.write(json.dumps({
-                    "step": it, "prompt": self.tok.decode(ro["prompt_ids"][k], skip_special_tokens=False),
-                    "response": self.tok.decode(ro["responses"][k], skip_special_tokens=True),
-                    "reward_raw": float(ro["raw"][k]), "reward": float(ro["score"][k]),
-                    "n_tokens": len(ro["responses"][k]), "finished": bool(ro["finished"][k])}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": it,
+                            "prompt": self.tok.decode(ro["prompt_ids"][k], skip_special_tokens=False),
+                            "response": self.tok.decode(ro["responses"][k], skip_special_tokens=True),
+                            "reward_raw": float(ro["raw"][k]),
+                            "reward": float(ro["score"][k]),
+                            "n_tokens": len(ro["responses"][k]),
+                            "finished": bool(ro["finished"][k]),
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def drop_later_samples(path: Path, iteration: int) -> None:

@@ -53,8 +53,9 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, overlong="truncate_prompt"))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/rm", lr=1e-5,
-                                                                   group_by_length=True))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="outputs/rm", lr=1e-5, group_by_length=True)
+    )
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -64,8 +65,9 @@ def pair_length(p) -> int:
 
 def collate_unpacked(pairs: list, pad_id: int) -> dict:
     """``2B`` right-padded sequences: rows ``[:B]`` prompt+chosen, rows ``[B:]`` prompt+rejected."""
-    seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs] + \
-           [list(p.prompt_ids) + list(p.rejected_ids) for p in pairs]
+    seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs] + [
+        list(p.prompt_ids) + list(p.rejected_ids) for p in pairs
+    ]
     from alignforge.data.collate import pad_batch
 
     return pad_batch(seqs, pad_id)
@@ -85,10 +87,16 @@ def make_loss(rcfg: RewardConfig):
 
     def loss_fn(module, batch: dict, normalizer: float):
         rc, rr = pair_scores(module, batch)
-        losses, m = bradley_terry_loss(rc, rr, margin=rcfg.margin or None, regularizer=rcfg.regularizer,
-                                       reg_coef=rcfg.reg_coef)
-        metrics = {"accuracy": m["accuracy"].sum(), "margin": m["margin"].sum(), "bt_loss": m["bt"].sum(),
-                   "reward_chosen": rc.detach().sum(), "reward_rejected": rr.detach().sum()}
+        losses, m = bradley_terry_loss(
+            rc, rr, margin=rcfg.margin or None, regularizer=rcfg.regularizer, reg_coef=rcfg.reg_coef
+        )
+        metrics = {
+            "accuracy": m["accuracy"].sum(),
+            "margin": m["margin"].sum(),
+            "bt_loss": m["bt"].sum(),
+            "reward_chosen": rc.detach().sum(),
+            "reward_rejected": rr.detach().sum(),
+        }
         return losses.sum() / normalizer, metrics
 
     return loss_fn
@@ -122,15 +130,21 @@ def train_rm(cfg: RMConfig) -> dict:
         raise ConfigError("data.train_files is empty: name at least one preference file")
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    pairs, report = load_preference_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length,
-                                            overlong=cfg.data.overlong, on_error=cfg.data.on_error,
-                                            full_render=True)
+    pairs, report = load_preference_dataset(
+        cfg.data.train_files,
+        tokenizer,
+        cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        overlong=cfg.data.overlong,
+        on_error=cfg.data.on_error,
+        full_render=True,
+    )
     lines = [report.summary()]
     balance = None
     if cfg.reward.length_balance:
-        keep, balance = balance_by_length([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
-                                          cfg.reward.bucket_edges, seed=cfg.train.seed)
+        keep, balance = balance_by_length(
+            [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], cfg.reward.bucket_edges, seed=cfg.train.seed
+        )
         pairs = [pairs[i] for i in keep]
         lines.append(balance.summary())
     write_data_report(accelerator, cfg.train.output_dir, "\n".join(lines))
@@ -146,15 +160,27 @@ def train_rm(cfg: RMConfig) -> dict:
     model = apply_lora(model, LoraSettings.from_config(cfg.lora, task_type="SEQ_CLS"))
 
     def save(unwrapped: RewardModel, out_dir: Path) -> None:
-        stats = score_stats(unwrapped, pairs[:cfg.reward.stats_pairs], pad_id)
-        stats.update({"reference": f"first {min(len(pairs), cfg.reward.stats_pairs)} training pairs",
-                      "regularizer": cfg.reward.regularizer, "reg_coef": cfg.reward.reg_coef,
-                      "length_balance": cfg.reward.length_balance})
+        stats = score_stats(unwrapped, pairs[: cfg.reward.stats_pairs], pad_id)
+        stats.update(
+            {
+                "reference": f"first {min(len(pairs), cfg.reward.stats_pairs)} training pairs",
+                "regularizer": cfg.reward.regularizer,
+                "reg_coef": cfg.reward.reg_coef,
+                "length_balance": cfg.reward.length_balance,
+            }
+        )
         save_reward_model(unwrapped, tokenizer, out_dir, stats)
 
     collate = (lambda ex: pack_pairs(ex, pad_id)) if cfg.reward.packed else (lambda ex: collate_unpacked(ex, pad_id))
-    task = Task(module=RewardModel(model), examples=pairs, collate=collate, normalizer=len,
-                loss=make_loss(cfg.reward), save_model=save, lengths=[pair_length(p) for p in pairs])
+    task = Task(
+        module=RewardModel(model),
+        examples=pairs,
+        collate=collate,
+        normalizer=len,
+        loss=make_loss(cfg.reward),
+        save_model=save,
+        lengths=[pair_length(p) for p in pairs],
+    )
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title="reward model")
     summary["data_report"] = "\n".join(lines)
     summary["config"] = asdict(cfg)

@@ -74,8 +74,9 @@ def train_sft(cfg: SFTConfig) -> dict:
         raise ConfigError("data.train_files is empty: name at least one SFT file")
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    examples, report = load_sft_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
-                                        overlong=cfg.data.overlong, on_error=cfg.data.on_error)
+    examples, report = load_sft_dataset(
+        cfg.data.train_files, tokenizer, cfg.data.max_length, overlong=cfg.data.overlong, on_error=cfg.data.on_error
+    )
     write_data_report(accelerator, cfg.train.output_dir, report.summary())
 
     from accelerate.utils import set_seed

@@ -62,8 +62,9 @@ class ULMAConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/ulma", lr=1e-5,
-                                                                   group_by_length=True))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="outputs/ulma", lr=1e-5, group_by_length=True)
+    )
     ulma: ULMAParams = field(default_factory=ULMAParams)
 
 
@@ -99,9 +100,13 @@ def collate_points(examples: list, pad_id: int) -> dict:
     tgt = [[False] * len(e.example.prompt_ids) + [True] * len(e.example.completion_ids) for e in examples]
     b = pad_batch(seqs, pad_id, masks={"target_mask": tgt})
     ids, att, tgt = b["input_ids"], b["attention_mask"], b["target_mask"]
-    return {"input_ids": ids, "attention_mask": att, "target_mask": tgt,
-            "labels": torch.tensor([e.example.label for e in examples], dtype=torch.float32),
-            "ref_logp": torch.tensor([e.ref_logp for e in examples], dtype=torch.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": att,
+        "target_mask": tgt,
+        "labels": torch.tensor([e.example.label for e in examples], dtype=torch.float32),
+        "ref_logp": torch.tensor([e.ref_logp for e in examples], dtype=torch.float32),
+    }
 
 
 @torch.no_grad()
@@ -114,7 +119,7 @@ def point_logps(lm, examples: list, pad_id: int, batch_size: int = 8) -> torch.T
     device = next(lm.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
-        b = collate_points([PointWithRef(e, 0.0) for e in examples[i:i + batch_size]], pad_id)
+        b = collate_points([PointWithRef(e, 0.0) for e in examples[i : i + batch_size]], pad_id)
         lp = target_logprobs(lm, b["input_ids"].to(device), b["attention_mask"].to(device), b["target_mask"].to(device))
         out.append(lp.sum(1).cpu())
     lm.train(was)
@@ -141,18 +146,35 @@ def make_loss(params: ULMAParams, continuous: bool):
             policy, ref = policy / n_tok, ref / n_tok
         z = batch["labels"]
         if params.loss == "ulma":
-            loss, m = ulma_loss(policy, ref, z, beta=params.beta, c=params.c, continuous=continuous,
-                                n_pos=norm["n_pos"], n_neg=norm["n_neg"])
+            loss, m = ulma_loss(
+                policy,
+                ref,
+                z,
+                beta=params.beta,
+                c=params.c,
+                continuous=continuous,
+                n_pos=norm["n_pos"],
+                n_neg=norm["n_neg"],
+            )
             metrics = {k: m[k] for k in ("sigmoid_reward_pos", "sigmoid_reward_neg", "pos_nll", "neg_loss")}
         elif params.loss == "pointwise_dpo":
             losses, m = pointwise_dpo_loss(policy, ref, z, beta=params.beta, c=params.c, continuous=continuous)
             loss = losses.sum() / norm["items"]
             pos = (z == 1).float()
-            metrics = {"sigmoid_reward_pos": (m["sigmoid_reward"] * pos).sum(),
-                       "sigmoid_reward_neg": (m["sigmoid_reward"] * (1 - pos)).sum()}
+            metrics = {
+                "sigmoid_reward_pos": (m["sigmoid_reward"] * pos).sum(),
+                "sigmoid_reward_neg": (m["sigmoid_reward"] * (1 - pos)).sum(),
+            }
         else:
-            losses, m = kto_loss(policy, ref, z >= 0.5, norm["kto_z0"], beta=params.beta,
-                                 lambda_d=params.kto_lambda_d, lambda_u=params.kto_lambda_u)
+            losses, m = kto_loss(
+                policy,
+                ref,
+                z >= 0.5,
+                norm["kto_z0"],
+                beta=params.beta,
+                lambda_d=params.kto_lambda_d,
+                lambda_u=params.kto_lambda_u,
+            )
             loss = losses.sum() / norm["items"]
             metrics = {"kto_z0": m["z0"] * len(z)}
         pos = (z == 1).to(policy.dtype)
@@ -169,8 +191,9 @@ def mismatched_pairs(indices: list[int]) -> list[tuple[int, int]]:
     return [(indices[k], indices[(k + 1) % n]) for k in range(n)]
 
 
-def planned_mismatched_pairs(n_examples: int, cfg: TrainConfig, world: int,
-                             lengths: list[int] | None) -> list[tuple[int, int]]:
+def planned_mismatched_pairs(
+    n_examples: int, cfg: TrainConfig, world: int, lengths: list[int] | None
+) -> list[tuple[int, int]]:
     """Every distinct mismatched pair that the run's batch plan will meet, sorted.
 
     The plan is the loop's (``trainers/common.py``: ``epoch_order`` of each epoch, cut into global
@@ -185,12 +208,13 @@ def planned_mismatched_pairs(n_examples: int, cfg: TrainConfig, world: int,
     for epoch in range((total + spe - 1) // spe):
         order = epoch_order(epoch, n_examples, G, cfg.seed, lengths)
         for k in range(min(spe, total - epoch * spe)):
-            out.update(mismatched_pairs(order[k * G:(k + 1) * G]))
+            out.update(mismatched_pairs(order[k * G : (k + 1) * G]))
     return sorted(out)
 
 
-def mismatched_reference_logps(model, points: list, pairs: list[tuple[int, int]], pad_id: int,
-                               params: ULMAParams, accelerator) -> dict[tuple[int, int], float]:
+def mismatched_reference_logps(
+    model, points: list, pairs: list[tuple[int, int]], pad_id: int, params: ULMAParams, accelerator
+) -> dict[tuple[int, int], float]:
     """Summed reference log-probs of KTO's mismatched ``pairs`` (from the disk cache, or computed once)."""
     from alignforge.models.refcache import (
         cache_key,
@@ -203,18 +227,23 @@ def mismatched_reference_logps(model, points: list, pairs: list[tuple[int, int]]
     kl_points = [MismatchedPoint(points[i].prompt_ids, points[j].completion_ids) for i, j in pairs]
     # on the accelerator's device, each process its share, keyed by the reference weights (as the matched pass)
     with reference_policy(model, params.ref_model, accelerator.device) as ref_lm:
+
         def compute(idx: list[int]):
             with accelerator.autocast():  # in the training precision
                 return {"logps": point_logps(ref_lm, [kl_points[i] for i in idx], pad_id, params.ref_batch_size)}
 
-        key = cache_key(reference_fingerprint(ref_lm), examples_digest(kl_points, ("prompt_ids", "completion_ids")),
-                        {"kind": "kto_mismatched", "precision": str(accelerator.mixed_precision)})
+        key = cache_key(
+            reference_fingerprint(ref_lm),
+            examples_digest(kl_points, ("prompt_ids", "completion_ids")),
+            {"kind": "kto_mismatched", "precision": str(accelerator.mixed_precision)},
+        )
         values, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(kl_points))
     return {pair: float(v) for pair, v in zip(pairs, values["logps"], strict=True)}
 
 
-def kto_z0_estimator(model, points: list, ref_kl: dict[tuple[int, int], float], pad_id: int, how: str,
-                     batch_size: int, accelerator):
+def kto_z0_estimator(
+    model, points: list, ref_kl: dict[tuple[int, int], float], pad_id: int, how: str, batch_size: int, accelerator
+):
     """``global batch (PointWithRef list, loop order) -> z0``: the policy's log-probs of this process's
     share of the batch's mismatched pairs (every ``world``-th pair; no grad, eval mode, training
     autocast), all-reduced with the reference values into :func:`kto_reference_point`."""
@@ -231,8 +260,10 @@ def kto_z0_estimator(model, points: list, ref_kl: dict[tuple[int, int], float], 
         mine = pairs[rank::world]
         missing = [pr for pr in mine if pr not in ref_kl]
         if missing:
-            raise TrainingError(f"KTO: no cached reference log-prob for mismatched pair {missing[0]}: the batch plan "
-                                "differs from the one planned before training")
+            raise TrainingError(
+                f"KTO: no cached reference log-prob for mismatched pair {missing[0]}: the batch plan "
+                "differs from the one planned before training"
+            )
         ref = torch.tensor([ref_kl[pr] for pr in mine], dtype=torch.float64)
         kl_points = [MismatchedPoint(points[i].prompt_ids, points[j].completion_ids) for i, j in mine]
         if kl_points:
@@ -291,12 +322,19 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         raise ConfigError(f"ulma.beta must be > 0, got {p.beta}")
     accelerator = make_accelerator(cfg.train)
     if p.loss == "kto" and cfg.train.per_device_batch_size * cfg.train.grad_accum * accelerator.num_processes < 2:
-        raise ConfigError("ulma.loss=kto needs a global batch (train.per_device_batch_size × train.grad_accum × "
-                          "processes) of at least 2: its reference point z0 comes from mismatched pairs")
+        raise ConfigError(
+            "ulma.loss=kto needs a global batch (train.per_device_batch_size × train.grad_accum × "
+            "processes) of at least 2: its reference point z0 comes from mismatched pairs"
+        )
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    points, report = load_pointwise_dataset(cfg.data.train_files, tokenizer, cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length,
-                                            overlong=cfg.data.overlong, on_error=cfg.data.on_error)
+    points, report = load_pointwise_dataset(
+        cfg.data.train_files,
+        tokenizer,
+        cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        overlong=cfg.data.overlong,
+        on_error=cfg.data.on_error,
+    )
     label_type = resolve_label_type(points, p.label_type)
     if label_type == "binary" and any(e.label not in (0.0, 1.0) for e in points):
         raise ConfigError("ulma.label_type=binary but some labels are not 0/1; use continuous or auto")
@@ -310,12 +348,16 @@ def train_ulma(cfg: ULMAConfig) -> dict:
 
     # on the accelerator's device, each process its share (models/refcache.py)
     with reference_policy(model, p.ref_model, accelerator.device) as ref_lm:
+
         def compute(idx: list[int]):
             with accelerator.autocast():  # in the training precision
                 return {"logps": point_logps(ref_lm, [points[i] for i in idx], pad_id, p.ref_batch_size)}
 
-        key = cache_key(reference_fingerprint(ref_lm), examples_digest(points, ("prompt_ids", "completion_ids")),
-                        {"kind": "pointwise", "precision": str(accelerator.mixed_precision)})
+        key = cache_key(
+            reference_fingerprint(ref_lm),
+            examples_digest(points, ("prompt_ids", "completion_ids")),
+            {"kind": "pointwise", "precision": str(accelerator.mixed_precision)},
+        )
         ref, _ = load_or_compute(key, compute, accelerator, echo=accelerator.print, n=len(points))
     examples = [PointWithRef(e, float(r), i) for i, (e, r) in enumerate(zip(points, ref["logps"], strict=True))]
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in points]
@@ -323,11 +365,13 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     z0_of = None
     if p.loss == "kto":
         world = accelerator.num_processes
-        kl_pairs = planned_mismatched_pairs(len(points), cfg.train, world,
-                                            lengths if cfg.train.group_by_length else None)
+        kl_pairs = planned_mismatched_pairs(
+            len(points), cfg.train, world, lengths if cfg.train.group_by_length else None
+        )
         ref_kl = mismatched_reference_logps(model, points, kl_pairs, pad_id, p, accelerator)
-        z0_of = kto_z0_estimator(model, points, ref_kl, pad_id, resolve_logp_reduction(p),
-                                 cfg.train.per_device_batch_size, accelerator)
+        z0_of = kto_z0_estimator(
+            model, points, ref_kl, pad_id, resolve_logp_reduction(p), cfg.train.per_device_batch_size, accelerator
+        )
 
     def normalizer(exs: list) -> dict:
         pos = sum(e.example.label == 1.0 for e in exs)
@@ -339,10 +383,17 @@ def train_ulma(cfg: ULMAConfig) -> dict:
     def save(unwrapped, out: Path) -> None:
         save_trained(unwrapped.lm, tokenizer, out)
 
-    task = Task(module=TokenLogProbs(model), examples=examples, collate=lambda ex: collate_points(ex, pad_id),
-                normalizer=normalizer, loss=make_loss(p, label_type == "continuous"), save_model=save,
-                lengths=lengths, summarize=summarize,
-                probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]))
+    task = Task(
+        module=TokenLogProbs(model),
+        examples=examples,
+        collate=lambda ex: collate_points(ex, pad_id),
+        normalizer=normalizer,
+        loss=make_loss(p, label_type == "continuous"),
+        save_model=save,
+        lengths=lengths,
+        summarize=summarize,
+        probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]),
+    )
     summary = run_training(task, cfg.train, accelerator, run_config=cfg, title=f"ULMA ({p.loss})")
     summary["data_report"] = summary_line
     summary["config"] = asdict(cfg)

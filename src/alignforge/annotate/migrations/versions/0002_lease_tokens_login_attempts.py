@@ -4,6 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2025-02-01
 """
+
 import sqlalchemy as sa
 from alembic import op
 
