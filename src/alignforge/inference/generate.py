@@ -66,6 +66,39 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[Conversation], cfg: GenerationConfig) -> list[str]: ...
 
 
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in [tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]):
+        if x is not None and x not in ids:
+            ids.append(int(x))
+    return ids
+
+
+def bos_to_add(tokenizer: Any) -> int | None:
+    """The BOS id if this tokenizer adds one on its own (the chat template may not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if len(with_sp) > len(without) and with_sp[0] == bos else None
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, bos: int | None = None) -> list[int]:
+    """Token ids of a conversation rendered with ``add_generation_prompt=True`` (a str is taken as
+    already-rendered text); ``bos`` (see :func:`bos_to_add`) is put in front when missing."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
 class HFBackend:
     """A :class:`GenerationBackend` over a transformers causal LM (or PeftModel)."""
 
@@ -77,37 +110,13 @@ class HFBackend:
             from alignforge.errors import ModelError
 
             raise ModelError("tokenizer has neither a pad nor an eos token")
-        self.eos_ids = self._eos_ids()
-        self._bos_to_add = self._needs_bos()
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        self._bos_to_add = bos_to_add(tokenizer)
 
     # ------------------------------------------------------------------ prompts
-    def _eos_ids(self) -> list[int]:
-        ids: list[int] = []
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for x in [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]):
-            if x is not None and x not in ids:
-                ids.append(int(x))
-        return ids
-
-    def _needs_bos(self) -> int | None:
-        """The BOS id if this tokenizer adds one on its own (the template may not)."""
-        bos = self.tokenizer.bos_token_id
-        if bos is None:
-            return None
-        with_sp = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        without = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        return bos if len(with_sp) > len(without) and with_sp[0] == bos else None
-
     def render(self, prompt: Prompt) -> list[int]:
         """Token ids of a conversation rendered with ``add_generation_prompt=True``."""
-        if isinstance(prompt, str):
-            text = prompt
-        else:
-            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if self._bos_to_add is not None and (not ids or ids[0] != self._bos_to_add):
-            ids.insert(0, self._bos_to_add)
-        return ids
+        return render_prompt(self.tokenizer, prompt, self._bos_to_add)
 
     # --------------------------------------------------------------- generating
     def _hf_generation_config(self, cfg: GenerationConfig) -> Any:
