@@ -185,3 +185,24 @@ def experiment_parser(doc: str, n_train: int, out: str) -> argparse.ArgumentPars
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--out", default=out)
     return ap
+
+
+def lora_overrides(args, train_file, output_dir, epochs: int | None = None) -> list[str]:
+    """The ``key=value`` overrides the real-result scripts share: their data file, LoRA (r, alpha = 2r, no
+    dropout), lr, batch, epochs, seed, 5% warmup, no progress bar or TensorBoard."""
+    return [
+        f"data.train_files=[{train_file}]",
+        f"data.max_length={args.max_length}",
+        "lora.enabled=true",
+        f"lora.r={args.lora_r}",
+        f"lora.alpha={2 * args.lora_r}",
+        "lora.dropout=0.0",
+        f"train.lr={args.lr}",
+        f"train.per_device_batch_size={args.batch}",
+        f"train.epochs={args.epochs if epochs is None else epochs}",
+        f"train.seed={args.seed}",
+        "train.warmup_ratio=0.05",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"train.output_dir={output_dir}",
+    ]

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SHARED, experiment_parser  # noqa: E402
+from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
 
 HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
@@ -60,20 +60,7 @@ def train(method: str, args, data: Path, out: Path) -> dict:
     if final.is_dir() and info_path.is_file():
         print(f"[{method}] already trained: {final}", flush=True)
         return json.loads(info_path.read_text())
-    common = [
-        f"data.train_files=[{data / 'train.jsonl'}]",
-        f"data.max_length={args.max_length}",
-        "lora.enabled=true",
-        f"lora.r={args.lora_r}",
-        f"lora.alpha={2 * args.lora_r}",
-        "lora.dropout=0.0",
-        f"train.lr={args.lr}",
-        f"train.per_device_batch_size={args.batch}",
-        f"train.epochs={args.epochs}",
-        f"train.seed={args.seed}",
-        "train.warmup_ratio=0.05",
-        "train.progress=false",
-        "train.tensorboard=false",
+    common = lora_overrides(args, data / "train.jsonl", out / method) + [
         f"train.save_every={args.save_every}",
         "train.log_every=5",
         f"train.precision={args.precision}",
@@ -81,7 +68,6 @@ def train(method: str, args, data: Path, out: Path) -> dict:
         "train.probe_prompts=8",
         f"train.probe_max_new_tokens={args.max_new_tokens}",
         "train.resume=true",
-        f"train.output_dir={out / method}",
     ]
     t0 = time.perf_counter()
     if method == "dpo":

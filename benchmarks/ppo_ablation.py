@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SHARED, experiment_parser  # noqa: E402
+from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
 
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
 
@@ -58,25 +58,7 @@ def train_rm(args, data: Path, out: Path) -> str:
     if final.is_dir():
         return str(final)
     cfg = load_config(
-        RMConfig,
-        None,
-        [
-            f"data.train_files=[{data / 'train.jsonl'}]",
-            f"data.max_length={args.max_length}",
-            "lora.enabled=true",
-            f"lora.r={args.lora_r}",
-            f"lora.alpha={2 * args.lora_r}",
-            "lora.dropout=0.0",
-            f"train.lr={args.lr}",
-            f"train.per_device_batch_size={args.batch}",
-            "train.epochs=1",
-            f"train.seed={args.seed}",
-            "train.warmup_ratio=0.05",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "train.log_every=10",
-            f"train.output_dir={out / 'rm'}",
-        ],
+        RMConfig, None, lora_overrides(args, data / "train.jsonl", out / "rm", epochs=1) + ["train.log_every=10"]
     )
     t0 = time.perf_counter()
     train_rm(cfg)

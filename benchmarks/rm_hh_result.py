@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import experiment_parser  # noqa: E402
+from _harness import experiment_parser, lora_overrides  # noqa: E402
 
 
 def evaluate(c, r, pairs, seed: int) -> dict:
@@ -97,25 +97,12 @@ def main() -> None:
         cfg = load_config(
             RMConfig,
             None,
-            [
-                f"data.train_files=[{data / 'train.jsonl'}]",
-                f"data.max_length={args.max_length}",
+            lora_overrides(args, data / "train.jsonl", out / name)
+            + [
                 f"reward.length_balance={str(balance).lower()}",
-                "lora.enabled=true",
-                f"lora.r={args.lora_r}",
-                f"lora.alpha={2 * args.lora_r}",
-                "lora.dropout=0.0",
-                f"train.lr={args.lr}",
-                f"train.per_device_batch_size={args.batch}",
-                f"train.epochs={args.epochs}",
-                f"train.seed={args.seed}",
-                "train.warmup_ratio=0.05",
-                "train.progress=false",
-                "train.tensorboard=false",
                 "train.save_every=0",
                 "train.log_every=10",
                 "reward.stats_pairs=64",
-                f"train.output_dir={out / name}",
             ],
         )
         s = train_rm(cfg)

@@ -23,10 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
+def _launch_two(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """``alignforge ARGS`` under ``accelerate launch`` with 2 CPU processes (gloo); must succeed."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="", **(env_extra or {}))
     p = subprocess.run(
         [
             str(accelerate),

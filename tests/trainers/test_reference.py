@@ -3,11 +3,8 @@ reference weights, and the model as loaded when the policy starts from a LoRA ad
 
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from alignforge.config import load_config
 from alignforge.trainers.dpo import DPOConfig, train_dpo
 from alignforge.trainers.ulma import ULMAConfig, train_ulma
 
-from .test_distributed import _free_port
+from .test_distributed import _launch_two
 from .test_dpo import BAD, GOOD, _common
 
 
@@ -86,39 +83,10 @@ def test_two_process_reference_pass_equals_one_process(tmp_path, tiny_model_dir)
     train_dpo(load_config(DPOConfig, None, args))
     (one_path,) = _entries(tmp_path)
 
-    accelerate = Path(sys.executable).with_name("accelerate")
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", ALIGNFORGE_FAULT_AFTER_STEP="", ALIGNFORGE_CACHE=str(tmp_path / "cache2")
-    )
-
-    def launch(out_dir: str):
-        p = subprocess.run(
-            [
-                str(accelerate),
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "--main_process_port",
-                str(_free_port()),
-                "-m",
-                "alignforge.cli",
-                "dpo",
-                *args,
-                f"train.output_dir={tmp_path / out_dir}",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
+    def launch(out_dir: str) -> str:
+        p = _launch_two(
+            ["dpo", *args, f"train.output_dir={tmp_path / out_dir}"], {"ALIGNFORGE_CACHE": str(tmp_path / "cache2")}
         )
-        assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout + p.stderr
 
     out = launch("two")
