@@ -92,8 +92,15 @@ def test_valid_keys_cover_sections():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    for p in (Path(__file__).parents[1] / "configs").glob("sft*.yaml"):
-        load_config(SFTConfig, p)
+    from alignforge.trainers.ppo import PPOConfig
+    from alignforge.trainers.rm import RMConfig
+
+    root = Path(__file__).parents[1] / "configs"
+    for pattern, cls in (("sft*.yaml", SFTConfig), ("rm*.yaml", RMConfig), ("ppo*.yaml", PPOConfig)):
+        files = list(root.glob(pattern))
+        assert files, pattern
+        for p in files:
+            load_config(cls, p)
 
 
 def test_a_trainer_section_default_survives_overrides_in_that_section(tmp_path):
