@@ -216,7 +216,28 @@ def child_trl(args, variant: str) -> dict:
         dataloader_pin_memory=False,
         disable_tqdm=True,
     )
-    trainer = GRPOTrainer(
+    parts: dict[str, list[float]] = {"generate": [], "rewards": [], "generate_and_score": []}
+
+    class Trainer(GRPOTrainer):  # the same methods, timed (per call; one of each per step here)
+        def _generate_single_turn(self, *a, **kw):
+            t = time.perf_counter()
+            out = super()._generate_single_turn(*a, **kw)
+            parts["generate"].append(round(time.perf_counter() - t, 3))
+            return out
+
+        def _calculate_rewards(self, *a, **kw):
+            t = time.perf_counter()
+            out = super()._calculate_rewards(*a, **kw)
+            parts["rewards"].append(round(time.perf_counter() - t, 3))
+            return out
+
+        def _generate_and_score_completions(self, *a, **kw):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(*a, **kw)
+            parts["generate_and_score"].append(round(time.perf_counter() - t, 3))
+            return out
+
+    trainer = Trainer(
         model=model, reward_funcs=[args.rm], args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]
     )
     assert trainer.ref_model is None
@@ -228,6 +249,7 @@ def child_trl(args, variant: str) -> dict:
         "cpu_s_per_step": sum(s[3] - s[1] for s in timed) / len(timed),
         "step_s": [round(s[2] - s[0], 3) for s in spans],
         "mean_completion_length": lens,
+        **parts,
         "steps": trainer.state.global_step,
         "optim": str(cfg.optim),
         "peak_rss_mb": peak_rss_mb(),
