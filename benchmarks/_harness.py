@@ -206,3 +206,63 @@ def lora_overrides(args, train_file, output_dir, epochs: int | None = None) -> l
         "train.tensorboard=false",
         f"train.output_dir={output_dir}",
     ]
+
+
+# --------------------------------------------------------------------------- RL benchmarks (ppo_profile, grpo_vs_trl)
+
+
+def first_turn_prompts(data: str, n: int, work: Path, max_prompt_tokens: int = 256) -> Path:
+    """The first ``n`` distinct first user turns of ``data`` (HH harmless-base) whose rendered prompt fits in
+    ``max_prompt_tokens``, written to ``work/prompts.jsonl`` as ``{"prompt": [{"role": "user", ...}]}`` rows."""
+    from alignforge.data.readers import read_preference
+    from alignforge.data.tokenize import tokenize_prompt
+    from alignforge.models.loading import ensure_embedded, load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(ensure_embedded())
+    seen, rows = set(), []
+    for rec in read_preference(data, on_error="skip").records:
+        text = rec.prompt[0]["content"]
+        msgs = [{"role": "user", "content": text}]
+        if text in seen or len(tokenize_prompt(msgs, tok, rec.source)) > max_prompt_tokens:
+            continue
+        seen.add(text)
+        rows.append({"prompt": msgs})
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} first-turn prompts in {data}")
+    path = work / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def untrained_reward_model(work: Path, seed: int = 0) -> Path:
+    """An alignforge reward model with an *untrained* (seeded random) head on the embedded backbone, saved once
+    under ``work/rm-untrained-SEED`` (a speed benchmark needs the RM's cost, not its quality)."""
+    import torch
+
+    from alignforge.models.loading import ensure_embedded, load_tokenizer
+    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
+
+    out = work / f"rm-untrained-{seed}"
+    if (out / "reward_stats.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    rm = RewardModel(load_reward_backbone("embedded"))
+    save_reward_model(rm, load_tokenizer(ensure_embedded()), out, {"mean": 0.0, "std": 1.0})
+    return out
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This CPU's fp32 throughput: the best of ``repeats`` ``(n, n) @ (n, n)`` matmuls, in GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9

@@ -370,3 +370,46 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, rm_dir, prompts_file)
     moved = max((a[k] - init[k]).abs().max().item() for k in init)
     print(f"max |one - two| = {worst:.3g}; training moved the weights by up to {moved:.3g}")
     assert worst < 1e-5 and moved > 1e-4
+
+
+def test_one_update_without_kl_skips_the_old_and_reference_passes(
+    tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch
+):
+    """kl_coef=0, one update per rollout, no dropout: no reference model is loaded, the rollout makes no
+    log-prob pass (the update's detached log-probs are π_old), and the weights match the run that makes it."""
+    import alignforge.trainers.ppo as ppo
+
+    calls, refs = {"n": 0}, []
+    real_lp, real_setup = ppo.response_logps, ppo._Trainer.setup
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real_lp(*a, **kw)
+
+    def setup(self):
+        real_setup(self)
+        refs.append(self.ref)
+
+    monkeypatch.setattr(ppo, "response_logps", counting)
+    monkeypatch.setattr(ppo._Trainer, "setup", setup)
+    extra = ["ppo.advantage=grpo", "ppo.kl_coef=0", "ppo.reference_reward=false", "ppo.ppo_epochs=1"]
+    extra += ["ppo.minibatches=1", "ppo.iterations=1"]
+    fast = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "fast", *extra))
+    n_fast, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(ppo._Trainer, "reuses_update_logps", lambda self, model: False)
+    slow = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "slow", *extra))
+    assert refs == [None, None]  # full fine-tuning, but nothing needs the reference
+    assert (n_fast, calls["n"]) == (3, 6)  # 8 rows in chunks of 3: the update's 3 passes (+ the rollout's 3)
+    assert "kl_ref" not in fast["history"][0] and "kl_ref" not in slow["history"][0]
+    a, b = _weights(tmp_path / "fast"), _weights(tmp_path / "slow")
+    init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in init) > 1e-4  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # the same update, up to rounding
+    # with dropout the train-mode log-probs are not π_old's: the pass stays
+    monkeypatch.undo()
+    tr = ppo._Trainer.__new__(ppo._Trainer)
+    tr.p, tr.use_kl = load_config(PPOConfig, None, ["ppo.ppo_epochs=1", "ppo.minibatches=1"]).ppo, False
+    assert tr.reuses_update_logps(torch.nn.Linear(2, 2))
+    assert not tr.reuses_update_logps(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    tr.use_kl = True
+    assert not tr.reuses_update_logps(torch.nn.Linear(2, 2))

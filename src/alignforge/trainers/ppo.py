@@ -14,6 +14,12 @@ One **iteration** = a rollout, then ``ppo.ppo_epochs`` passes of ``ppo.minibatch
 5. clipped policy loss + clipped value loss (+ ``α·NTP`` on an SFT batch), through the loop's
    guarded step.
 
+**Passes that cannot change the result are skipped.** With ``ppo.kl_coef = 0`` there is no reference
+pass (and with full fine-tuning and no ``ppo.reference_reward``, no reference model in memory; ``kl_ref``
+is then not logged). With one update per rollout (``ppo_epochs = minibatches = 1``), no KL term and no
+dropout, the rollout's log-prob pass is skipped: the update's own detached log-probs are ``logπ_old``
+(the ratio is exactly 1; a second pass would give the same values up to rounding), as TRL does.
+
 **Exact resume.** The rollout of iteration ``i`` is a pure function of (seed, ``i``, the weights at
 its start): prompts come from the seeded order, each generation *block* (``ppo.gen_batch_prompts``
 prompts × K samples) is sampled with its own seed ``f(seed, i, block)``, and minibatches are seeded
@@ -379,6 +385,8 @@ class _Trainer:
         self.guard_lr = cfg.train.lr  # the learning rate of the last update, for the log
         # log-probs of the samples at the sampling temperature (greedy decoding: the model's own distribution)
         self.lp_temperature = cfg.ppo.temperature if cfg.ppo.temperature > 0 else 1.0
+        # kl_coef = 0 (the adaptive controller keeps 0 at 0): no reference pass (nor model, unless y_ref needs it)
+        self.use_kl = cfg.ppo.kl_coef > 0
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -403,7 +411,7 @@ class _Trainer:
         # model as loaded (or of ppo.ref_model)
         self.lora = not p.ref_model and adapter_is_identity(self.policy)
         self.ref = None
-        if not self.lora:
+        if not self.lora and self.needs_reference():
             self.ref = load_model(p.ref_model or cfg.model.name_or_path).to(acc.device).eval()
             for q in self.ref.parameters():
                 q.requires_grad_(False)
@@ -433,6 +441,27 @@ class _Trainer:
                 from alignforge.errors import ConfigError
 
                 raise ConfigError(f"ppo.ntp_file {p.ntp_file}: no usable examples ({rep.summary()})")
+
+    def needs_reference(self) -> bool:
+        """Whether the reference policy is used at all: for the KL term (``kl_coef > 0``) or for ``y_ref``."""
+        return self.use_kl or self.p.reference_reward
+
+    def reuses_update_logps(self, model) -> bool:
+        """True when the rollout's own log-prob pass can be skipped: one update per rollout (``ppo_epochs = 1``,
+        ``minibatches = 1``), so the update runs on the rollout's weights and ``π_old = π_θ``; no KL term (which
+        needs ``logπ_old`` before the update); and no dropout in the policy (which would make the train-mode
+        log-probs differ from the eval-mode ones). The update then uses its own detached log-probs as
+        ``logπ_old`` (the ratio is exactly 1, as TRL does it), instead of a second pass that gives the same
+        values up to rounding."""
+        p = self.p
+        if self.use_kl or p.ppo_epochs != 1 or p.minibatches != 1:
+            return False
+        from alignforge.models.lora import unwrap_base
+
+        cfg = getattr(unwrap_base(model), "config", None)
+        if any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout")):
+            return False
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
     def reference_policy(self):
         from contextlib import nullcontext
@@ -591,16 +620,19 @@ class _Trainer:
         ids_p = [r.ids for r in recs]
         old_lp, ref_lp, values, masks = [], [], [], []
         B = p.forward_batch_size
+        need_old = not self.reuses_update_logps(policy)
         module.eval()
         with acc.autocast():
             for s in range(0, len(recs), B):
                 batch = right_pad(ids_p[s : s + B], responses[s : s + B], pad)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                lp, _ = response_logps(policy, batch, self.lp_temperature)
-                with self.reference_policy() as ref:
-                    rl, _ = response_logps(ref, batch, self.lp_temperature)
-                old_lp.append(lp.float().cpu())
-                ref_lp.append(rl.float().cpu())
+                if need_old:
+                    lp, _ = response_logps(policy, batch, self.lp_temperature)
+                    old_lp.append(lp.float().cpu())
+                if self.use_kl:
+                    with self.reference_policy() as ref:
+                        rl, _ = response_logps(ref, batch, self.lp_temperature)
+                    ref_lp.append(rl.float().cpu())
                 masks.append(batch["resp_mask"].cpu())
                 if module.critic is not None:
                     values.append(response_values(module.critic, batch).float().cpu())
@@ -608,11 +640,11 @@ class _Trainer:
         R = max(m.shape[1] for m in masks)
 
         def cat(xs):
-            return torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in xs])
+            return torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in xs]) if xs else None
 
         old_lp, ref_lp, mask = cat(old_lp), cat(ref_lp), cat(masks)
         m = mask.float()
-        kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * m
+        kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * m if self.use_kl else torch.zeros_like(m)
         beta = self.kl_coef if p.kl_in == "reward" else 0.0
         if p.advantage == "gae":
             vals = cat(values)
@@ -700,13 +732,18 @@ class _Trainer:
                     batch = right_pad([ro["prompt_ids"][r] for r in ch], [ro["responses"][r] for r in ch], self.pad_id)
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     Rb = batch["resp_mask"].shape[1]
-                    sl = {k: ro[k][ch][:, :Rb].to(acc.device) for k in ("old_lp", "ref_lp", "adv", "ret", "values")}
+                    sl = {
+                        k: ro[k][ch][:, :Rb].to(acc.device)
+                        for k in ("old_lp", "ref_lp", "adv", "ret", "values")
+                        if ro[k] is not None
+                    }
                     mask = batch["resp_mask"]
                     sync = contextlib.nullcontext() if last else acc.no_sync(module)
                     with sync, acc.autocast():
                         lp, ent, vals, ntp_lp = module(batch, self.lp_temperature, True, ntp_batch if last else None)
                         lp = lp.float()
-                        pl, pm = policy_loss(lp, sl["old_lp"], sl["adv"], mask, p.clip)
+                        old = sl["old_lp"] if "old_lp" in sl else lp.detach()  # see reuses_update_logps
+                        pl, pm = policy_loss(lp, old, sl["adv"], mask, p.clip)
                         loss = pl.sum()
                         add("policy_loss", pl.sum().detach())
                         add("clipped", pm["clipped"])
@@ -812,7 +849,7 @@ class _Trainer:
                     sums = self.update(it, ro, module, optimizer, scheduler, guard)
                     train_s = time.perf_counter() - t2
                     row = self.metrics(it, ro, sums, train_s)
-                    if p.adaptive_kl:
+                    if p.adaptive_kl and self.use_kl:
                         self.kl_coef = adaptive_kl_coef(
                             self.kl_coef,
                             row["kl_ref"],
@@ -868,8 +905,9 @@ class _Trainer:
             "kl_ref": float(ro["kl"].sum()),
             "response_len": float(ro["lens"].sum()),
             "cut": float(sum(1 for f in ro["finished"] if not f)),
-            "kl_k1": float(((ro["old_lp"] - ro["ref_lp"]) * m).sum()),
         }
+        if ro["ref_lp"] is not None:
+            local["kl_k1"] = float(((ro["old_lp"] - ro["ref_lp"]) * m).sum())
         keys = sorted(local)
         t = acc.reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64, device=acc.device), "sum")
         g = dict(zip(keys, t.tolist(), strict=False))
@@ -883,7 +921,6 @@ class _Trainer:
             "step": it + 1,
             "reward_raw": g["reward_raw"] / N,
             "reward": g["reward"] / N,
-            "kl_ref": g["kl_k1"] / N,
             "response_len": g["response_len"] / N,
             "cut_share": g["cut"] / N,
             "policy_loss": s.get("policy_loss", 0.0) / tok,
@@ -897,6 +934,8 @@ class _Trainer:
             "train_s": train_s,
             "lr": self._lr(),
         }
+        if "kl_k1" in g:  # no reference pass when kl_coef = 0
+            row["kl_ref"] = g["kl_k1"] / N
         row["loss"] = row["policy_loss"]
         if "value_loss" in s:
             row["value_loss"] = s["value_loss"] / tok
