@@ -413,3 +413,63 @@ def test_one_update_without_kl_skips_the_old_and_reference_passes(
     assert not tr.reuses_update_logps(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
     tr.use_kl = True
     assert not tr.reuses_update_logps(torch.nn.Linear(2, 2))
+
+
+def test_vllm_backend_rolls_out_and_gets_the_weights_after_each_update(
+    tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch
+):
+    """ppo.backend=vllm against a stand-in of vLLM's offline API (vLLM itself needs a GPU): the rollouts come
+    from the engine, and the engine gets the policy's weights at the start and after every iteration."""
+    import types
+
+    syncs = []
+
+    class Params:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class Target:
+        def load_weights(self, weights):
+            for name, t in weights:
+                syncs[-1][name] = t.detach().clone()
+
+    class LLM:
+        def __init__(self, **kw):
+            self.kw = kw
+            runner = types.SimpleNamespace(model=Target())
+            self.llm_engine = types.SimpleNamespace(
+                model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
+            )
+
+        def generate(self, prompts, sampling_params, use_tqdm):
+            eos = sampling_params[0].stop_token_ids[0]
+            outs = []
+            for sp in sampling_params:
+                ids = [20 + (sp.seed + k) % 50 for k in range(3)] + [eos]
+                outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, finish_reason="stop")]))
+            return outs
+
+        def reset_prefix_cache(self):
+            syncs.append({})
+
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams = LLM, Params
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    syncs.append({})
+    res = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "vllm", "ppo.backend=vllm"))
+    pushed = [s for s in syncs if s]
+    assert len(pushed) == 3  # the initial weights, then after iterations 1 and 2
+    from alignforge.models.loading import load_model
+
+    names = {n for n, _ in load_model(str(tiny_model_dir)).named_parameters()}
+    assert set(pushed[0]) == names
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(pushed[0][q], pushed[1][q])  # trained weights reach the engine
+    final = load_file(str(tmp_path / "vllm" / "final" / "model.safetensors"))
+    assert torch.equal(final[q], pushed[2][q])
+    samples = [json.loads(x) for x in (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["n_tokens"] == 4 and s["finished"] for s in samples)  # the engine's answers
+    assert res["history"][0]["response_len"] == 4

@@ -93,6 +93,8 @@ class PPOParams:
     filter_samples: int = 0  # > 0: sample this many answers per prompt and drop low-variance prompts
     filter_eps: float = 1e-3
     critic_init: Literal["rm", "policy"] = "rm"
+    backend: Literal["hf", "vllm"] = "hf"  # the policy's rollouts: HF generate, or a colocated vLLM engine (GPU)
+    vllm_gpu_memory_utilization: float = 0.3
     ref_model: Optional[str] = None  # full fine-tuning: the frozen reference (default: the initial policy)
     score_batch_size: int = 8
     sample_every: int = 1  # iterations between rows of OUTPUT/samples.jsonl; 0 = never
@@ -382,6 +384,7 @@ class _Trainer:
         _check(cfg, self.acc.num_processes)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.out = Path(cfg.train.output_dir)
+        self.vllm = None  # the vLLM engine when ppo.backend=vllm
         self.guard_lr = cfg.train.lr  # the learning rate of the last update, for the log
         # log-probs of the samples at the sampling temperature (greedy decoding: the model's own distribution)
         self.lp_temperature = cfg.ppo.temperature if cfg.ppo.temperature > 0 else 1.0
@@ -405,6 +408,25 @@ class _Trainer:
         )
         set_seed(cfg.train.seed)
         self.policy = build_policy(cfg.model, cfg.lora, acc.device)
+        if p.backend == "vllm":
+            from alignforge.errors import ConfigError
+            from alignforge.inference.vllm_backend import VLLMBackend
+            from alignforge.models.loading import is_adapter_dir, resolve_model_path
+
+            path = resolve_model_path(cfg.model.name_or_path)
+            if is_adapter_dir(path):
+                raise ConfigError(
+                    "ppo.backend=vllm needs a full model as model.name_or_path, not a LoRA adapter dir: "
+                    "merge it first (alignforge merge)"
+                )
+            self.vllm = VLLMBackend(
+                path,
+                self.tok,
+                gpu_memory_utilization=p.vllm_gpu_memory_utilization,
+                seed=cfg.train.seed,
+                rank=self.rank,
+                world_size=self.world,
+            )
         from alignforge.models.lora import adapter_is_identity
 
         # the reference: a fresh LoRA adapter switched off (no second copy), else a frozen copy of the
@@ -474,6 +496,8 @@ class _Trainer:
     def generate(self, model, rows: list[list[int]], seed: int, greedy: bool = False):
         from alignforge.inference.generate import HFBackend
 
+        if self.vllm is not None and model is self.policy:  # the engine holds the policy's current weights
+            return self.vllm.generate_from_ids(rows, _gen_cfg(self.p, seed, len(rows), greedy))
         with self.acc.autocast():
             return HFBackend(model, self.tok).generate_from_ids(rows, _gen_cfg(self.p, seed, len(rows), greedy))
 
@@ -822,6 +846,8 @@ class _Trainer:
         if state is not None:
             it, history = state["step"], state["history"]
             self.update_step, self.kl_coef = state["update_step"], state["kl_coef"]
+        if self.vllm is not None:
+            self.vllm.sync_weights(unwrapped.policy)  # the weights at the start of iteration `it`
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             from alignforge.config import dump_config
@@ -847,6 +873,8 @@ class _Trainer:
                     ro = self.rollout(it, unwrapped)
                     t2 = time.perf_counter()
                     sums = self.update(it, ro, module, optimizer, scheduler, guard)
+                    if self.vllm is not None:
+                        self.vllm.sync_weights(unwrapped.policy)
                     train_s = time.perf_counter() - t2
                     row = self.metrics(it, ro, sums, train_s)
                     if p.adaptive_kl and self.use_kl:
