@@ -56,6 +56,7 @@ def _check_ppo_stage(out, summary, lines):
     assert ppo["kl_start"] == rows[0]["kl_ref"] and abs(ppo["kl_start"]) < 1e-4  # first rollout = the SFT policy
     assert ppo["reward_raw_end"] == rows[-1]["reward_raw"] and 0 < ppo["response_len_end"] <= 40
     assert (out / "ppo" / "loss.png").is_file() and (out / "ppo" / "samples.jsonl").is_file()
+    assert not (out / "ppo" / "checkpoints").exists()  # the critic's resume state is not left on disk
     prompts = [json.loads(x)["prompt"] for x in (out / "ppo_prompts.jsonl").read_text().splitlines()]
     assert prompts == [json.loads(x)["prompt"] for x in (out / "dpo_prompts.jsonl").read_text().splitlines()]
     adapter = load_file(str(out / "ppo" / "final" / "adapter_model.safetensors"))

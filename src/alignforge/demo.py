@@ -19,6 +19,7 @@ Later stages add RAIN and evaluation to this same command.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -327,6 +328,7 @@ def run_ppo_stage(
     from alignforge.data.convert import write_jsonl
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.trainers.common import checkpoint_root
     from alignforge.trainers.ppo import PPOConfig, PPOParams, train_ppo
 
     chats = stage_prompts(n_prompts)
@@ -369,6 +371,9 @@ def run_ppo_stage(
     t0 = time.perf_counter()
     summary = train_ppo(cfg)
     seconds = time.perf_counter() - t0
+    # the resume checkpoint holds the full-parameter critic and its optimiser state (~2 GB for SmolLM2); the
+    # demo never resumes, and the policy is in ppo/final
+    shutil.rmtree(checkpoint_root(cfg.train.output_dir), ignore_errors=True)
     hist = summary["history"]
     echo("[11/11] greedy answers of the PPO policy, scored by the reward model")
     tok = load_tokenizer(sft_dir, padding_side="left")
