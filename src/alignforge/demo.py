@@ -43,7 +43,7 @@ def run_demo(
     dpo_epochs: int = 2,
     dpo_min_gap: float = 0.05,
     ppo_iterations: int = 6,
-    ppo_lr: float = 1e-4,
+    ppo_lr: float = 3e-4,
     ppo_kl_coef: float = 0.05,
 ) -> dict:
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
