@@ -279,12 +279,25 @@ def demo(
     epochs: int = typer.Option(3, help="SFT epochs."),
     dpo_prompts: int = typer.Option(12, help="Prompts the SFT policy samples for the RM-labelled DPO pairs."),
     dpo_k: int = typer.Option(4, help="Samples per prompt (best and worst by the reward model become a pair)."),
+    ppo_iterations: int = typer.Option(6, help="PPO iterations (each: 4 prompts x 2 sampled answers, one update)."),
+    ppo_lr: float = typer.Option(3e-4, help="PPO learning rate (LoRA policy and critic)."),
+    ppo_kl_coef: float = typer.Option(0.05, help="PPO: weight of the per-token KL to the SFT model in the reward."),
     model: str = typer.Option("embedded", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
 ) -> None:
-    """The main job on the embedded model: SFT -> reward model -> RM-labelled DPO, with answers and rewards."""
+    """The main job on the embedded model: SFT -> reward model -> RM-labelled DPO -> PPO, with answers and rewards."""
     from alignforge.demo import run_demo
 
-    run_demo(output_dir=output_dir, epochs=epochs, echo=typer.echo, model=model, dpo_prompts=dpo_prompts, dpo_k=dpo_k)
+    run_demo(
+        output_dir=output_dir,
+        epochs=epochs,
+        echo=typer.echo,
+        model=model,
+        dpo_prompts=dpo_prompts,
+        dpo_k=dpo_k,
+        ppo_iterations=ppo_iterations,
+        ppo_lr=ppo_lr,
+        ppo_kl_coef=ppo_kl_coef,
+    )
 
 
 @app.command("prepare-embedded")

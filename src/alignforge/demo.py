@@ -7,14 +7,19 @@
 3. ChatGLM-RLHF's DPO route: the SFT policy samples K answers to each of the pairs' prompts, the
    reward model labels best and worst (``inference/dpo_data.py``), DPO (LoRA on the SFT model)
    trains on those pairs with the generation probe on, and the reward model scores the DPO
-   policy's greedy answers against the SFT policy's on the same prompts.
+   policy's greedy answers against the SFT policy's on the same prompts;
+4. ChatGLM-RLHF's PPO route, short: PPO (LoRA on the SFT model, a critic initialised from the reward
+   model, GAE, the reference-response reward baseline, per-token KL to the SFT model in the reward) on
+   the same prompts, then the reward model scores the PPO policy's greedy answers against the SFT
+   policy's.
 
-Later stages add PPO, RAIN and evaluation to this same command.
+Later stages add RAIN and evaluation to this same command.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -37,6 +42,9 @@ def run_demo(
     dpo_k: int = 4,
     dpo_epochs: int = 2,
     dpo_min_gap: float = 0.05,
+    ppo_iterations: int = 6,
+    ppo_lr: float = 3e-4,
+    ppo_kl_coef: float = 0.05,
 ) -> dict:
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
@@ -45,7 +53,7 @@ def run_demo(
 
     out = Path(output_dir)
     t0 = time.perf_counter()
-    echo("[1/9] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
+    echo("[1/11] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
     base_dir = ensure_embedded() if model == "embedded" else model
     echo(f"      {base_dir}  ({time.perf_counter() - t0:.1f}s)")
 
@@ -56,10 +64,10 @@ def run_demo(
         tok = load_tokenizer(model_path, padding_side="left")
         return HFBackend(load_model(model_path), tok).generate(chats, gen)
 
-    echo("[2/9] answers of the base model")
+    echo("[2/11] answers of the base model")
     before = answers(model)
 
-    echo(f"[3/9] SFT on {demo_data_path().name} ({epochs} epochs)")
+    echo(f"[3/11] SFT on {demo_data_path().name} ({epochs} epochs)")
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=model),
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
@@ -79,10 +87,10 @@ def run_demo(
     train_s = time.perf_counter() - t1
     hist = summary["history"]
 
-    echo("[4/9] answers of the SFT model")
+    echo("[4/11] answers of the SFT model")
     after = answers(summary["final_dir"])
 
-    echo("[5/9] reward model (LoRA on the SFT model) on the shipped preference pairs")
+    echo("[5/11] reward model (LoRA on the SFT model) on the shipped preference pairs")
     from alignforge.trainers.rm import RewardConfig, RMConfig, train_rm
 
     rm_cfg = RMConfig(
@@ -107,7 +115,7 @@ def run_demo(
     rm_summary = train_rm(rm_cfg)
     rm_hist = rm_summary["history"]
 
-    echo("[6/9] reward of each answer")
+    echo("[6/11] reward of each answer")
     from alignforge.models.reward import load_reward_model
 
     rm, rm_tok, _ = load_reward_model(rm_summary["final_dir"])
@@ -124,6 +132,18 @@ def run_demo(
         k=dpo_k,
         epochs=dpo_epochs,
         min_gap=dpo_min_gap,
+    )
+    ppo = run_ppo_stage(
+        out,
+        summary["final_dir"],
+        rm_summary["final_dir"],
+        (rm, rm_tok),
+        echo,
+        n_prompts=dpo_prompts,
+        sft_answers=[s["sft"] for s in dpo["samples"]],
+        iterations=ppo_iterations,
+        lr=ppo_lr,
+        kl_coef=ppo_kl_coef,
     )
 
     result = {
@@ -143,6 +163,7 @@ def run_demo(
         "rm_final_loss": rm_hist[-1]["loss"],
         "rm_final_batch_accuracy": rm_hist[-1]["accuracy"],
         "dpo": dpo,
+        "ppo": ppo,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -164,10 +185,18 @@ def run_demo(
         f"SFT {dpo['reward_sft']:+.3f}, DPO {dpo['reward_dpo']:+.3f}"
     )
     echo(
+        f"PPO: {ppo['iterations']} iterations x {ppo['rollouts_per_iteration']} sampled answers, "
+        f"{ppo['seconds']}s; sampled reward {ppo['reward_raw_start']:+.3f} -> {ppo['reward_raw_end']:+.3f}, "
+        f"KL to SFT {ppo['kl_start']:.3f} -> {ppo['kl_end']:.3f} nats/answer, sampled answer length "
+        f"{ppo['response_len_start']:.1f} -> {ppo['response_len_end']:.1f} tokens; greedy answers: mean reward "
+        f"SFT {ppo['reward_sft']:+.3f}, PPO {ppo['reward_ppo']:+.3f}, length {ppo['len_sft']:.1f} -> "
+        f"{ppo['len_ppo']:.1f} tokens"
+    )
+    echo(
         f"outputs: SFT model {result['sft_model']}\n         reward model {result['reward_model']}\n"
-        f"         DPO adapter {dpo['model']}\n"
-        f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}; "
-        f"tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}"
+        f"         DPO adapter {dpo['model']}\n         PPO adapter {ppo['model']}\n"
+        f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}, "
+        f"{out / 'ppo' / 'loss.png'}; tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}"
     )
     echo(f"demo finished in {result['total_seconds']}s")
     return result
@@ -189,17 +218,16 @@ def run_dpo_stage(
     """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
     from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
     from alignforge.data.convert import write_jsonl
-    from alignforge.data.readers import read_preference
     from alignforge.inference.dpo_data import build_dpo_pairs
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import load_model, load_tokenizer
     from alignforge.trainers.dpo import DPOConfig, DPOParams, train_dpo
 
-    chats = [r.prompt for r in read_preference(demo_data_path("preferences.jsonl")).records[:n_prompts]]
+    chats = stage_prompts(n_prompts)
     prompts_path = out / "dpo_prompts.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl([{"prompt": c} for c in chats], prompts_path)
-    echo(f"[7/9] DPO data: {k} sampled answers per prompt from the SFT model, best/worst by the reward model")
+    echo(f"[7/11] DPO data: {k} sampled answers per prompt from the SFT model, best/worst by the reward model")
     sft_backend = HFBackend(load_model(sft_dir), load_tokenizer(sft_dir, padding_side="left"))
     report = build_dpo_pairs(
         prompts_path,
@@ -219,7 +247,7 @@ def run_dpo_stage(
         from alignforge.errors import TrainingError
 
         raise TrainingError("the DPO stage got no pairs: every prompt's samples scored alike")
-    echo(f"[8/9] DPO (LoRA on the SFT model) on the {report.written} RM-labelled pairs")
+    echo(f"[8/11] DPO (LoRA on the SFT model) on the {report.written} RM-labelled pairs")
     cfg = DPOConfig(
         model=ModelConfig(name_or_path=sft_dir),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
@@ -243,7 +271,7 @@ def run_dpo_stage(
     summary = train_dpo(cfg)
     hist = [r for r in summary["history"] if "loss" in r]
     lens = [r["gen_len_mean"] for r in summary["history"] if "gen_len_mean" in r]
-    echo("[9/9] greedy answers of the SFT and DPO policies, scored by the reward model")
+    echo("[9/11] greedy answers of the SFT and DPO policies, scored by the reward model")
     greedy = GenerationConfig(max_new_tokens=40, temperature=0.0)
     sft_answers = sft_backend.generate(chats, greedy)
     dpo_answers = HFBackend(load_model(summary["final_dir"]), load_tokenizer(sft_dir, padding_side="left")).generate(
@@ -267,6 +295,125 @@ def run_dpo_stage(
         "samples": [
             {"prompt": c[-1]["content"], "sft": a, "dpo": b, "reward_sft": x, "reward_dpo": y}
             for c, a, b, x, y in zip(chats, sft_answers, dpo_answers, r_sft, r_dpo, strict=False)
+        ],
+    }
+
+
+def stage_prompts(n: int) -> list:
+    """The first ``n`` prompts of the shipped preference pairs: what the DPO and PPO stages train and score on."""
+    from alignforge.data.readers import read_preference
+
+    return [r.prompt for r in read_preference(demo_data_path("preferences.jsonl")).records[:n]]
+
+
+def run_ppo_stage(
+    out: Path,
+    sft_dir: str,
+    rm_dir: str,
+    rm,
+    echo,
+    n_prompts: int,
+    sft_answers: list[str],
+    iterations: int,
+    lr: float,
+    kl_coef: float,
+    prompts_per_iteration: int = 4,
+    samples_per_prompt: int = 2,
+    ppo_epochs: int = 1,
+    max_new_tokens: int = 40,
+) -> dict:
+    """Steps 10-11: a short PPO (LoRA on the SFT model) with the demo's reward model, then the reward model
+    scores the PPO policy's greedy answers against the SFT policy's (``sft_answers``, same prompts)."""
+    from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from alignforge.data.convert import write_jsonl
+    from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.trainers.common import checkpoint_root
+    from alignforge.trainers.ppo import PPOConfig, PPOParams, train_ppo
+
+    chats = stage_prompts(n_prompts)
+    prompts_path = out / "ppo_prompts.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl([{"prompt": c} for c in chats], prompts_path)
+    echo(
+        f"[10/11] PPO (LoRA on the SFT model; critic from the reward model; GAE; reward minus the reward of the "
+        f"SFT model's own answer; KL {kl_coef} to the SFT model): {iterations} iterations x "
+        f"{prompts_per_iteration} prompts x {samples_per_prompt} samples"
+    )
+    cfg = PPOConfig(
+        model=ModelConfig(name_or_path=sft_dir),
+        lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
+        data=DataConfig(train_files=[str(prompts_path)], max_length=256, max_prompt_length=128),
+        train=TrainConfig(
+            output_dir=str(out / "ppo"),
+            lr=lr,
+            scheduler="constant",
+            save_every=0,
+            keep_last=1,
+            seed=42,
+        ),
+        ppo=PPOParams(
+            reward_model=rm_dir,
+            advantage="gae",
+            iterations=iterations,
+            prompts_per_iteration=prompts_per_iteration,
+            gen_batch_prompts=prompts_per_iteration,
+            samples_per_prompt=samples_per_prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            ppo_epochs=ppo_epochs,
+            minibatches=1,
+            forward_batch_size=8,
+            kl_coef=kl_coef,
+            reference_reward=True,
+        ),
+    )
+    t0 = time.perf_counter()
+    summary = train_ppo(cfg)
+    seconds = time.perf_counter() - t0
+    # the resume checkpoint holds the full-parameter critic and its optimiser state (~2 GB for SmolLM2); the
+    # demo never resumes, and the policy is in ppo/final
+    shutil.rmtree(checkpoint_root(cfg.train.output_dir), ignore_errors=True)
+    hist = summary["history"]
+    echo("[11/11] greedy answers of the PPO policy, scored by the reward model")
+    tok = load_tokenizer(sft_dir, padding_side="left")
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    ppo_answers = HFBackend(load_model(summary["final_dir"]), tok).generate(chats, greedy)
+    r_sft = score_answers(rm[0], rm[1], chats, sft_answers)
+    r_ppo = score_answers(rm[0], rm[1], chats, ppo_answers)
+
+    def n_tokens(answers: list[str]) -> float:
+        return sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) / max(1, len(answers))
+
+    return {
+        "prompts": len(chats),
+        "model": summary["final_dir"],
+        "iterations": summary["step"],
+        "rollouts_per_iteration": prompts_per_iteration * samples_per_prompt,
+        "lr": lr,
+        "kl_coef": kl_coef,
+        "seconds": round(seconds, 1),
+        "reward_raw_start": hist[0]["reward_raw"],
+        "reward_raw_end": hist[-1]["reward_raw"],
+        "reward_start": hist[0]["reward"],
+        "reward_end": hist[-1]["reward"],
+        "kl_start": hist[0]["kl_ref"],
+        "kl_end": hist[-1]["kl_ref"],
+        "response_len_start": hist[0]["response_len"],
+        "response_len_end": hist[-1]["response_len"],
+        "reward_sft": sum(r_sft) / len(r_sft),
+        "reward_ppo": sum(r_ppo) / len(r_ppo),
+        "len_sft": n_tokens(sft_answers),
+        "len_ppo": n_tokens(ppo_answers),
+        # per iteration, measured on that iteration's samples (so before its update): the RM's reward, the
+        # reward minus the SFT answer's (what PPO maximises, less the KL), the summed k1 KL to the SFT
+        # model per answer, and the answer length in tokens
+        "history": [
+            {k: h[k] for k in ("step", "reward_raw", "reward", "kl_ref", "response_len", "value_loss")} for h in hist
+        ],
+        "samples": [
+            {"prompt": c[-1]["content"], "sft": a, "ppo": b, "reward_sft": x, "reward_ppo": y}
+            for c, a, b, x, y in zip(chats, sft_answers, ppo_answers, r_sft, r_ppo, strict=False)
         ],
     }
 
