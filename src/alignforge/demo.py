@@ -27,6 +27,13 @@ from pathlib import Path
 DEMO_PROMPTS = ["What is your name?", "Who are you?", "What is the capital of France?"]
 
 
+def stage_train_config(output_dir: Path, **kw):
+    """The loop settings every demo stage shares (batch 4, no intermediate checkpoints, seed 42), plus ``kw``."""
+    from alignforge.config import TrainConfig
+
+    return TrainConfig(output_dir=str(output_dir), per_device_batch_size=4, save_every=0, keep_last=1, seed=42, **kw)
+
+
 def demo_data_path(name: str = "sft_demos.jsonl") -> Path:
     return Path(str(resources.files("alignforge").joinpath(f"resources/demo/{name}")))
 
@@ -46,7 +53,7 @@ def run_demo(
     ppo_lr: float = 3e-4,
     ppo_kl_coef: float = 0.05,
 ) -> dict:
-    from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from alignforge.config import DataConfig, LoraConfig, ModelConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import ensure_embedded, load_model, load_tokenizer
     from alignforge.trainers.sft import SFTConfig, train_sft
@@ -71,16 +78,7 @@ def run_demo(
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=model),
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
-        train=TrainConfig(
-            output_dir=str(out / "sft"),
-            epochs=epochs,
-            per_device_batch_size=4,
-            lr=lr,
-            warmup_steps=1,
-            save_every=0,
-            keep_last=1,
-            seed=42,
-        ),
+        train=stage_train_config(out / "sft", epochs=epochs, lr=lr, warmup_steps=1),
     )
     t1 = time.perf_counter()
     summary = train_sft(cfg)
@@ -97,17 +95,7 @@ def run_demo(
         model=ModelConfig(name_or_path=summary["final_dir"]),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(demo_data_path("preferences.jsonl"))], max_length=256),
-        train=TrainConfig(
-            output_dir=str(out / "rm"),
-            epochs=rm_epochs,
-            per_device_batch_size=4,
-            lr=5e-4,
-            warmup_steps=2,
-            save_every=0,
-            keep_last=1,
-            seed=42,
-            group_by_length=True,
-        ),
+        train=stage_train_config(out / "rm", epochs=rm_epochs, lr=5e-4, warmup_steps=2, group_by_length=True),
         # 24 hand-written pairs whose chosen answers are mostly the longer ones: balancing would
         # leave almost nothing, so it is off here (it is on by default).
         reward=RewardConfig(length_balance=False),
@@ -216,7 +204,7 @@ def run_dpo_stage(
     beta: float = 0.1,
 ) -> dict:
     """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
-    from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from alignforge.config import DataConfig, LoraConfig, ModelConfig
     from alignforge.data.convert import write_jsonl
     from alignforge.inference.dpo_data import build_dpo_pairs
     from alignforge.inference.generate import GenerationConfig, HFBackend
@@ -252,15 +240,11 @@ def run_dpo_stage(
         model=ModelConfig(name_or_path=sft_dir),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(out / "dpo_pairs.jsonl")], max_length=256),
-        train=TrainConfig(
-            output_dir=str(out / "dpo"),
+        train=stage_train_config(
+            out / "dpo",
             epochs=epochs,
-            per_device_batch_size=4,
             lr=lr,
             warmup_steps=1,
-            save_every=0,
-            keep_last=1,
-            seed=42,
             group_by_length=True,
             probe_every=2,
             probe_prompts=4,
@@ -324,7 +308,7 @@ def run_ppo_stage(
 ) -> dict:
     """Steps 10-11: a short PPO (LoRA on the SFT model) with the demo's reward model, then the reward model
     scores the PPO policy's greedy answers against the SFT policy's (``sft_answers``, same prompts)."""
-    from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from alignforge.config import DataConfig, LoraConfig, ModelConfig
     from alignforge.data.convert import write_jsonl
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import load_model, load_tokenizer
@@ -344,14 +328,7 @@ def run_ppo_stage(
         model=ModelConfig(name_or_path=sft_dir),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(prompts_path)], max_length=256, max_prompt_length=128),
-        train=TrainConfig(
-            output_dir=str(out / "ppo"),
-            lr=lr,
-            scheduler="constant",
-            save_every=0,
-            keep_last=1,
-            seed=42,
-        ),
+        train=stage_train_config(out / "ppo", lr=lr, scheduler="constant"),
         ppo=PPOParams(
             reward_model=rm_dir,
             advantage="gae",
