@@ -473,3 +473,13 @@ def test_vllm_backend_rolls_out_and_gets_the_weights_after_each_update(
     samples = [json.loads(x) for x in (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()]
     assert all(s["n_tokens"] == 4 and s["finished"] for s in samples)  # the engine's answers
     assert res["history"][0]["response_len"] == 4
+
+
+def test_ctrl_c_saves_at_the_end_of_the_iteration(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    """SIGINT in the middle of iteration 1's updates: the iteration finishes, a checkpoint is saved, rc 130."""
+    args = _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "int", "ppo.iterations=3", "train.save_every=0")
+    p = _cli(args, {"ALIGNFORGE_FAULT_AFTER_STEP": "2:INT"}, check=False)  # 4 updates per iteration
+    assert p.returncode == 130, p.stderr
+    assert (tmp_path / "int" / "checkpoints" / "step-00000001").is_dir()
+    assert not (tmp_path / "int" / "final").exists()
+    assert "train.resume=true" in p.stdout + p.stderr
