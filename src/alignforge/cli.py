@@ -273,6 +273,31 @@ def generate(
         typer.echo(f"### user: {p}\n### assistant: {o}\n")
 
 
+rain_app = typer.Typer(
+    help="RAIN: rewindable inference that aligns a frozen model with self-evaluation.", no_args_is_help=True
+)
+app.add_typer(rain_app, name="rain")
+
+
+@rain_app.command("generate")
+def rain_generate_cmd(
+    prompts: Path = typer.Argument(..., help="Prompt file (JSONL/JSON: 'prompt' as text or messages)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL (one line per prompt; a rerun resumes)."),
+    model: str = typer.Option("embedded", help="Model: 'embedded', an HF dir, adapter dir, .gguf or hub id."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with RainConfig fields."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value RainConfig overrides, e.g. c_puct=2"),
+    device: Optional[str] = _DEVICE_OPT,
+) -> None:
+    """Answer every prompt with RAIN (tree search + self-evaluation, no training)."""
+    from alignforge.config import load_config
+    from alignforge.inference.rain import RainConfig, rain_file
+
+    cfg = load_config(RainConfig, config, list(overrides or []))
+    res = rain_file(str(prompts), str(out), model=model, cfg=cfg, device=device)
+    typer.echo(f"done: {res['prompts']} prompts ({res['resumed']} resumed), mean {res['mean_wall_s']:.2f}s per prompt")
+    typer.echo(f"responses: {res['out']}")
+
+
 @app.command()
 def demo(
     output_dir: str = typer.Option("outputs/demo", help="Where the demo writes everything."),

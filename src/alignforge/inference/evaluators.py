@@ -271,8 +271,10 @@ class LMEmbedder:
 
     def embed_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         rows = [list(r) if len(r) else [self.pad_id] for r in rows]
-        hidden = extend(self.model, None, rows, self.pad_id, want_hidden=True).hidden.float()
-        mask = torch.zeros(hidden.shape[:2], device=hidden.device)
+        hidden = extend(self.model, None, rows, self.pad_id, want_hidden=True).hidden
+        if hidden.dtype != torch.float64:
+            hidden = hidden.float()
+        mask = torch.zeros(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
         for i, r in enumerate(rows):
             mask[i, : len(r)] = 1
         mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)

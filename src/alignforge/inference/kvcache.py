@@ -89,9 +89,9 @@ def repeat_layers(layers: Layers, n: int) -> Layers:
 
 @dataclass
 class Extension:
-    """Result of :func:`extend`: next-token logits after each row's last real token
-    (``[B, V]``, float32), the grown cache (right-padded rows hold pad KV past their length),
-    and, when asked, the last hidden states ``[B, T, H]`` of the new tokens."""
+    """Result of :func:`extend`: next-token logits after each row's last real token (``[B, V]``,
+    float32, or float64 for a float64 model), the grown cache (right-padded rows hold pad KV past
+    their length), and, when asked, the last hidden states ``[B, T, H]`` of the new tokens."""
 
     logits: torch.Tensor
     cache: Any
@@ -136,7 +136,9 @@ def extend(
             logits_to_keep=keep,
         )
     cols = torch.tensor([where[len(r) - 1] for r in rows], device=out.logits.device)
-    logits = out.logits[torch.arange(n, device=cols.device), cols].float()
+    logits = out.logits[torch.arange(n, device=cols.device), cols]
+    if logits.dtype != torch.float64:  # float32 for bf16/fp16 models; float64 models stay exact
+        logits = logits.float()
     hidden = out.hidden_states[-1] if want_hidden else None
     return Extension(logits=logits, cache=out.cache, hidden=hidden)
 

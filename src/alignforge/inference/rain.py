@@ -239,7 +239,7 @@ class RainSearch:
         width = layers_len(layers)
         existing = {c.tokens for c in node.children}
         if length == 1:
-            probs = torch.softmax(logits.float(), -1)
+            probs = torch.softmax(logits, -1)
             top = torch.topk(probs, min(k + len(existing), probs.numel()))
             picked = [
                 (int(t), float(p)) for p, t in zip(top.values, top.indices, strict=True) if (int(t),) not in existing
@@ -260,7 +260,7 @@ class RainSearch:
         prefix = layers
         ar = torch.arange(rows)
         for _ in range(length):
-            top = torch.topk(cur_logits.float(), min(self.cfg.sample_top_k, cur_logits.shape[-1]), dim=-1)
+            top = torch.topk(cur_logits, min(self.cfg.sample_top_k, cur_logits.shape[-1]), dim=-1)
             p = torch.softmax(top.values, -1)
             ps = torch.softmax(top.values / self.cfg.sample_temperature, -1)
             pick = torch.multinomial(ps, 1, generator=self.gen).squeeze(1)
@@ -352,7 +352,7 @@ class RainSearch:
         out: list[int] = []
         cache = None
         for _ in range(room):
-            probs = torch.softmax(logits.float() / self.cfg.simulation_temperature, -1)
+            probs = torch.softmax(logits / self.cfg.simulation_temperature, -1)
             t = int(torch.multinomial(probs, 1, generator=self.gen))
             out.append(t)
             if t in self.eos or self._piece_of(t).endswith(PUNCTUATION) or len(out) == room:
@@ -393,8 +393,9 @@ class RainSearch:
             node = self._select_child(node)
             path.append(node)
         cont = self._simulate(node)
-        new_ids = list(node.key[self.committed_len :]) + cont
-        value = self.evaluator.score(new_ids) if new_ids else self.evaluator.score([])
+        # The judged text: committed response + path + continuation (EOS tokens left out).
+        new_ids = [t for t in list(node.key[self.committed_len :]) + cont if t not in self.eos]
+        value = float(self.evaluator.score(new_ids))
         self.evaluations += 1
         if not node.terminal:
             self._expand(node)
@@ -411,14 +412,11 @@ class RainSearch:
     def _best_child(self, node: Node) -> Node:
         return max(node.children, key=lambda c: (c.n, c.q))
 
-    def generate(self, prompt: Sequence[dict] | str, index: int = 0) -> RainResult:
+    def begin(self, prompt: Sequence[dict] | str, index: int = 0) -> Node:
+        """Set up the search for one prompt (checks, the prompt's KV, the evaluator); returns the root."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        if isinstance(prompt, str):
-            conv = [{"role": "user", "content": prompt}]
-        else:
-            conv = list(prompt)
-        if not conv or not any(m.get("content", "").strip() for m in conv):
+        conv = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not conv or not any(str(m.get("content", "")).strip() for m in conv):
             raise DataError("empty prompt", line=index + 1, field="prompt")
         ids = render_prompt(self.tok, conv, self.bos)
         if len(ids) + 1 > self.max_length:
@@ -439,6 +437,12 @@ class RainSearch:
         self.kv.put(tuple(ids), cache_layers(base.cache), base.logits[0], pinned=True)
         self.root = Node((), tuple(ids), -1)
         self.evaluator.start(conv, self.tok)
+        return self.root
+
+    def generate(self, prompt: Sequence[dict] | str, index: int = 0) -> RainResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.begin(prompt, index)
         neither0 = getattr(self.evaluator, "neither", 0)
         steps: list[dict] = []
         total_iters = 0
@@ -477,7 +481,7 @@ class RainSearch:
             move.parent = None
             self.root = move
             self.committed_len = len(move.key)
-            self.evaluator.commit(move.tokens)
+            self.evaluator.commit([t for t in move.tokens if t not in self.eos])
             if move.tokens and move.tokens[-1] in self.eos:
                 finished = True
                 break
@@ -537,3 +541,87 @@ def rain_generate(
                     f"[rain] {i + 1}/{len(prompts)}: {out[-1].wall_s:.1f}s, {out[-1].iterations} iterations", flush=True
                 )
     return out
+
+
+def rain_file(
+    prompts_path: str,
+    out_path: str,
+    model: str = "embedded",
+    cfg: RainConfig | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """``alignforge rain generate``: RAIN answers for a prompt file, one JSON line per prompt.
+
+    Each line is flushed and fsynced when its prompt is done; a rerun resumes after the last
+    complete line (a torn last line from a kill is dropped). A file written with other settings
+    is refused. Prompt errors name the prompt file's line.
+    """
+    import dataclasses
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    from alignforge.data.readers import read_prompts
+    from alignforge.models.loading import load_model, load_tokenizer, resolve_device
+
+    cfg = cfg or RainConfig()
+    settings = {"model": model, **dataclasses.asdict(cfg)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    records = read_prompts(prompts_path).records
+    if not records:
+        raise DataError("no prompts", file=str(prompts_path))
+    out = Path(out_path)
+    done: dict[int, dict] = {}
+    if out.is_file():
+        good: list[str] = []
+        for raw in out.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill
+            if not raw.endswith("\n"):
+                break
+            if row.get("settings_digest") != digest:
+                raise ConfigError(
+                    f"{out} was written with other settings (model or RAIN config); use another --out or delete it"
+                )
+            done[row["index"]] = row
+            good.append(raw)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text("".join(good), encoding="utf-8")
+        os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(records)) if i not in done]
+    t0 = time.perf_counter()
+    if todo:
+        tok = load_tokenizer(model)
+        lm = load_model(model).to(resolve_device(device))
+        search = RainSearch(lm, tok, cfg)
+        with open(out, "a", encoding="utf-8") as f, torch.inference_mode():
+            for n, i in enumerate(todo):
+                rec = records[i]
+                try:
+                    res = search.generate(rec.prompt, index=i)
+                except DataError as e:
+                    raise DataError(e.reason, file=rec.source.file, line=rec.source.line, field=e.field) from None
+                row = {"index": i, "prompt": rec.prompt, **res.to_json(), "settings_digest": digest}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                done[i] = row
+                if progress:
+                    print(
+                        f"[rain] {n + 1}/{len(todo)} (prompt {i + 1}): {res.wall_s:.1f}s, "
+                        f"{len(res.response_ids)} tokens, {res.iterations} iterations",
+                        flush=True,
+                    )
+    rows = [done[i] for i in sorted(done)]
+    return {
+        "out": str(out),
+        "prompts": len(rows),
+        "resumed": len(records) - len(todo),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "mean_wall_s": sum(r["wall_s"] for r in rows) / len(rows),
+    }
