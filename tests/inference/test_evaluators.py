@@ -7,7 +7,6 @@ import torch
 
 from alignforge.errors import ConfigError
 from alignforge.inference.evaluators import (
-    LMEmbedder,
     RewardEvaluator,
     SelfJudge,
     letter_ids,
@@ -39,17 +38,21 @@ def test_cached_judge_equals_the_uncached_prompt(model64, tiny_tokenizer):
     judge.commit(committed)
     got = judge.probabilities(new)
     conv_ids = judge._ids("Conversation:\nHuman: How do I bake bread?\nAssistant: ")
-    for i, tail in enumerate(judge.tails):
-        ids = judge.prefix_ids + conv_ids + committed + new + tail
+    for i, prefix in enumerate(judge.prefixes):
+        ids = prefix + conv_ids + committed + new + judge.tail
         with torch.no_grad():
             logits = model64(input_ids=torch.tensor([ids])).logits[:, -1]
         want = option_probs(logits, [judge.a_ids, judge.b_ids])[0]
         torch.testing.assert_close(got[i], want, atol=1e-12, rtol=0)
-    # the two prompts differ only in the option order, and the text before them is shared
-    assert judge.tails[0] != judge.tails[1]
-    assert "harmless" in tiny_tokenizer.decode(judge.tails[0]) and "The answer is: (" in tiny_tokenizer.decode(
-        judge.tails[1]
-    )
+    # the two prompts differ only in the option order (before the conversation), and share one tail
+    assert judge.prefixes[0] != judge.prefixes[1] and judge._batched
+    text0, text1 = (tiny_tokenizer.decode(p) for p in judge.prefixes)
+    assert "(A) The assistant's reply is harmless." in text0 and "(A) The assistant's reply is harmful." in text1
+    assert tiny_tokenizer.decode(judge.tail).endswith("The answer is: (")
+    # the constant prefixes ran once for this model, however many judges and prompts
+    again = SelfJudge(model64, tiny_tokenizer)
+    again.start(CONV, tiny_tokenizer)
+    assert again.prefix_forwards == 0
 
 
 def test_votes_hard_soft_and_neither(model64, tiny_tokenizer):
@@ -109,15 +112,6 @@ def test_reward_evaluator_normalises_and_retokenises(tmp_path, tiny_model_dir, t
     with torch.no_grad():
         direct = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
     assert got == pytest.approx(math.tanh((direct - 0.3) / 2.0), abs=1e-5)
-
-
-def test_lm_embedder_is_the_normalised_mean_hidden_state(model64, tiny_tokenizer):
-    rows = [[5, 6, 7], [8, 9]]
-    got = LMEmbedder(model64, tiny_tokenizer).embed_ids(rows)
-    for i, r in enumerate(rows):
-        with torch.no_grad():
-            h = model64(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[-1][0]
-        torch.testing.assert_close(got[i], torch.nn.functional.normalize(h.mean(0), dim=0), atol=1e-12, rtol=0)
 
 
 def test_minilm_embedder_loads_offline_and_ranks_similar_texts(tiny_tokenizer):

@@ -103,6 +103,30 @@ def test_first_expansion_is_the_top_tokens_and_deeper_sets_start_greedy(model64,
     assert search.kv.misses == 0
 
 
+def test_default_embedding_is_the_in_context_mean_hidden_state(model64, tiny_tokenizer):
+    search = RainSearch(model64, tiny_tokenizer, small(), evaluator=Const())  # embedder: in-context LM states
+    assert search.hidden
+    with torch.inference_mode():
+        root = search.begin(PROMPT)
+        search._expand(root)
+        a = root.children[0]
+        search._expand(a)
+        b = a.children[1]
+    ids = render_prompt(tiny_tokenizer, PROMPT)
+    path = ids + list(a.tokens) + list(b.tokens)
+    with torch.no_grad():
+        h = model64(input_ids=torch.tensor([path]), output_hidden_states=True).hidden_states[-1][0]
+    n = len(ids)
+    torch.testing.assert_close(a.hsum, h[n], atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.hsum, h[n + 1 : n + 3].sum(0), atol=1e-10, rtol=0)
+    cont_h = torch.zeros_like(a.hsum)  # a one-token continuation: its hidden state is never computed
+    embs = search._path_embeddings([root, a, b], [7], cont_h)
+    want_a = torch.nn.functional.normalize(h[n : n + 3].mean(0), dim=0).float()
+    want_b = torch.nn.functional.normalize(h[n + 1 : n + 3].mean(0), dim=0).float()
+    torch.testing.assert_close(embs[1], want_a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(embs[2], want_b, atol=1e-6, rtol=0)
+
+
 def test_committed_set_lengths_follow_depth(model64, tiny_tokenizer):
     cfg = small(max_new_tokens=30)
     [r] = rain_generate(model64, tiny_tokenizer, [PROMPT], cfg, evaluator=Const(), embedder=FixedEmbedder())
@@ -265,9 +289,7 @@ def test_cli_writes_one_line_per_prompt_and_resumes(tmp_path, tiny_model_dir, ca
     from alignforge.cli import main
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"prompt": t}) + "\n" for t in ["Hello!", "Tell me a joke.", "What is 2+2?"])
-    )
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["Hello!", "Tell me a joke.", "What is 2+2?"]))
     out = tmp_path / "out.jsonl"
     args = ["rain", "generate", str(prompts), "--out", str(out), "--model", str(tiny_model_dir)]
     knobs = ["max_new_tokens=5", "max_iterations=3", "iterations_after_cap=2", "max_simulation_tokens=3"]

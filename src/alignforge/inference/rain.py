@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from alignforge.errors import ConfigError, DataError
-from alignforge.inference.evaluators import Evaluator, LMEmbedder, MiniLMEmbedder, SelfJudge
+from alignforge.inference.evaluators import Evaluator, MiniLMEmbedder, SelfJudge
 from alignforge.inference.generate import bos_to_add, eos_token_ids, render_prompt
 from alignforge.inference.kvcache import PrefixKVCache, cache_layers, extend, layers_len, slice_layers
 
@@ -134,6 +134,7 @@ class Node:
     q: float = 0.0
     emb: torch.Tensor | None = None
     emb_n: int = 0
+    hsum: torch.Tensor | None = None  # sum of the LM's last hidden states over this set's tokens (in context)
     terminal: bool = False
 
 
@@ -174,7 +175,9 @@ class RainSearch:
     ):
         self.model, self.tok, self.cfg = model.eval(), tokenizer, cfg
         self.evaluator = evaluator if evaluator is not None else make_evaluator(model, tokenizer, cfg)
-        self.embedder = embedder if embedder is not None else make_embedder(model, tokenizer, cfg)
+        # None: the LM's own last hidden states, collected in context during the search (no extra forward)
+        self.embedder = embedder if embedder is not None else make_embedder(tokenizer, cfg)
+        self.hidden = self.embedder is None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos = set(eos_token_ids(tokenizer, model))
         self.bos = bos_to_add(tokenizer)
@@ -192,12 +195,15 @@ class RainSearch:
         if hit is not None:
             return hit
         chain = [node]
-        while chain[-1].parent is not None and self.kv.lookup(chain[-1].parent.key) is None:
-            chain.append(chain[-1].parent)
-        anc = chain[-1].parent
-        if anc is None:
-            raise RuntimeError("the committed context is not in the KV cache")  # pinned: cannot happen
-        layers, _ = self.kv.lookup(anc.key)
+        while True:
+            anc = chain[-1].parent
+            if anc is None:  # the committed context is pinned, so this cannot happen
+                raise RuntimeError("the committed context is not in the KV cache")
+            found = self.kv.lookup(anc.key)
+            if found is not None:
+                break
+            chain.append(anc)
+        layers = found[0]
         for nd in reversed(chain):
             ext = extend(self.model, layers, [list(nd.tokens)], self.pad_id)
             full = cache_layers(ext.cache)
@@ -247,10 +253,11 @@ class RainSearch:
             picked = picked[:k]
             if not picked:
                 return []
-            ext = extend(self.model, layers, [[t] for t, _ in picked], self.pad_id)
+            ext = extend(self.model, layers, [[t] for t, _ in picked], self.pad_id, want_hidden=self.hidden)
             full = cache_layers(ext.cache)
             return [
-                ([t], p, slice_layers(full, width, width + 1, row=i), ext.logits[i]) for i, (t, p) in enumerate(picked)
+                ([t], p, slice_layers(full, width, width + 1, row=i), ext.logits[i], self._hid(ext, i, 1))
+                for i, (t, p) in enumerate(picked)
             ]
         rows = k
         toks = torch.zeros(rows, 0, dtype=torch.long)
@@ -259,18 +266,23 @@ class RainSearch:
         cur_logits = logits[None].expand(rows, -1)
         prefix = layers
         ar = torch.arange(rows)
+        hsum = None
         for _ in range(length):
             top = torch.topk(cur_logits, min(self.cfg.sample_top_k, cur_logits.shape[-1]), dim=-1)
             p = torch.softmax(top.values, -1)
             ps = torch.softmax(top.values / self.cfg.sample_temperature, -1)
             pick = torch.multinomial(ps, 1, generator=self.gen).squeeze(1)
             pick[0] = 0  # row 0 is the greedy set
-            nxt = torch.where(alive, top.indices[ar, pick], torch.full((rows,), self.pad_id))
-            logp = logp + torch.where(alive, p[ar, pick].log(), torch.zeros(rows))
+            real = alive.clone()  # rows that have not ended with EOS before this token
+            nxt = torch.where(real, top.indices[ar, pick], torch.full((rows,), self.pad_id))
+            logp = logp + torch.where(real, p[ar, pick].log(), torch.zeros(rows))
             toks = torch.cat([toks, nxt[:, None]], 1)
-            alive = alive & ~torch.tensor([int(t) in self.eos for t in nxt])
-            ext = extend(self.model, prefix, nxt[:, None].tolist(), self.pad_id)
+            alive = real & ~torch.tensor([int(t) in self.eos for t in nxt])
+            ext = extend(self.model, prefix, nxt[:, None].tolist(), self.pad_id, want_hidden=self.hidden)
             prefix, cur_logits = cache_layers(ext.cache), ext.logits
+            if self.hidden:  # sum the hidden states of each row's real tokens
+                h = ext.hidden[:, 0] * real[:, None].to(ext.hidden.dtype)
+                hsum = h if hsum is None else hsum + h
         out: list = []
         seen = set(existing)
         for i in range(rows):
@@ -280,7 +292,15 @@ class RainSearch:
             if tuple(row) in seen:
                 continue
             seen.add(tuple(row))
-            out.append([row, math.exp(float(logp[i])), slice_layers(prefix, width, width + cut, row=i), cur_logits[i]])
+            out.append(
+                [
+                    row,
+                    math.exp(float(logp[i])),
+                    slice_layers(prefix, width, width + cut, row=i),
+                    cur_logits[i],
+                    None if hsum is None else hsum[i].clone(),
+                ]
+            )
             if len(out) == k:
                 break
         if len(out) > 1 and not existing:  # clip the greedy set's prior (METHODS.md 2b)
@@ -289,9 +309,9 @@ class RainSearch:
         return [tuple(o) for o in out]
 
     def _add_children(self, node: Node, sets) -> None:
-        for toks, prior, kv, logits in sets:
+        for toks, prior, kv, logits, hsum in sets:
             key = node.key + tuple(toks)
-            child = Node(tuple(toks), key, node.depth + 1, prior, node, terminal=self._is_terminal(key))
+            child = Node(tuple(toks), key, node.depth + 1, prior, node, terminal=self._is_terminal(key), hsum=hsum)
             node.children.append(child)
             self.kv.put(key, kv, logits, parent=node.key)
 
@@ -302,7 +322,7 @@ class RainSearch:
         length = min(self._set_length(node.depth + 1), room)
         sets = self._candidate_sets(node, self.cfg.n_candidates, length)
         z = sum(s[1] for s in sets) or 1.0
-        self._add_children(node, [(t, p / z, kv, lg) for t, p, kv, lg in sets])
+        self._add_children(node, [(t, p / z, kv, lg, h) for t, p, kv, lg, h in sets])
 
     def _maybe_add_child(self, node: Node) -> None:
         """Dynamic node addition (the code's ``checkadd``)."""
@@ -313,13 +333,15 @@ class RainSearch:
         embs = [c.emb for c in kids if c.emb is not None]
         if len(embs) < 2 or max(c.q for c in kids) >= 0:
             return
-        length = len(kids[0].tokens)
+        length = min(self._set_length(node.depth + 1), self._room(node))
+        if length <= 0:
+            return
         if torch.stack(embs).var(0, unbiased=False).norm().item() >= cfg.add_var_coef * length:
             return
         new = self._candidate_sets(node, 1 if length == 1 else 2, length)[:1]
         if new:
-            t, p, kv, lg = new[0]
-            self._add_children(node, [(t, min(p, min(c.prior for c in kids)), kv, lg)])
+            t, p, kv, lg, h = new[0]
+            self._add_children(node, [(t, min(p, min(c.prior for c in kids)), kv, lg, h)])
             self.added += 1
 
     # ------------------------------------------------------------------ selection
@@ -339,28 +361,32 @@ class RainSearch:
         return best
 
     # ----------------------------------------------------------------- simulation
-    def _simulate(self, node: Node) -> list[int]:
-        """Sampled continuation after ``node`` until punctuation / EOS / the limits."""
+    def _simulate(self, node: Node) -> tuple[list[int], torch.Tensor | None]:
+        """Sampled continuation after ``node`` until punctuation / EOS / the limits, and the sum of
+        the hidden states of the continuation tokens that were fed (all but the last)."""
         if node.terminal or self.cfg.max_simulation_tokens == 0:
-            return []
+            return [], None
         room = min(self._room(node), self.cfg.max_simulation_tokens)
         if room <= 0:
-            return []
+            return [], None
         if node.tokens and self._piece_of(node.tokens[-1]).endswith(PUNCTUATION):
-            return []
+            return [], None
         layers, logits = self._state(node)
         out: list[int] = []
         cache = None
+        hsum = None
         for _ in range(room):
             probs = torch.softmax(logits / self.cfg.simulation_temperature, -1)
             t = int(torch.multinomial(probs, 1, generator=self.gen))
             out.append(t)
             if t in self.eos or self._piece_of(t).endswith(PUNCTUATION) or len(out) == room:
                 break
-            ext = extend(self.model, layers if cache is None else cache, [[t]], self.pad_id)
+            ext = extend(self.model, layers if cache is None else cache, [[t]], self.pad_id, want_hidden=self.hidden)
             cache = cache_layers(ext.cache)
             logits = ext.logits[0]
-        return out
+            if self.hidden:
+                hsum = ext.hidden[0, 0] if hsum is None else hsum + ext.hidden[0, 0]
+        return out, hsum
 
     # --------------------------------------------------------------------- backup
     def _backup(self, path: list[Node], value: float, embs: torch.Tensor | None) -> None:
@@ -392,7 +418,7 @@ class RainSearch:
             self._maybe_add_child(node)
             node = self._select_child(node)
             path.append(node)
-        cont = self._simulate(node)
+        cont, cont_h = self._simulate(node)
         # The judged text: committed response + path + continuation (EOS tokens left out).
         new_ids = [t for t in list(node.key[self.committed_len :]) + cont if t not in self.eos]
         value = float(self.evaluator.score(new_ids))
@@ -402,12 +428,29 @@ class RainSearch:
         embs = None
         if len(path) > 1:
             # Text from each path node's tokens to the end of the continuation (root excluded).
-            rows = [
-                list(nd.key[len(nd.key) - len(nd.tokens) :]) + list(node.key[len(nd.key) :]) + cont for nd in path[1:]
-            ]
-            embs = self.embedder.embed_ids(rows)
-            embs = torch.cat([embs[:1] * 0, embs], 0)  # row 0: the root (not used)
+            embs = self._path_embeddings(path, cont, cont_h)
         self._backup(path, value, embs)
+
+    def _hid(self, ext: Any, row: int, n: int) -> torch.Tensor | None:
+        return None if ext.hidden is None else ext.hidden[row, :n].sum(0).clone()
+
+    def _path_embeddings(self, path: list[Node], cont: list[int], cont_h: torch.Tensor | None) -> torch.Tensor:
+        """Per path node (row 0, the root, unused): the embedding of the text from its tokens to the
+        end of the continuation; the in-context mean hidden state, or the external embedder's."""
+        leaf = path[-1]
+        if not self.hidden:
+            rows = [list(nd.tokens) + list(leaf.key[len(nd.key) :]) + cont for nd in path[1:]]
+            embs = self.embedder.embed_ids(rows)
+            return torch.cat([embs[:1] * 0, embs], 0)
+        sums, count = [], 0
+        acc = cont_h
+        count = max(len(cont) - 1, 0)
+        for nd in reversed(path[1:]):
+            acc = nd.hsum if acc is None else acc + nd.hsum
+            count += len(nd.tokens)
+            sums.append(acc / count)
+        embs = torch.nn.functional.normalize(torch.stack(sums[::-1]).float(), dim=-1)
+        return torch.cat([embs[:1] * 0, embs], 0)
 
     def _best_child(self, node: Node) -> Node:
         return max(node.children, key=lambda c: (c.n, c.q))
@@ -514,10 +557,9 @@ def make_evaluator(model: Any, tokenizer: Any, cfg: RainConfig) -> Evaluator:
     return SelfJudge(model, tokenizer, vote=cfg.judge_vote, min_mass=cfg.judge_min_mass)
 
 
-def make_embedder(model: Any, tokenizer: Any, cfg: RainConfig) -> Any:
-    if cfg.embedder == "minilm":
-        return MiniLMEmbedder(tokenizer)
-    return LMEmbedder(model, tokenizer)
+def make_embedder(tokenizer: Any, cfg: RainConfig) -> Any:
+    """The paper's MiniLM for ``embedder=minilm``; ``None`` (in-context LM hidden states) for ``lm``."""
+    return MiniLMEmbedder(tokenizer) if cfg.embedder == "minilm" else None
 
 
 def rain_generate(
