@@ -127,6 +127,35 @@ def test_default_embedding_is_the_in_context_mean_hidden_state(model64, tiny_tok
     torch.testing.assert_close(embs[2], want_b, atol=1e-6, rtol=0)
 
 
+def test_simulated_continuation_stops_at_punctuation_and_its_hidden_states_are_in_context(model64, tiny_tokenizer):
+    from alignforge.inference.rain import PUNCTUATION
+
+    search = RainSearch(model64, tiny_tokenizer, small(max_simulation_tokens=12), evaluator=Const())
+    eos = tiny_tokenizer.eos_token_id
+    lengths = set()
+    with torch.inference_mode():
+        for seed in range(6):
+            search.cfg.seed = seed
+            root = search.begin(PROMPT)
+            first = root
+            for node in (root, None):  # the root (sets of 1 token), then a child (sets of 2: batched steps)
+                ends = [tiny_tokenizer.decode([c.tokens[-1]]).endswith(PUNCTUATION) for c in first.children]
+                node = node or first.children[ends.index(False)]  # (after punctuation nothing is simulated)
+                cont, cont_h = search._expand(node, simulate=True)
+                assert len(node.children) >= 2 and 1 <= len(cont) <= 12
+                stops = [t == eos or tiny_tokenizer.decode([t]).endswith(PUNCTUATION) for t in cont]
+                assert not any(stops[:-1]) and (stops[-1] or len(cont) == 12)
+                lengths.add(len(cont))
+                if len(cont) > 1:
+                    path = list(node.key)
+                    with torch.no_grad():
+                        out = model64(input_ids=torch.tensor([path + cont]), output_hidden_states=True)
+                    h = out.hidden_states[-1][0]
+                    want = h[len(path) : len(path) + len(cont) - 1].sum(0)  # every fed token: all but the last
+                    torch.testing.assert_close(cont_h, want, atol=1e-10, rtol=0)
+    assert len(lengths) > 1  # sampled: the continuation length varies with the seed
+
+
 def test_committed_set_lengths_follow_depth(model64, tiny_tokenizer):
     cfg = small(max_new_tokens=30)
     [r] = rain_generate(model64, tiny_tokenizer, [PROMPT], cfg, evaluator=Const(), embedder=FixedEmbedder())

@@ -233,56 +233,106 @@ class RainSearch:
             min(self.cfg.max_new_tokens - (len(key) - self.prompt_len), self.max_length - len(key)) <= 0
         )
 
-    def _candidate_sets(self, node: Node, k: int, length: int) -> list[tuple[list[int], float, list, torch.Tensor]]:
-        """Up to ``k`` new distinct token sets after ``node``: (tokens, prior, their KV, logits after them).
+    def _sim_room(self, node: Node) -> int:
+        """How many tokens the simulated continuation after ``node`` may take (0: none)."""
+        if node.terminal or self.cfg.max_simulation_tokens == 0:
+            return 0
+        if node.tokens and self._piece_of(node.tokens[-1]).endswith(PUNCTUATION):
+            return 0  # the text already ends a clause
+        return max(0, min(self._room(node), self.cfg.max_simulation_tokens))
 
-        Length 1: the top tokens, probabilities renormalised over them. Longer: row 0 greedy, the
-        others sampled from the top ``sample_top_k``, all rows decoded as one batch; one more batched
-        forward gives every set's own KV. Priors are products of (top-k renormalised) probabilities,
-        not yet normalised over the siblings.
+    def _sim_stops(self, t: int, n: int, room: int) -> bool:
+        return t in self.eos or self._piece_of(t).endswith(PUNCTUATION) or n >= room
+
+    def _sample_full(self, logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits / self.cfg.simulation_temperature, -1)
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def _candidate_sets(self, node: Node, k: int, length: int, simulate: bool = False):
+        """Up to ``k`` new distinct token sets after ``node`` and, with ``simulate``, the simulated
+        continuation after ``node``, decoded in the same batch.
+
+        Returns ``(sets, continuation, continuation_hidden_sum)``; each set is (tokens, prior, its own
+        KV, the logits after it, the sum of its tokens' last hidden states). Length 1: the top tokens,
+        probabilities renormalised over them. Longer: row 0 greedy, the others sampled from the top
+        ``sample_top_k``; every sampled token is fed, so each set ends with its own KV. Priors are
+        products of (top-k renormalised) probabilities, not yet normalised over the siblings. The
+        continuation is one more row, sampled from the full distribution until punctuation, EOS or
+        its room; once the sets are done it goes on alone. Its hidden sum covers the tokens that were
+        fed, i.e. all but the last.
         """
         layers, logits = self._state(node)
         width = layers_len(layers)
         existing = {c.tokens for c in node.children}
+        sim_room = self._sim_room(node) if simulate else 0
+        fixed: list[tuple[int, float]] | None = None
         if length == 1:
             probs = torch.softmax(logits, -1)
             top = torch.topk(probs, min(k + len(existing), probs.numel()))
-            picked = [
+            fixed = [
                 (int(t), float(p)) for p, t in zip(top.values, top.indices, strict=True) if (int(t),) not in existing
-            ]
-            picked = picked[:k]
-            if not picked:
-                return []
-            ext = extend(self.model, layers, [[t] for t, _ in picked], self.pad_id, want_hidden=self.hidden)
-            full = cache_layers(ext.cache)
-            return [
-                ([t], p, slice_layers(full, width, width + 1, row=i), ext.logits[i], self._hid(ext, i, 1))
-                for i, (t, p) in enumerate(picked)
-            ]
-        rows = k
+            ][:k]
+            rows = len(fixed)
+        else:
+            rows = k
+        n_rows = rows + (1 if sim_room else 0)
+        cont: list[int] = []
+        cont_h = None
+        sim_on = sim_room > 0
         toks = torch.zeros(rows, 0, dtype=torch.long)
         logp = torch.zeros(rows)
         alive = torch.ones(rows, dtype=torch.bool)
-        cur_logits = logits[None].expand(rows, -1)
-        prefix = layers
-        ar = torch.arange(rows)
         hsum = None
-        for _ in range(length):
-            top = torch.topk(cur_logits, min(self.cfg.sample_top_k, cur_logits.shape[-1]), dim=-1)
-            p = torch.softmax(top.values, -1)
-            ps = torch.softmax(top.values / self.cfg.sample_temperature, -1)
-            pick = torch.multinomial(ps, 1, generator=self.gen).squeeze(1)
-            pick[0] = 0  # row 0 is the greedy set
-            real = alive.clone()  # rows that have not ended with EOS before this token
-            nxt = torch.where(real, top.indices[ar, pick], torch.full((rows,), self.pad_id))
-            logp = logp + torch.where(real, p[ar, pick].log(), torch.zeros(rows))
+        prefix, cur = layers, logits[None].expand(max(n_rows, 1), -1)
+        ar = torch.arange(rows)
+        for _ in range(length if rows else 0):
+            if fixed is not None:
+                real = alive.clone()
+                nxt = torch.tensor([t for t, _ in fixed], dtype=torch.long)
+            else:
+                top = torch.topk(cur[:rows], min(self.cfg.sample_top_k, cur.shape[-1]), dim=-1)
+                p = torch.softmax(top.values, -1)
+                ps = torch.softmax(top.values / self.cfg.sample_temperature, -1)
+                pick = torch.multinomial(ps, 1, generator=self.gen).squeeze(1)
+                pick[0] = 0  # row 0 is the greedy set
+                real = alive.clone()  # rows that have not ended with EOS before this token
+                nxt = torch.where(real, top.indices[ar, pick], torch.full((rows,), self.pad_id))
+                logp = logp + torch.where(real, p[ar, pick].log(), torch.zeros(rows))
             toks = torch.cat([toks, nxt[:, None]], 1)
             alive = real & ~torch.tensor([int(t) in self.eos for t in nxt])
-            ext = extend(self.model, prefix, nxt[:, None].tolist(), self.pad_id, want_hidden=self.hidden)
-            prefix, cur_logits = cache_layers(ext.cache), ext.logits
+            feed = [[int(t)] for t in nxt]
+            sim_fed = False
+            if sim_room:
+                if sim_on:
+                    t = self._sample_full(cur[rows])
+                    cont.append(t)
+                    sim_on = not self._sim_stops(t, len(cont), sim_room)
+                    sim_fed = sim_on  # its last token's hidden state is never needed
+                    feed.append([t])
+                else:
+                    feed.append([self.pad_id])
+            ext = extend(self.model, prefix, feed, self.pad_id, want_hidden=self.hidden)
+            prefix, cur = cache_layers(ext.cache), ext.logits
             if self.hidden:  # sum the hidden states of each row's real tokens
-                h = ext.hidden[:, 0] * real[:, None].to(ext.hidden.dtype)
+                h = ext.hidden[:rows, 0] * real[:, None].to(ext.hidden.dtype)
                 hsum = h if hsum is None else hsum + h
+                if sim_fed:
+                    cont_h = ext.hidden[rows, 0] if cont_h is None else cont_h + ext.hidden[rows, 0]
+        if sim_on:  # the continuation goes on alone
+            if rows:
+                sim_layers = [(kk[rows : rows + 1], vv[rows : rows + 1]) for kk, vv in prefix]
+                sim_logits = cur[rows]
+            else:
+                sim_layers, sim_logits = layers, logits
+            while True:
+                t = self._sample_full(sim_logits)
+                cont.append(t)
+                if self._sim_stops(t, len(cont), sim_room):
+                    break
+                ext = extend(self.model, sim_layers, [[t]], self.pad_id, want_hidden=self.hidden)
+                sim_layers, sim_logits = cache_layers(ext.cache), ext.logits[0]
+                if self.hidden:
+                    cont_h = ext.hidden[0, 0] if cont_h is None else cont_h + ext.hidden[0, 0]
         out: list = []
         seen = set(existing)
         for i in range(rows):
@@ -292,21 +342,15 @@ class RainSearch:
             if tuple(row) in seen:
                 continue
             seen.add(tuple(row))
-            out.append(
-                [
-                    row,
-                    math.exp(float(logp[i])),
-                    slice_layers(prefix, width, width + cut, row=i),
-                    cur_logits[i],
-                    None if hsum is None else hsum[i].clone(),
-                ]
-            )
+            prior = fixed[i][1] if fixed is not None else math.exp(float(logp[i]))
+            hs = None if hsum is None else hsum[i].clone()
+            out.append([row, prior, slice_layers(prefix, width, width + cut, row=i), cur[i], hs])
             if len(out) == k:
                 break
-        if len(out) > 1 and not existing:  # clip the greedy set's prior (METHODS.md 2b)
+        if fixed is None and len(out) > 1 and not existing:  # clip the greedy set's prior (METHODS.md 2b)
             sampled = [o[1] for o in out[1:]]
             out[0][1] = min(max(out[0][1], max(sampled) + min(sampled)), sum(sampled))
-        return [tuple(o) for o in out]
+        return [tuple(o) for o in out], cont, cont_h
 
     def _add_children(self, node: Node, sets) -> None:
         for toks, prior, kv, logits, hsum in sets:
@@ -315,14 +359,17 @@ class RainSearch:
             node.children.append(child)
             self.kv.put(key, kv, logits, parent=node.key)
 
-    def _expand(self, node: Node) -> None:
+    def _expand(self, node: Node, simulate: bool = False) -> tuple[list[int], torch.Tensor | None]:
+        """Add the children of a leaf; with ``simulate``, also return the simulated continuation
+        after it (decoded in the same batch) and the sum of its fed tokens' hidden states."""
         room = self._room(node)
-        if room <= 0:
-            return
         length = min(self._set_length(node.depth + 1), room)
-        sets = self._candidate_sets(node, self.cfg.n_candidates, length)
+        sets, cont, cont_h = self._candidate_sets(
+            node, self.cfg.n_candidates if room > 0 else 0, max(length, 1), simulate
+        )
         z = sum(s[1] for s in sets) or 1.0
         self._add_children(node, [(t, p / z, kv, lg, h) for t, p, kv, lg, h in sets])
+        return cont, cont_h
 
     def _maybe_add_child(self, node: Node) -> None:
         """Dynamic node addition (the code's ``checkadd``)."""
@@ -338,7 +385,7 @@ class RainSearch:
             return
         if torch.stack(embs).var(0, unbiased=False).norm().item() >= cfg.add_var_coef * length:
             return
-        new = self._candidate_sets(node, 1 if length == 1 else 2, length)[:1]
+        new = self._candidate_sets(node, 1 if length == 1 else 2, length)[0][:1]
         if new:
             t, p, kv, lg, h = new[0]
             self._add_children(node, [(t, min(p, min(c.prior for c in kids)), kv, lg, h)])
@@ -359,34 +406,6 @@ class RainSearch:
             if s > best_s:
                 best, best_s = c, s
         return best
-
-    # ----------------------------------------------------------------- simulation
-    def _simulate(self, node: Node) -> tuple[list[int], torch.Tensor | None]:
-        """Sampled continuation after ``node`` until punctuation / EOS / the limits, and the sum of
-        the hidden states of the continuation tokens that were fed (all but the last)."""
-        if node.terminal or self.cfg.max_simulation_tokens == 0:
-            return [], None
-        room = min(self._room(node), self.cfg.max_simulation_tokens)
-        if room <= 0:
-            return [], None
-        if node.tokens and self._piece_of(node.tokens[-1]).endswith(PUNCTUATION):
-            return [], None
-        layers, logits = self._state(node)
-        out: list[int] = []
-        cache = None
-        hsum = None
-        for _ in range(room):
-            probs = torch.softmax(logits / self.cfg.simulation_temperature, -1)
-            t = int(torch.multinomial(probs, 1, generator=self.gen))
-            out.append(t)
-            if t in self.eos or self._piece_of(t).endswith(PUNCTUATION) or len(out) == room:
-                break
-            ext = extend(self.model, layers if cache is None else cache, [[t]], self.pad_id, want_hidden=self.hidden)
-            cache = cache_layers(ext.cache)
-            logits = ext.logits[0]
-            if self.hidden:
-                hsum = ext.hidden[0, 0] if hsum is None else hsum + ext.hidden[0, 0]
-        return out, hsum
 
     # --------------------------------------------------------------------- backup
     def _backup(self, path: list[Node], value: float, embs: torch.Tensor | None) -> None:
@@ -418,13 +437,12 @@ class RainSearch:
             self._maybe_add_child(node)
             node = self._select_child(node)
             path.append(node)
-        cont, cont_h = self._simulate(node)
+        # Expand the leaf and simulate its continuation in one batch (nothing for a terminal leaf).
+        cont, cont_h = ([], None) if node.terminal else self._expand(node, simulate=True)
         # The judged text: committed response + path + continuation (EOS tokens left out).
         new_ids = [t for t in list(node.key[self.committed_len :]) + cont if t not in self.eos]
         value = float(self.evaluator.score(new_ids))
         self.evaluations += 1
-        if not node.terminal:
-            self._expand(node)
         embs = None
         if len(path) > 1:
             # Text from each path node's tokens to the end of the continuation (root excluded).
