@@ -122,8 +122,8 @@ def reference_mode(model: Any) -> Iterator[Any]:
     """Yield ``model`` computing the reference policy: adapter disabled, no grad, eval mode.
 
     Only for PEFT models -- the same object is reused, never copied. The previous
-    train/eval mode is restored on exit. A full (non-PEFT) model has no built-in
-    reference, so this raises :class:`ModelError`.
+    train/eval mode and every parameter's ``requires_grad`` are restored on exit. A full
+    (non-PEFT) model has no built-in reference, so this raises :class:`ModelError`.
     """
     import torch
 
@@ -134,12 +134,17 @@ def reference_mode(model: Any) -> Iterator[Any]:
             "explicit reference model (e.g. load_model(<base>) frozen in eval mode)"
         )
     was_training = inner.training
+    # PEFT re-activates the active adapter on exit, which switches ``requires_grad`` off for every other
+    # adapter (e.g. PPO's shared critic adapter): keep each parameter's flag as it was.
+    flags = [(p, p.requires_grad) for p in inner.parameters()]
     inner.eval()
     try:
         with inner.disable_adapter(), torch.no_grad():
             yield inner
     finally:
         inner.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
@@ -157,7 +162,8 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path
                 cfg.base_model_name_or_path = _portable_name(
                     getattr(base, "_alignforge_name", None) or base.config._name_or_path
                 )
-            model.save_pretrained(str(tmp))
+            # only the active (trained policy's) adapter: a PPO critic adapter is not part of the policy
+            model.save_pretrained(str(tmp), selected_adapters=[model.active_adapter])
         else:
             model.save_pretrained(str(tmp))
         if tokenizer is not None:

@@ -33,8 +33,10 @@ Where this departs from the paper (details the paper does not give are options, 
 * ``y_ref`` is greedy by default (``ppo.ref_greedy``); the paper does not say.
 * No advantage whitening by default (as the paper); ``ppo.whiten_advantages`` turns it on.
 * The NTP term (``ppo.ntp_coef``) is the mean-token NLL of an SFT-format batch, added to every update.
-* The critic is a separate model (initialised from the RM, or the policy with a zero head); sharing
-  the actor's base as a second LoRA adapter is not implemented.
+* The critic is a separate model (initialised from the RM, or the policy with a zero head), or, with
+  ``ppo.critic_shared=true`` and a LoRA policy, a second LoRA adapter on the actor's base with a
+  zero-initialised value head (``models/value.SharedValueModel``: no second copy of the weights; the
+  critic then starts from the policy, not the RM).
 * Losses are token-level means over the global minibatch (the policy, value and KL terms share one
   normaliser, the number of response tokens in the minibatch).
 * A vLLM generation backend is not implemented yet; generation uses the HF backend.
@@ -93,6 +95,7 @@ class PPOParams:
     filter_samples: int = 0  # > 0: sample this many answers per prompt and drop low-variance prompts
     filter_eps: float = 1e-3
     critic_init: Literal["rm", "policy"] = "rm"
+    critic_shared: bool = False  # the critic as a second LoRA adapter on the actor's base (+ a value head)
     backend: Literal["hf", "vllm"] = "hf"  # the policy's rollouts: HF generate, or a colocated vLLM engine (GPU)
     vllm_gpu_memory_utilization: float = 0.3
     ref_model: Optional[str] = None  # full fine-tuning: the frozen reference (default: the initial policy)
@@ -332,6 +335,13 @@ def _check(cfg: PPOConfig, world: int) -> None:
         raise ConfigError("data.train_files is empty: name at least one prompt file")
     if not p.reward_model:
         raise ConfigError("ppo.reward_model is required: a reward model trained with `alignforge rm train`")
+    if p.critic_shared:
+        if p.advantage != "gae":
+            raise ConfigError(f"ppo.critic_shared=true is for ppo.advantage=gae ({p.advantage} has no critic)")
+        if not cfg.lora.enabled:
+            raise ConfigError("ppo.critic_shared=true needs a LoRA policy (lora.enabled=true)")
+        if cfg.model.gradient_checkpointing:
+            raise ConfigError("ppo.critic_shared=true does not work with model.gradient_checkpointing=true")
     if p.advantage in ("grpo", "rloo") and p.samples_per_prompt < 2:
         raise ConfigError(f"ppo.advantage={p.advantage} needs ppo.samples_per_prompt >= 2, got {p.samples_per_prompt}")
     for name in (
@@ -442,7 +452,12 @@ class _Trainer:
         if p.advantage == "gae":
             from alignforge.models.value import load_value_model
 
-            self.critic = load_value_model(p.reward_model if p.critic_init == "rm" else cfg.model.name_or_path)
+            if p.critic_shared:
+                from alignforge.models.value import SharedValueModel
+
+                self.critic = SharedValueModel(self.policy)
+            else:
+                self.critic = load_value_model(p.reward_model if p.critic_init == "rm" else cfg.model.name_or_path)
             self.critic.to(acc.device)
         if p.filter_samples > 0:
             self.filter_prompts()
