@@ -2,6 +2,7 @@
 the alignment effect of the evaluator, and bad input."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from alignforge.errors import ConfigError, DataError
 from alignforge.inference.generate import render_prompt
 from alignforge.inference.rain import Node, RainConfig, RainSearch, rain_generate
 
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = [{"role": "user", "content": "Hello! How can I help you today?"}]
 
 
@@ -344,3 +346,10 @@ def test_cli_writes_one_line_per_prompt_and_resumes(tmp_path, tiny_model_dir, ca
     assert main(args[:3] + ["--out", str(tmp_path / "o2.jsonl")] + args[5:] + knobs) == 2
     err = capsys.readouterr().err
     assert f"{prompts}:2: field 'prompt':" in err and "longer than the context" in err
+
+
+def test_shipped_config_is_the_paper_defaults():
+    from alignforge.config import load_config
+
+    cfg = load_config(RainConfig, REPO / "configs" / "rain_hh.yaml")
+    assert cfg == RainConfig()
