@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import DEFAULT_DATA, peak_rss_mb  # noqa: E402
+from _harness import DEFAULT_DATA, matmul_gflops, peak_rss_mb  # noqa: E402
 from _rain import greedy, hh_first_turns, load_policy  # noqa: E402
 
 
@@ -82,9 +82,19 @@ def main() -> None:
         tot = sum(r[2] for r in runs[name])
         print(f"[{name}] {tot:.2f}s, {sum(len(r[0]) for r in runs[name])} tokens", flush=True)
     cfg = RainConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    from alignforge.inference.kvcache import FORWARD_STATS, reset_forward_stats
+
+    reset_forward_stats()
     t = time.perf_counter()
     rain = rain_generate(model, tok, convs, cfg, progress=True)
     rain_total_wall = time.perf_counter() - t
+    fwd = dict(FORWARD_STATS)
+    # compute bound: ~2 FLOPs per non-embedding parameter per position run (+ the LM head at the read
+    # positions, left out), against this CPU's fp32 matmul throughput measured here
+    emb = model.get_input_embeddings().weight
+    body = sum(q.numel() for q in model.parameters() if q is not emb)
+    gflop = 2 * body * fwd["positions"] / 1e9
+    peak = matmul_gflops()
 
     cached_s = sum(r[2] for r in runs["vanilla_cached"])
     uncached_s = sum(r[2] for r in runs["vanilla_uncached"])
@@ -138,6 +148,12 @@ def main() -> None:
         "cache_lookups": lookups,
         "rain_max_prompt_s": round(max(r.wall_s for r in rain), 3),
         "rain_total_wall_s": round(rain_total_wall, 3),
+        "rain_forwards": fwd["calls"],
+        "rain_positions": fwd["positions"],
+        "rain_positions_per_token": round(fwd["positions"] / max(1, tok_rain), 1),
+        "rain_gflop_per_s": round(gflop / rain_total_wall, 1),
+        "matmul_gflop_per_s": round(peak, 1),
+        "rain_share_of_matmul": round(gflop / rain_total_wall / peak, 3),
         "max_new_tokens": args.max_new_tokens,
         "model": args.model,
         "torch_threads": torch.get_num_threads(),

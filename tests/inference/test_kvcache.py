@@ -80,3 +80,12 @@ def test_path_cache_too_small_for_one_path_is_a_clear_error(model64):
         cache.put((1, 2, 3, 4), full, None, pinned=True)
     with pytest.raises(ConfigError, match="max_mb must be > 0"):
         PrefixKVCache(0)
+
+
+def test_forward_stats_count_calls_and_positions(model64):
+    from alignforge.inference.kvcache import FORWARD_STATS, reset_forward_stats
+
+    reset_forward_stats()
+    extend(model64, None, [[1], [2, 3, 4]])  # 2 rows x width 3 (padding included)
+    extend(model64, None, [[5, 6]])
+    assert FORWARD_STATS == {"calls": 2, "positions": 8}

@@ -28,6 +28,14 @@ from alignforge.errors import ConfigError
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
+# Work done by :func:`extend` in this process: model calls and token positions run (rows x width,
+# padding included). Benchmarks read it to say how much compute a method spends.
+FORWARD_STATS = {"calls": 0, "positions": 0}
+
+
+def reset_forward_stats() -> None:
+    FORWARD_STATS.update(calls=0, positions=0)
+
 
 def model_device(model: Any) -> torch.device:
     try:
@@ -135,6 +143,8 @@ def extend(
             output_hidden_states=want_hidden,
             logits_to_keep=keep,
         )
+    FORWARD_STATS["calls"] += 1
+    FORWARD_STATS["positions"] += n * width
     cols = torch.tensor([where[len(r) - 1] for r in rows], device=out.logits.device)
     logits = out.logits[torch.arange(n, device=cols.device), cols]
     if logits.dtype != torch.float64:  # float32 for bf16/fp16 models; float64 models stay exact
