@@ -165,7 +165,7 @@ def test_eval_generate_cli_unknown_category(tmp_path, shared_data, tiny_model_di
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_mtbench_second_turn_sees_the_first_answer(tmp_path, shared_data, tiny_model_dir):
+def test_mtbench_second_turn_sees_the_first_answer(tmp_path, shared_data, tiny_model_dir, capsys):
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import load_model, load_tokenizer
 
@@ -181,9 +181,10 @@ def test_mtbench_second_turn_sees_the_first_answer(tmp_path, shared_data, tiny_m
     qs = load_prompt_set("mtbench", shared_data / "mt-bench", n=2)
     r = generate_responses(
         "mtbench", shared_data / "mt-bench", str(tiny_model_dir), out, n=2, max_new_tokens=5, batch_size=1,
-        progress=False, backend=backend,
+        progress=True, backend=backend,
     )  # fmt: skip
     assert r["generated"] == 2
+    assert "eval generate (mtbench)" in capsys.readouterr().err  # the progress bar
     rows = _lines(out)
     assert [len(x["responses"]) for x in rows] == [2, 2]
     assert rows[0]["followups"] == qs[0].followups

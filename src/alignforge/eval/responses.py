@@ -56,8 +56,7 @@ def _read_existing(out: Path, digest: str) -> dict[str, dict]:
         got = (row.get("metadata") or {}).get("settings_digest")
         if got != digest:
             raise ConfigError(
-                f"{out}:{i + 1}: written with other settings (model, set or decoding); "
-                "use another --out or delete it"
+                f"{out}:{i + 1}: written with other settings (model, set or decoding); use another --out or delete it"
             )
         if row.get("id") is None:
             raise DataError("missing field", file=str(out), line=i + 1, field="id")
