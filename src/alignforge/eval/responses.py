@@ -8,7 +8,9 @@ Output: one JSON line per prompt (in prompt order, unless a resumed run filled g
 
 Generation runs on :class:`~alignforge.inference.generate.HFBackend` in batches of
 ``batch_size`` prompts; batch ``k`` of the (filtered) prompt list is decoded with seed
-``seed + k``, so a resumed run samples the same as an uninterrupted one. A multi-turn prompt
+``seed + k`` (every turn of it), so batches that a resumed run redoes whole sample as in an
+uninterrupted run; the missing prompts of a partly written batch are redone as a smaller batch
+with the same seed (greedy: the same answers up to padding numerics). A multi-turn prompt
 (MT-Bench) asks turn ``t + 1`` after the model's own answer to turn ``t``: the conversation is
 ``prompt + [assistant: answer_1, user: followup_1, ...]``.
 
