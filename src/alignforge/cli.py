@@ -30,6 +30,89 @@ data_app = typer.Typer(help="Read, validate, convert and describe datasets.", no
 app.add_typer(data_app, name="data")
 rm_app = typer.Typer(help="Reward models: train, evaluate, score.", no_args_is_help=True)
 app.add_typer(rm_app, name="rm")
+eval_app = typer.Typer(
+    help="Evaluation: answer prompt sets, attack success / over-refusal, response lengths.", no_args_is_help=True
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("generate")
+def eval_generate(
+    set_: str = typer.Option(..., "--set", help="alignbench | mtbench | advbench | hh | jsonl"),
+    data: Path = typer.Option(..., "--data", help="The set's file (mtbench: question.jsonl or its folder)."),
+    model: str = typer.Option(..., "--model", help="Model: 'embedded', an HF dir, adapter dir, .gguf or hub id."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL (a rerun resumes; other settings are refused)."),
+    category: Optional[List[str]] = typer.Option(None, "--category", help="Only this category (repeatable)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Only the first N prompts (after --category)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Answer a prompt set (MT-Bench: turn 2 after the model's own first answer) into a response JSONL."""
+    from alignforge.eval.responses import generate_responses
+
+    r = generate_responses(
+        set_,
+        data,
+        model,
+        out,
+        categories=list(category) if category else None,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    typer.echo(f"done: {r['prompts']} prompts ({r['generated']} generated, {r['resumed']} already there)")
+    typer.echo(f"responses: {r['out']}")
+
+
+@eval_app.command("harm")
+def eval_harm(
+    responses: Path = typer.Argument(..., help="Responses to AdvBench (or other harmful) prompts (JSONL)."),
+    benign: Optional[Path] = typer.Option(None, "--benign", help="Responses to benign prompts: over-refusal."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON report (default: RESPONSES with .harm.json)."),
+    n_resamples: int = typer.Option(9999, "--n-resamples", help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Attack success rate (llm-attacks refusal rule) and over-refusal, with bootstrap CIs."""
+    from alignforge.eval.harm import format_harm, harm_report
+
+    rep = harm_report(responses, benign, n_resamples=n_resamples, seed=seed)
+    dst = out or responses.with_name(responses.name.removesuffix(".jsonl") + ".harm.json")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    typer.echo(format_harm(rep))
+    typer.echo(f"report: {dst}")
+
+
+@eval_app.command("lengths")
+def eval_lengths(
+    files: List[Path] = typer.Argument(..., help="Response JSONL files (e.g. from `eval generate`)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Count tokens (else whitespace words)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as JSON."),
+) -> None:
+    """Response length per file and per category: mean and median (ChatGLM-RLHF Table 6)."""
+    from alignforge.eval.lengths import format_lengths, length_report
+
+    tok = None
+    if tokenizer is not None:
+        from alignforge.models.loading import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    rep = length_report(files, tok)
+    typer.echo(format_lengths(rep))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        typer.echo(f"report: {out}")
 
 
 def _register_annotation() -> None:

@@ -13,7 +13,7 @@ Evaluation scores both responses of every held-out preference pair and reports (
 * score mean/std of chosen and rejected responses, and per-category accuracy and score
   distribution when the data has categories.
 
-The statistics (:func:`evaluate_pairs`) are pure numpy on arrays of scores, so they are tested
+The statistics (:func:`evaluate_pairs`) are numpy and ``eval/stats.py`` (scipy) on arrays of scores, so they are tested
 without a model. Scoring (:func:`score_pairs`) packs each pair into one sequence
 (``models/packing.py``) and batches pairs of similar length; results come back in input order.
 
@@ -25,7 +25,6 @@ Scoring a file (:func:`score_file`) reads unlabeled ``{prompt, completion}`` (or
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,7 +34,9 @@ import numpy as np
 
 from alignforge.data.balance import DEFAULT_EDGES, bucket_index, bucket_labels
 from alignforge.data.readers import read_unlabeled  # re-exported
+from alignforge.eval import stats
 from alignforge.eval.plots import plot_eval
+from alignforge.eval.stats import pearson, rankdata, spearman  # re-exported
 
 __all__ = [
     "score_pairs",
@@ -60,41 +61,6 @@ NO_CATEGORY = "(none)"
 # --------------------------------------------------------------------------- statistics (numpy)
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
-    """1-based ranks; tied values get the average of the ranks they span."""
-    a = np.asarray(x, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    n = len(a)
-    # start index of each run of equal values in the sorted array
-    new = np.r_[True, s[1:] != s[:-1]] if n else np.zeros(0, dtype=bool)
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], n]  # exclusive
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson correlation; ``None`` when undefined (fewer than 2 points or a constant input)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"pearson: shapes differ: {a.shape} vs {b.shape}")
-    if a.size < 2:
-        return None
-    da, db = a - a.mean(), b - b.mean()
-    den = math.sqrt(float(da @ da) * float(db @ db))
-    if den == 0.0:
-        return None
-    return float(np.clip((da @ db) / den, -1.0, 1.0))
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman rank correlation: Pearson of average ranks (ties handled)."""
-    return pearson(rankdata(x), rankdata(y))
-
-
 def pair_outcomes(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
     """Per pair: 1 if chosen scored higher, 0.5 on a tie, 0 otherwise."""
     return np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
@@ -103,18 +69,14 @@ def pair_outcomes(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
 def bootstrap_ci(
     values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 200
 ) -> list[float] | None:
-    """Percentile bootstrap CI of the mean of ``values`` (seeded, so reproducible)."""
+    """Percentile bootstrap CI of the mean of ``values`` (seeded, so reproducible; :func:`eval.stats.bootstrap_ci`).
+
+    ``None`` for no values or ``n_boot <= 0``."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0 or n_boot <= 0:
         return None
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    for s in range(0, n_boot, chunk):  # bounded memory for large evaluation sets
-        k = min(chunk, n_boot - s)
-        means[s : s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return [float(lo), float(hi)]
+    lo, hi = stats.bootstrap_ci(v, confidence=level, n_resamples=n_boot, seed=seed, method="percentile", batch=chunk)
+    return [lo, hi]
 
 
 def _std(x: np.ndarray) -> float | None:
