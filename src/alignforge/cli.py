@@ -289,8 +289,15 @@ def serve(
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models), e.g. as a local judge."""
     from alignforge.inference.serve import serve as run_server
 
-    run_server(model, host=host, port=port, api_key_env=api_key_env, device=device,
-               served_model_name=served_model_name, echo=typer.echo)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key_env=api_key_env,
+        device=device,
+        served_model_name=served_model_name,
+        echo=typer.echo,
+    )
 
 
 rain_app = typer.Typer(

@@ -177,15 +177,19 @@ class ChatEngine:
         req = parse_request(body, self.default_max_tokens)
         name = body.get("model")
         if name is not None and name != self.model_name:
-            raise RequestError(f"model {name!r} is not served here (this server serves {self.model_name!r})",
-                               status=404, param="model")
+            raise RequestError(
+                f"model {name!r} is not served here (this server serves {self.model_name!r})", status=404, param="model"
+            )
         prompt = self.backend.render(req.messages)
         if self.max_context and len(prompt) + req.max_tokens > self.max_context:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens", param="messages")
-        cfg = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                               seed=req.seed, batch_size=1)
+                f"context of {self.max_context} tokens",
+                param="messages",
+            )
+        cfg = GenerationConfig(
+            max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, batch_size=1
+        )
         g = self.backend.generate_from_ids([prompt], cfg)[0]
         ids, text = list(g.response_ids), g.text
         finish = "stop" if g.finished else "length"
@@ -208,8 +212,11 @@ class ChatEngine:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [choice],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
-                      "total_tokens": len(prompt) + len(ids)},
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(ids),
+                "total_tokens": len(prompt) + len(ids),
+            },
         }
 
     def _decode(self, ids: list[int]) -> str:
@@ -254,9 +261,12 @@ class ChatEngine:
         for j, t in enumerate(ids):
             entry = self._token_entry(t, chosen[j])
             entry["top_logprobs"] = (
-                [self._token_entry(int(i), float(v)) for v, i in zip(tops.values[j].tolist(), tops.indices[j].tolist(),
-                                                                       strict=True)]
-                if tops is not None else []
+                [
+                    self._token_entry(int(i), float(v))
+                    for v, i in zip(tops.values[j].tolist(), tops.indices[j].tolist(), strict=True)
+                ]
+                if tops is not None
+                else []
             )
             out.append(entry)
         return out
@@ -331,8 +341,9 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> Any:
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise RequestError("invalid or missing API key (Authorization: Bearer ...)", status=401,
-                               type="authentication_error")
+            raise RequestError(
+                "invalid or missing API key (Authorization: Bearer ...)", status=401, type="authentication_error"
+            )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Any, exc: Any) -> Any:  # unknown routes, wrong methods
@@ -340,8 +351,17 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> Any:
 
     @app.exception_handler(Exception)
     async def server_error(request: Any, exc: Exception) -> Any:
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
-                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"internal error: {type(exc).__name__}: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=500,
+        )
 
     @app.get("/v1/models")
     def models(request: fastapi.Request) -> Any:
@@ -413,8 +433,15 @@ class BackgroundServer:
         self.stop()
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
-          device: str | None = None, served_model_name: str | None = None, echo: Any = print) -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_env: str | None = None,
+    device: str | None = None,
+    served_model_name: str | None = None,
+    echo: Any = print,
+) -> None:
     """Load ``model`` (any name :func:`~alignforge.models.loading.load_model` takes) and serve it until
     interrupted. ``api_key_env`` names an environment variable holding the bearer key clients must send."""
     import os
