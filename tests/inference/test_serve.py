@@ -206,3 +206,41 @@ def test_cli_serve_missing_key_env_fails_cleanly(tiny_model_dir, monkeypatch, ca
     monkeypatch.delenv("AF_TEST_NO_SUCH_KEY", raising=False)
     assert main(["serve", str(tiny_model_dir), "--api-key-env", "AF_TEST_NO_SUCH_KEY"]) == 2
     assert "AF_TEST_NO_SUCH_KEY" in capsys.readouterr().err
+
+
+def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
+    """`alignforge serve` as a real process: loads the model dir, binds loopback, needs the key."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AF_TEST_SERVE_KEY": "k-9", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "alignforge.cli", "serve", str(tiny_model_dir), "--port", str(port)]
+    cmd += ["--api-key-env", "AF_TEST_SERVE_KEY", "--served-model-name", "judge-tiny", "--device", "cpu"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k-9"}
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                r = httpx.get(url + "/models", headers=auth, timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "judge-tiny"
+        assert httpx.get(url + "/models").status_code == 401
+        body = {"model": "judge-tiny", "messages": MSGS, "max_tokens": 3, "temperature": 0}
+        r = httpx.post(url + "/chat/completions", json=body, headers=auth, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
