@@ -244,3 +244,31 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_requests_are_served_one_at_a_time(lm_tok):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = lm_tok
+    state = {"now": 0, "max": 0}
+    guard = threading.Lock()
+
+    class Tracking(ChatEngine):
+        def complete(self, body):
+            with guard:
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+            try:
+                time.sleep(0.05)  # widen the window in which a second request could overlap
+                return super().complete(body)
+            finally:
+                with guard:
+                    state["now"] -= 1
+
+    with BackgroundServer(build_app(Tracking(model, tok, "tiny"))) as srv:
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda i: chat(srv, max_tokens=2, seed=i).status_code, range(8)))
+    assert codes == [200] * 8
+    assert state["max"] == 1

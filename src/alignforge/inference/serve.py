@@ -13,7 +13,9 @@ Conventions (where OpenAI leaves room):
   the returned tokens (usage, logprobs) end with the token in which that string completed.
 * A response that ends with EOS has ``finish_reason`` ``"stop"``; the EOS token is counted in
   ``usage.completion_tokens`` and listed in ``logprobs`` (its text is not in ``content``).
-* ``n`` must be 1; ``stream`` is not supported; a ``model`` other than the served name is a 404.
+* ``n`` must be 1; ``stream`` and non-zero penalties are not supported; a ``model`` other than the
+  served name is a 404 (a request without ``model`` is served). Roles: system, user, assistant, and
+  developer (rendered as system); content is a string or a list of text parts.
 """
 
 import hmac
