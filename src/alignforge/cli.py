@@ -356,6 +356,33 @@ def generate(
         typer.echo(f"### user: {p}\n### assistant: {o}\n")
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model: 'embedded', an HF dir, adapter dir, .gguf or hub id."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000),
+    api_key_env: Optional[str] = typer.Option(
+        None, "--api-key-env", help="Environment variable holding the bearer key clients must send."
+    ),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", help="The model id clients ask for (default: MODEL as given)."
+    ),
+    device: Optional[str] = _DEVICE_OPT,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models), e.g. as a local judge."""
+    from alignforge.inference.serve import serve as run_server
+
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key_env=api_key_env,
+        device=device,
+        served_model_name=served_model_name,
+        echo=typer.echo,
+    )
+
+
 rain_app = typer.Typer(
     help="RAIN: rewindable inference that aligns a frozen model with self-evaluation.", no_args_is_help=True
 )
