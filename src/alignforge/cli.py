@@ -31,7 +31,8 @@ app.add_typer(data_app, name="data")
 rm_app = typer.Typer(help="Reward models: train, evaluate, score.", no_args_is_help=True)
 app.add_typer(rm_app, name="rm")
 eval_app = typer.Typer(
-    help="Evaluation: answer prompt sets, attack success / over-refusal, response lengths.", no_args_is_help=True
+    help="Evaluation: answer prompt sets, attack success / over-refusal, response lengths, RM accuracy.",
+    no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
 
@@ -113,6 +114,65 @@ def eval_lengths(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         typer.echo(f"report: {out}")
+
+
+@eval_app.command("rm-accuracy")
+def eval_rm_accuracy(
+    rm_dir: Path = typer.Argument(..., help="A saved reward model (e.g. outputs/rm/final)."),
+    labels: List[Path] = typer.Argument(..., help="Human preference labels: annotation export, TRL format or raw HH."),
+    out: Path = typer.Option(..., "--out", help="JSON result (written atomically)."),
+    by: str = typer.Option("category", "--by", help="Group by this record field (or metadata field)."),
+    max_length: int = typer.Option(512, help="Fit prompt + response in this many tokens (as in training)."),
+    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N valid pairs."),
+    on_error: str = typer.Option("skip", help="skip: drop invalid records and report them; raise: stop at the first."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
+) -> None:
+    """Reward-model accuracy against human preference labels, overall and per category (ChatGLM-RLHF Table 5)."""
+    from alignforge.eval.rm_accuracy import format_rm_accuracy, rm_accuracy
+
+    if on_error not in ("raise", "skip"):
+        _err(f"--on-error must be raise or skip, not {on_error!r}")
+    res = rm_accuracy(
+        rm_dir,
+        labels,
+        by=by,
+        max_length=max_length,
+        batch_size=batch_size,
+        limit=limit,
+        on_error=on_error,
+        n_boot=n_boot,
+        seed=seed,
+        device=device,
+        out_path=out,
+    )
+    typer.echo(res["data_report"]["summary"])
+    typer.echo(format_rm_accuracy(res))
+    typer.echo(f"result: {out}")
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run dirs (each with metrics.jsonl; samples.jsonl if any)."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML page (self-contained; written atomically)."),
+    eval_files: Optional[List[Path]] = typer.Option(
+        None, "--eval", help="Eval JSON (harm, lengths, rm-accuracy, rm eval summary, or any JSON with rows)."
+    ),
+    responses: Optional[List[Path]] = typer.Option(
+        None, "--responses", help="Response JSONL files: histograms and examples side by side (repeatable)."
+    ),
+    examples: int = typer.Option(8, "--examples", help="Example prompts shown side by side."),
+    title: str = typer.Option("alignforge report", "--title"),
+) -> None:
+    """One self-contained HTML page: training curves, score/length histograms, eval tables, example responses."""
+    from alignforge.eval.report import write_report
+
+    path = write_report(
+        run_dirs, out, eval_files=eval_files or [], responses=responses or [], n_examples=examples, title=title
+    )
+    typer.echo(f"report: {path}")
 
 
 def _register_annotation() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +45,9 @@ __all__ = [
     "evaluate_pairs",
     "plot_eval",
     "run_rm_eval",
+    "score_preference_data",
+    "ScoredPairs",
+    "pair_outcomes",
     "score_file",
     "read_unlabeled",
     "pearson",
@@ -307,6 +311,45 @@ def _load_limited(
     return pairs, report
 
 
+@dataclass
+class ScoredPairs:
+    """Preference pairs tokenised as in RM training, with the RM's score of each response (input order)."""
+
+    pairs: list
+    chosen: np.ndarray
+    rejected: np.ndarray
+    report: Any  # data/tokenize.py's DatasetReport: pairs read, cut, dropped
+    rm_stats: dict
+
+
+def score_preference_data(
+    rm_path: str | Path,
+    paths: Sequence[str | Path],
+    max_length: int = 512,
+    batch_size: int = 8,
+    limit: int | None = None,
+    on_error: str = "skip",
+    progress: bool = True,
+    device: str | None = None,
+    overlong: str = "truncate_prompt",
+) -> ScoredPairs:
+    """Load the RM, tokenise the preference files and score both responses of every pair (what ``rm eval``
+    scores; arguments as :func:`run_rm_eval`). No valid pair raises ``DataError`` naming the first file."""
+    from alignforge.errors import ConfigError, DataError
+    from alignforge.models.reward import load_reward_model
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    paths = [str(p) for p in paths]
+    rm, tok, stats = load_reward_model(str(rm_path))
+    rm = _to_device(rm, device)
+    pairs, report = _load_limited(paths, tok, max_length, on_error, limit, overlong)
+    if not pairs:
+        raise DataError(f"no valid preference pairs to evaluate ({report.summary()})", file=paths[0])
+    chosen, rejected = score_pairs(rm, pairs, _pad_id(tok), batch_size=batch_size, progress=progress)
+    return ScoredPairs(pairs, chosen, rejected, report, stats)  # float64 arrays, input order
+
+
 def run_rm_eval(
     rm_path: str | Path,
     data_path: str | Path | Sequence[str | Path],
@@ -329,19 +372,11 @@ def run_rm_eval(
     whose response would be cut); ``data_report`` counts the pairs cut and dropped. Returns the summary.
     """
     from alignforge.data.convert import write_jsonl
-    from alignforge.errors import ConfigError, DataError
-    from alignforge.models.reward import load_reward_model
 
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be >= 1, got {limit}")
     paths = [str(data_path)] if isinstance(data_path, (str, Path)) else [str(p) for p in data_path]
     out = Path(out_dir)
-    rm, tok, stats = load_reward_model(str(rm_path))
-    rm = _to_device(rm, device)
-    pairs, report = _load_limited(paths, tok, max_length, on_error, limit, overlong)
-    if not pairs:
-        raise DataError(f"no valid preference pairs to evaluate ({report.summary()})", file=paths[0])
-    chosen, rejected = score_pairs(rm, pairs, _pad_id(tok), batch_size=batch_size, progress=progress)
+    sp = score_preference_data(rm_path, paths, max_length, batch_size, limit, on_error, progress, device, overlong)
+    pairs, chosen, rejected, report, stats = sp.pairs, sp.chosen, sp.rejected, sp.report, sp.rm_stats
     result = evaluate_pairs(chosen, rejected, pairs, n_boot=n_boot, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     scores_path = out / "scores.jsonl"
