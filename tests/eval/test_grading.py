@@ -378,3 +378,14 @@ def test_bad_input(scripted, mtbench_dir, tmp_path, monkeypatch, capsys):
         run_judge(fa, "pairwise", judge, mtbench_dir)
     with pytest.raises(ConfigError, match="a judge is needed"):
         make_judge(None, None)
+
+
+def test_local_judge(tiny_model_dir, mtbench_dir, tmp_path):
+    from alignforge.eval.judge import LocalJudge
+
+    judge = make_judge(None, None, local_judge=str(tiny_model_dir))
+    assert isinstance(judge, LocalJudge)
+    f = write_rows(tmp_path / "a.jsonl", [row(1, "writing", "Hi", responses=["Hello there"])])
+    rep = run_judge(f, "mtbench", judge, mtbench_dir, max_tokens=4, n_resamples=99)
+    assert rep["calls"]["n"] == 1 and rep["calls"]["failed"] == 0 and rep["calls"]["usage"]["completion_tokens"] > 0
+    assert rep["items"][0]["status"] in ("ok", "unparsable") and rep["items"][0]["judgment"] is not None
