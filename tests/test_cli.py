@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from alignforge.cli import app
 
-NOT_YET = re.compile(r"\b(pipeline|win[- ]?rates?|eval judge|eval winrate)\b", re.IGNORECASE)
+NOT_YET = re.compile(r"\b(pipeline)\b", re.IGNORECASE)
 
 
 def _help_texts():
@@ -37,6 +37,8 @@ def test_help_advertises_no_missing_command():
         "rain generate",
         "serve",
         "eval generate",
+        "eval judge",
+        "eval winrate",
     } <= set(texts)  # the walk reaches subcommands
     bad = {where: m.group(0) for where, text in texts.items() if (m := NOT_YET.search(text))}
     assert not bad, f"help mentions commands that do not exist: {bad}"

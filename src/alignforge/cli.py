@@ -31,7 +31,10 @@ app.add_typer(data_app, name="data")
 rm_app = typer.Typer(help="Reward models: train, evaluate, score.", no_args_is_help=True)
 app.add_typer(rm_app, name="rm")
 eval_app = typer.Typer(
-    help="Evaluation: answer prompt sets, attack success / over-refusal, response lengths, RM accuracy.",
+    help=(
+        "Evaluation: answer prompt sets, LLM judges, win rates, attack success / over-refusal, response lengths, "
+        "RM accuracy."
+    ),
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -173,6 +176,74 @@ def report(
         run_dirs, out, eval_files=eval_files or [], responses=responses or [], n_examples=examples, title=title
     )
     typer.echo(f"report: {path}")
+
+
+def _write_report(rep: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@eval_app.command("judge")
+def eval_judge(
+    responses: Path = typer.Argument(..., help="Responses to grade (JSONL from `eval generate`)."),
+    mode: str = typer.Option(..., "--mode", help="mtbench | alignbench | pairwise"),
+    data: Path = typer.Option(..., "--data", help="MT-Bench folder (judge_prompts.jsonl) or AlignBench folder."),
+    out: Path = typer.Option(..., "--out", help="JSON report."),
+    against: Optional[Path] = typer.Option(None, "--against", help="pairwise: the B responses (ids matched)."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible API root."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge model's name."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Env var holding the API key."),
+    local_judge: Optional[str] = typer.Option(None, "--local-judge", help="Judge with this local model instead."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Judge requests in flight."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache folder (default: alignforge cache)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Judge answer length."),
+    logprob_verdict: bool = typer.Option(False, "--logprob-verdict", help="pairwise: also P(verdict) from logprobs."),
+    n_resamples: int = typer.Option(9999, "--n-resamples", help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="--local-judge device."),
+) -> None:
+    """Grade responses with an LLM judge: MT-Bench scores, AlignBench scores, or pairwise A vs B."""
+    from alignforge.eval.grading import MODES, format_judge, make_judge, run_judge
+
+    if mode not in MODES:
+        _err(f"unknown --mode {mode!r}; known: {', '.join(MODES)}")
+    judge = make_judge(judge_url, judge_model, api_key_env, local_judge, concurrency, cache, device)
+    rep = run_judge(responses, mode, judge, data, against, max_tokens, logprob_verdict, n_resamples, seed)
+    _write_report(rep, out)
+    typer.echo(format_judge(rep))
+    typer.echo(f"report: {out}")
+
+
+@eval_app.command("winrate")
+def eval_winrate(
+    a: Path = typer.Argument(..., help="Responses of model A (JSONL)."),
+    b: Path = typer.Argument(..., help="Responses of model B (JSONL, ids matched)."),
+    out: Path = typer.Option(..., "--out", help="JSON report."),
+    rm: Optional[Path] = typer.Option(None, "--rm", help="Verdicts from this alignforge reward model."),
+    tie_eps: float = typer.Option(1e-6, "--tie-eps", help="--rm: a tie when |r(A) - r(B)| < eps."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Judge: the MT-Bench folder (pair-v2 prompts)."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible API root."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge model's name."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Env var holding the API key."),
+    local_judge: Optional[str] = typer.Option(None, "--local-judge", help="Judge with this local model instead."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Judge requests in flight."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache folder (default: alignforge cache)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Judge answer length."),
+    n_resamples: int = typer.Option(9999, "--n-resamples", help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device for --rm / --local-judge."),
+) -> None:
+    """Win/tie/loss of A against B (pairwise judge or reward model), raw and length-controlled."""
+    from alignforge.eval.grading import make_judge
+    from alignforge.eval.winrate import format_winrate, run_winrate
+
+    judge = None
+    if rm is None or judge_url is not None or local_judge is not None:
+        judge = make_judge(judge_url, judge_model, api_key_env, local_judge, concurrency, cache, device)
+    rep = run_winrate(a, b, judge, data, rm, tie_eps, max_tokens, n_resamples, seed, device)
+    _write_report(rep, out)
+    typer.echo(format_winrate(rep))
+    typer.echo(f"report: {out}")
 
 
 def _register_annotation() -> None:
