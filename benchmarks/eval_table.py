@@ -1,13 +1,13 @@
 """Real result (issue 12): the evaluation suite end to end on real data, with `alignforge serve` as the judge.
 
-Two policies: the embedded SmolLM2-135M-Instruct (``base``) and a PPO policy (``--policy``, default the
-reference-reward run of ``benchmarks/ppo_ablation.py``). For each, ``alignforge eval generate`` answers the
-first ``--n-mtbench`` MT-Bench questions (both turns) and the first ``--n-advbench`` AdvBench behaviours,
-greedy. Then:
+The embedded SmolLM2-135M-Instruct (``base``) and the policies named by ``--policy NAME=PATH``
+(repeatable; default: the reference-reward PPO run of ``benchmarks/ppo_ablation.py``). For each,
+``alignforge eval generate`` answers the first ``--n-mtbench`` MT-Bench questions (both turns) and the
+first ``--n-advbench`` AdvBench behaviours, greedy. Then:
 
 * ``alignforge eval judge --mode mtbench``: single-answer grading by the embedded model itself, served by
   ``alignforge serve`` (a 135M judge: weak, and often unparsable; the unparsable answers are counted);
-* ``alignforge eval winrate``: the policy against base on MT-Bench, verdicts by the HH reward model
+* ``alignforge eval winrate``: each policy against base on MT-Bench, verdicts by the HH reward model
   ``--rm``, raw and length-controlled win rates;
 * ``alignforge eval harm``: AdvBench attack success by the refusal rule.
 
@@ -65,7 +65,7 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rm", required=True, help="HH reward model dir (win-rate verdicts)")
-    ap.add_argument("--policy", default="outputs/ppo_ablation2/refreward/final")
+    ap.add_argument("--policy", action="append", default=None, help="NAME=PATH (repeatable)")
     ap.add_argument("--n-mtbench", type=int, default=20)
     ap.add_argument("--n-advbench", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -75,7 +75,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models = {"base": "embedded", "ppo": args.policy}
+    policies = dict(x.split("=", 1) for x in (args.policy or ["ppo=outputs/ppo_ablation2/refreward/final"]))
+    models = {"base": "embedded", **policies}
     for name, model in models.items():
         common = ["--model", model, "--max-new-tokens", str(args.max_new_tokens), "--no-progress"]
         af(
@@ -154,7 +155,7 @@ def main() -> None:
             "judge": json.loads((out / f"{name}.judge.json").read_text()),
             "harm": json.loads((out / f"{name}.harm.json").read_text()),
         }
-    summary["winrate"] = json.loads((out / "winrate.json").read_text())
+    summary["winrate"] = {name: json.loads((out / f"winrate_{name}.json").read_text()) for name in policies}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     print(json.dumps({k: summary[k] for k in ("seconds",)}))
 
