@@ -455,7 +455,7 @@ def examples_html(files: Sequence[ResponseFile], n: int) -> str:
         first = next(m[i] for m in by_file if i in m)
         parts.append(
             f'<tr><td class="prompt"><div class="muted">id {esc(i)}</div>'
-            f'<pre>{esc(_prompt_text(first["prompt"]))}</pre></td>'
+            f"<pre>{esc(_prompt_text(first['prompt']))}</pre></td>"
         )
         for m in by_file:
             if i not in m:
