@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from alignforge.errors import DataError
 from alignforge.eval.rm_accuracy import accuracy_by_group, rm_accuracy
@@ -14,17 +13,6 @@ from alignforge.eval.stats import bootstrap_ci
 
 GOOD = ["Sure, here is a clear and helpful answer about it.", "Happy to help: the answer is below, step by step."]
 BAD = ["No.", "Go away.", "I will not."]
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
-
-    torch.manual_seed(0)
-    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
-    with torch.no_grad():
-        rm.model.score.weight.normal_(std=5.0)  # spread the scores
-    return save_reward_model(rm, tiny_tokenizer, tmp_path_factory.mktemp("rm") / "rm", {"mean": 0.0, "std": 1.0})
 
 
 def _labels(path):

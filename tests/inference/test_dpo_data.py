@@ -8,17 +8,6 @@ from alignforge.errors import ConfigError
 from alignforge.inference.dpo_data import build_dpo_pairs
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
-
-    torch.manual_seed(0)
-    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
-    with torch.no_grad():
-        rm.model.score.weight.normal_(std=5.0)  # spread the scores
-    return save_reward_model(rm, tiny_tokenizer, tmp_path_factory.mktemp("rm") / "rm", {"mean": 0.0, "std": 1.0})
-
-
 @pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.jsonl"

@@ -129,14 +129,6 @@ def test_training_passes_use_the_accelerator_device(
     assert spy.seen.count("dpo reference") == 2 and "ulma reference" in spy.seen and "probe" in spy.seen
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
-
-    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
-    return save_reward_model(rm, tiny_tokenizer, tmp_path_factory.mktemp("rm") / "rm", {"mean": 0.0, "std": 1.0})
-
-
 GIVEN = "cpu:0"  # not the default torch.device("cpu"): a command that ignores its device argument fails
 
 
