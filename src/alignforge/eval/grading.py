@@ -239,6 +239,28 @@ def mtbench_requests(
     return out
 
 
+def _graded(row: JudgeRow, res: Any, score: float | None, **extra: Any) -> dict[str, Any]:
+    """One graded item: where it came from, its score (None unless parsed) and status, the judge's text."""
+    return {
+        "id": row.id,
+        "category": row.category or "(none)",
+        **extra,
+        "score": score,
+        "status": _status(res, score),
+        "judgment": res.text,
+        "error": res.error,
+    }
+
+
+def _counts(items: Sequence[dict], scores: Sequence[float]) -> dict[str, int]:
+    return {
+        "n": len(items),
+        "scored": len(scores),
+        "unparsable": sum(it["status"] == "unparsable" for it in items),
+        "failed": sum(it["status"] == "failed" for it in items),
+    }
+
+
 def grade_mtbench(
     rows: Sequence[JudgeRow],
     judge: Any,
@@ -254,27 +276,11 @@ def grade_mtbench(
     items = []
     for (row, t, _), res in zip(todo, results, strict=True):
         score = parse_rating(res.text, bounds=(1, 10)) if res.ok else None
-        items.append(
-            {
-                "id": row.id,
-                "category": row.category or "(none)",
-                "turn": t + 1,
-                "score": score,
-                "status": _status(res, score),
-                "judgment": res.text,
-                "error": res.error,
-            }
-        )
+        items.append(_graded(row, res, score, turn=t + 1))
     scores = [it["score"] for it in items if it["status"] == "ok"]
     return {
         "mode": "mtbench",
-        "overall": {
-            "n": len(items),
-            "scored": len(scores),
-            "unparsable": sum(it["status"] == "unparsable" for it in items),
-            "failed": sum(it["status"] == "failed" for it in items),
-            **_score_summary(scores, n_resamples, seed),
-        },
+        "overall": {**_counts(items, scores), **_score_summary(scores, n_resamples, seed)},
         "categories": _group(items, "category", n_resamples, seed),
         "turns": _group(items, "turn", n_resamples, seed),
         "calls": summarize(results),
@@ -376,17 +382,8 @@ def grade_alignbench(
         score = d.get(OVERALL_KEY) if d else None
         if score is not None and not 1 <= score <= 10:
             score = None
-        items.append(
-            {
-                "id": row.id,
-                "category": row.category or "(none)",
-                "score": score,
-                "dimensions": {k: v for k, v in (d or {}).items() if k in dims} if score is not None else None,
-                "status": _status(res, score),
-                "judgment": res.text,
-                "error": res.error,
-            }
-        )
+        dimensions = {k: v for k, v in (d or {}).items() if k in dims} if score is not None else None
+        items.append(_graded(row, res, score, dimensions=dimensions))
     cats = _group(items, "category", n_resamples, seed)
     scores = [it["score"] for it in items if it["status"] == "ok"]
     dim_scores: dict[str, list[float]] = defaultdict(list)
@@ -395,13 +392,7 @@ def grade_alignbench(
             dim_scores[k].append(v)
     return {
         "mode": "alignbench",
-        "overall": {
-            "n": len(items),
-            "scored": len(scores),
-            "unparsable": sum(it["status"] == "unparsable" for it in items),
-            "failed": sum(it["status"] == "failed" for it in items),
-            **alignbench_overall({c: v["mean"] for c, v in cats.items()}),
-        },
+        "overall": {**_counts(items, scores), **alignbench_overall({c: v["mean"] for c, v in cats.items()})},
         "categories": cats,
         "dimensions": {k: sum(v) / len(v) for k, v in sorted(dim_scores.items())},
         "calls": summarize(results),
