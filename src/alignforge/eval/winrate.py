@@ -134,10 +134,9 @@ def rm_outcomes(
     :func:`~alignforge.models.reward.score_sequences`; A wins when ``r_A - r_B >= eps``, loses when
     ``r_A - r_B <= -eps``, ties otherwise (and when they are equal). ``score_a``/``score_b`` are
     kept on each outcome."""
-    from alignforge.data.tokenize import tokenize_prompt_completion
     from alignforge.eval.grading import PairOutcome
     from alignforge.models.loading import resolve_device
-    from alignforge.models.reward import load_reward_model, score_sequences
+    from alignforge.models.reward import load_reward_model, reward_input_ids, score_sequences
 
     if eps < 0:
         raise ConfigError(f"--tie-eps must be >= 0, got {eps}")
@@ -151,10 +150,7 @@ def rm_outcomes(
                 conv += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
             conv.append({"role": "user", "content": a.questions[-1]})
             last = row.responses[-1]
-            p, c = tokenize_prompt_completion(
-                conv, [{"role": "assistant", "content": last if last.strip() else " "}], tok, full_render=True
-            )
-            seqs.append(p + c)
+            seqs.append(reward_input_ids(conv, last, tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scores = score_sequences(model, seqs, pad, batch_size=batch_size, progress=False)
     out = []

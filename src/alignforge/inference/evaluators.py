@@ -271,15 +271,12 @@ class RewardEvaluator:
         self._committed += list(ids)
 
     def raw_score(self, text: str) -> float:
-        from alignforge.data.tokenize import tokenize_prompt_completion
-        from alignforge.models.reward import score_sequences
+        from alignforge.models.reward import reward_input_ids, score_sequences
 
-        p, r = tokenize_prompt_completion(
-            self._conv, [{"role": "assistant", "content": text if text.strip() else " "}], self.tok, full_render=True
-        )
+        ids = reward_input_ids(self._conv, text, self.tok)
         self.calls += 1
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        return float(score_sequences(self.model, [p + r], pad, batch_size=1, progress=False)[0])
+        return float(score_sequences(self.model, [ids], pad, batch_size=1, progress=False)[0])
 
     def score_text(self, text: str) -> float:
         if text not in self._cache:

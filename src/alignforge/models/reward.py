@@ -267,6 +267,21 @@ def score_pairs(
     return chosen, rejected
 
 
+def reward_input_ids(conversation: Sequence[dict], text: str, tokenizer: Any) -> list[int]:
+    """The ids a reward model scores for ``text`` answering ``conversation``: the whole rendering with
+    the RM's own chat template (``full_render``), so any policy's text is scored the same way; an
+    empty or blank answer is rendered as a single space."""
+    from alignforge.data.tokenize import tokenize_prompt_completion
+
+    p, c = tokenize_prompt_completion(
+        list(conversation),
+        [{"role": "assistant", "content": text if text.strip() else " "}],
+        tokenizer,
+        full_render=True,
+    )
+    return p + c
+
+
 def score_sequences(
     rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8, progress: bool = True
 ) -> np.ndarray:

@@ -288,19 +288,12 @@ class RewardScorer:
         ) == getattr(policy_tokenizer, "chat_template", None)
 
     def sequences(self, prompts: list[Prompt], responses: list[list[int]]) -> list[list[int]]:
-        from alignforge.data.tokenize import tokenize_prompt_completion
+        from alignforge.models.reward import reward_input_ids
 
-        out = []
-        for p, r in zip(prompts, responses, strict=True):
-            text = self.policy_tok.decode(r, skip_special_tokens=True)
-            pi, ci = tokenize_prompt_completion(
-                p.messages,
-                [{"role": "assistant", "content": text if text.strip() else " "}],
-                self.tok,
-                full_render=True,
-            )
-            out.append(pi + ci)
-        return out
+        return [
+            reward_input_ids(p.messages, self.policy_tok.decode(r, skip_special_tokens=True), self.tok)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
 
     def __call__(self, prompts: list[Prompt], responses: list[list[int]]) -> torch.Tensor:
         from alignforge.models.reward import score_sequences
