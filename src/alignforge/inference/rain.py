@@ -223,15 +223,15 @@ class RainSearch:
         sl = self.cfg.set_lengths
         return int(sl[min(depth, len(sl) - 1)])
 
+    def _room_after(self, key: tuple[int, ...]) -> int:
+        """How many more tokens the response may take after the token path ``key``."""
+        return min(self.cfg.max_new_tokens - (len(key) - self.prompt_len), self.max_length - len(key))
+
     def _room(self, node: Node) -> int:
-        """How many more tokens the response may take after ``node``."""
-        used = len(node.key) - self.prompt_len
-        return min(self.cfg.max_new_tokens - used, self.max_length - len(node.key))
+        return self._room_after(node.key)
 
     def _is_terminal(self, key: tuple[int, ...]) -> bool:
-        return (len(key) > self.prompt_len and key[-1] in self.eos) or (
-            min(self.cfg.max_new_tokens - (len(key) - self.prompt_len), self.max_length - len(key)) <= 0
-        )
+        return (len(key) > self.prompt_len and key[-1] in self.eos) or self._room_after(key) <= 0
 
     def _sim_room(self, node: Node) -> int:
         """How many tokens the simulated continuation after ``node`` may take (0: none)."""
