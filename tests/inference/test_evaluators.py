@@ -69,6 +69,8 @@ def test_votes_hard_soft_and_neither(model64, tiny_tokenizer):
     assert soft.vote_from(torch.tensor([[0.6, 0.2], [0.1, 0.5]])) == pytest.approx(7 / 12)
     with pytest.raises(ConfigError, match="vote must be"):
         SelfJudge(model64, tiny_tokenizer, vote="maybe")
+    with pytest.raises(ConfigError, match=r"min_mass must be in \[0, 1\)"):
+        SelfJudge(model64, tiny_tokenizer, min_mass=1.5)
 
 
 def test_judge_with_another_tokenizer_scores_the_decoded_text(tmp_path, model64, tiny_tokenizer):

@@ -309,6 +309,12 @@ def test_bad_input(model64, tiny_tokenizer):
         RainConfig(evaluator="rm")
     with pytest.raises(ConfigError, match="gamma_sim"):
         RainConfig(gamma_sim=0)
+    with pytest.raises(ConfigError, match="set_lengths"):
+        RainConfig(set_lengths=[])
+    with pytest.raises(ConfigError, match="embedder must be 'lm' or 'minilm'"):
+        RainConfig(embedder="bert")
+    with pytest.raises(ConfigError, match="cache_mb must be > 0"):
+        RainConfig(cache_mb=0)
     with pytest.raises(ConfigError, match="unknown config key 'cpuct'.*c_puct"):
         load_config(RainConfig, None, ["cpuct=2"])
     assert load_config(RainConfig, None, ["c_puct=1.5", "set_lengths=[1,3]"]).set_lengths == [1, 3]
