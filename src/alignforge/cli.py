@@ -612,6 +612,25 @@ def data_validate(
         raise typer.Exit(1)
 
 
+@data_app.command("mix")
+def data_mix(
+    spec: Path = typer.Argument(..., help="Mix spec (YAML/JSON): sources [{file, weight | n, heldout, split_seed}]."),
+    out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, heldout/NAME.jsonl, mix_report.json."),
+    n_train: Optional[int] = typer.Option(None, help="Override the spec's n_train (with weights)."),
+    seed: Optional[int] = typer.Option(None, help="Override the spec's sampling seed."),
+) -> None:
+    """Mix data files by a documented ratio, holding out a seeded split of each (data/mix.py)."""
+    from alignforge.data.mix import check_ratio, load_spec, mix_files
+
+    s = load_spec(spec)
+    if n_train is not None:
+        s.n_train = n_train
+    if seed is not None:
+        s.seed = seed
+    check_ratio(s)
+    mix_files(s, out, echo=typer.echo)
+
+
 @data_app.command("stats")
 def data_stats(
     path: Path = typer.Argument(..., help="Dataset file."),
