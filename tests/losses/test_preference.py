@@ -31,6 +31,18 @@ def test_cdpo_label_smoothing():
     assert torch.allclose(losses, T(expected), atol=1e-6)
 
 
+def test_dpo_simpo_margin():
+    # beta*delta = [0.5, -1]; gamma 0.25 -> z = [0.25, -1.25]; loss = softplus(-z)
+    losses, m = dpo_loss(PC, PR, RC, RR, beta=0.5, margin=0.25)
+    assert torch.allclose(losses, T([sp(-0.25), sp(1.25)]), atol=1e-6)
+    assert torch.allclose(m["reward_margin"], T([0.5, -1.0]))  # the logged rewards do not include the margin
+    losses, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, margin=0.25, label_smoothing=0.1)
+    expected = [0.9 * sp(-0.25) + 0.1 * sp(0.25), 0.9 * sp(1.25) + 0.1 * sp(-1.25)]
+    assert torch.allclose(losses, T(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="IPO has its own target"):
+        dpo_loss(PC, PR, RC, RR, beta=0.5, margin=0.25, loss_type="ipo")
+
+
 def test_ipo():
     losses, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")  # (delta - 1/(2*0.5))^2
     assert torch.allclose(losses, T([0.0, 9.0]), atol=1e-6)

@@ -145,7 +145,7 @@ def first_batch(n: int, global_batch: int, seed: int) -> list[int]:
     return step_indices(0, n, global_batch, seed)
 
 
-def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum", ipo=False):
+def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum", ipo=False, gamma=0.0):
     """The DPO / cDPO / IPO (+ alpha * mean-token NLL of the chosen) step-1 loss over the batch ``idx``, by hand."""
     total, scale = 0.0, 0.0
     for i in idx:
@@ -162,7 +162,8 @@ def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum",
         if ipo:
             loss = (delta - 1 / (2 * beta)) ** 2
         else:
-            loss = (1 - eps) * math.log1p(math.exp(-beta * delta)) + eps * math.log1p(math.exp(beta * delta))
+            z = beta * delta - gamma
+            loss = (1 - eps) * math.log1p(math.exp(-z)) + eps * math.log1p(math.exp(z))
         total += loss + alpha * (-pc / nc)
     return total / len(idx), scale
 
@@ -173,7 +174,9 @@ def _hand_dpo_loss(pairs, idx, pol, ref, *, beta, eps=0.0, alpha=0.0, how="sum",
         (["dpo.loss_type=ipo"], dict(ipo=True, how="mean")),  # IPO: per-token means by default
         (["dpo.loss_type=ipo", "dpo.logp_reduction=sum"], dict(ipo=True, how="sum")),  # an explicit setting wins
         (["dpo.label_smoothing=0.1", "dpo.ntp_coef=0.5"], dict(eps=0.1, alpha=0.5)),  # cDPO + NTP, summed log-probs
-        (["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"], dict(how="mean")),
+        (["lora.enabled=true", "lora.r=4", "dpo.logp_reduction=mean"], dict(how="mean")),  # length-normalised DPO
+        (["dpo.simpo_gamma=0.3"], dict(gamma=0.3)),  # a SimPO-style target margin on summed log-ratios
+        (["dpo.logp_reduction=mean", "dpo.simpo_gamma=0.3"], dict(how="mean", gamma=0.3)),  # both length levers
     ],
 )
 def test_dpo_variants_step1_loss_equals_hand_computation(
@@ -203,6 +206,14 @@ def test_dpo_variants_step1_loss_equals_hand_computation(
             pairs, idx, load_f64(tiny_model_dir), load_f64(other_model_dir), beta=beta, eps=hand["eps"]
         )
         assert hist[0]["loss"] - base == pytest.approx(hand["alpha"] * hist[0]["nll_chosen"], abs=1e-5 * scale)
+
+
+def test_simpo_gamma_with_ipo_is_a_config_error(tmp_path, tiny_model_dir, pairs_file):
+    from alignforge.errors import ConfigError
+
+    args = _common(tmp_path, tiny_model_dir, pairs_file, "g") + ["dpo.loss_type=ipo", "dpo.simpo_gamma=0.5"]
+    with pytest.raises(ConfigError, match="dpo.simpo_gamma is a margin of the sigmoid loss"):
+        train_dpo(load_config(DPOConfig, None, args))
 
 
 @pytest.mark.parametrize("loss", ["ulma", "pointwise_dpo", "kto"])

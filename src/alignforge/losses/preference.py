@@ -26,11 +26,15 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    margin: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise DPO (``sigmoid``; with ``label_smoothing`` ε > 0 this is cDPO) or IPO.
 
-    * sigmoid: ``-(1-ε)·log σ(βΔ) - ε·log σ(-βΔ)``
-    * ipo: ``(Δ - 1/(2β))²`` (Azar et al.; β plays the role of τ, as in TRL)
+    * sigmoid: ``-(1-ε)·log σ(βΔ - γ) - ε·log σ(-(βΔ - γ))`` with the target margin ``γ = margin``
+      (SimPO's γ, METHODS.md §4; 0 = plain DPO). With per-token mean log-probs this is SimPO's
+      length-normalised margin loss, but with the reference kept in ``h``.
+    * ipo: ``(Δ - 1/(2β))²`` (Azar et al.; β plays the role of τ, as in TRL); IPO has its own
+      target, so ``margin`` must be 0.
 
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``(B,)`` sequence log-probs.
@@ -43,8 +47,11 @@ def dpo_loss(
     h_l = policy_rejected - ref_rejected
     delta = h_w - h_l
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        z = beta * delta - margin
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     elif loss_type == "ipo":
+        if margin:
+            raise ValueError("IPO has its own target (1/(2β)): margin must be 0")
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}")

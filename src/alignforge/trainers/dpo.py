@@ -16,6 +16,13 @@ Where this departs from the papers:
 * Log-probs are summed over response tokens by default for the sigmoid loss and cDPO (DPO paper,
   TRL) and averaged per token for IPO (IPO paper, TRL); an explicit ``dpo.logp_reduction`` wins.
 * IPO uses β as τ (``(Δ − 1/(2β))²``), as TRL does.
+* Length levers (not in the DPO paper): ``dpo.logp_reduction=mean`` is *length-normalised DPO*: the
+  policy and reference log-probs of each response are divided by its token count before the margin,
+  so ``h`` is a per-token mean log-ratio (the reduction ULMA uses). ``dpo.simpo_gamma`` γ (default
+  0) is a SimPO-style target margin, ``-log σ(βΔ − γ)`` (sigmoid loss and cDPO only). SimPO itself is
+  reference-free and always length-normalised; here the reference stays in ``h`` and the reduction is
+  the separate ``logp_reduction`` option, so ``logp_reduction=mean simpo_gamma=γ`` is SimPO's margin
+  loss on reference-corrected per-token log-ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class DPOParams:
     label_smoothing: float = 0.0  # > 0: conservative DPO (cDPO)
     ntp_coef: float = 0.0  # DPO+NTP: weight of the NLL on chosen responses
     logp_reduction: Optional[Literal["sum", "mean"]] = None  # unset: sum (sigmoid, cDPO), mean (ipo)
+    simpo_gamma: float = 0.0  # SimPO-style target margin: -log sigma(beta*delta - gamma) (sigmoid loss only)
     ref_model: Optional[str] = None  # default: the initial policy, as loaded (a fresh LoRA adapter disabled)
     ref_batch_size: int = 8
 
@@ -139,7 +147,14 @@ def make_loss(params: DPOParams):
         rc = reduce_logps(batch["ref_chosen"], nc, how)
         rr = reduce_logps(batch["ref_rejected"], nr, how)
         losses, m = dpo_loss(
-            pc, pr, rc, rr, beta=params.beta, label_smoothing=params.label_smoothing, loss_type=params.loss_type
+            pc,
+            pr,
+            rc,
+            rr,
+            beta=params.beta,
+            label_smoothing=params.label_smoothing,
+            loss_type=params.loss_type,
+            margin=params.simpo_gamma,
         )
         loss = losses.sum()
         nll = -(out["chosen_logps"] / nc.clamp(min=1))
@@ -180,6 +195,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise ConfigError("data.train_files is empty: name at least one preference file")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
+    if cfg.dpo.simpo_gamma and cfg.dpo.loss_type != "sigmoid":
+        raise ConfigError("dpo.simpo_gamma is a margin of the sigmoid loss; IPO (dpo.loss_type=ipo) has its own target")
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pairs, report = load_preference_dataset(
