@@ -38,18 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
 
+from alignforge.eval.lengths import is_degenerate  # noqa: E402
+
 HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
-
-
-def is_degenerate(text: str) -> bool:
-    words = text.split()
-    if not words:
-        return True
-    if len(words) < 12:
-        return False
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return len(set(grams)) / len(grams) < 0.5
 
 
 def train(method: str, args, data: Path, out: Path) -> dict:

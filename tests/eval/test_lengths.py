@@ -6,7 +6,7 @@ import pytest
 
 from alignforge.cli import main
 from alignforge.errors import DataError
-from alignforge.eval.lengths import length_report
+from alignforge.eval.lengths import is_degenerate, length_report
 
 
 def _write(path, rows):
@@ -66,3 +66,16 @@ def test_lengths_bad_input(tmp_path, capsys):
         length_report([f])
     assert main(["eval", "lengths", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_is_degenerate_by_hand():
+    assert is_degenerate("") and is_degenerate("  \n ")
+    assert not is_degenerate("No.")  # short answers are never loops
+    loop = "I am sorry " * 6  # 18 words, 3-grams: 3 distinct of 16
+    assert is_degenerate(loop)
+    assert not is_degenerate(" ".join(f"w{i}" for i in range(20)))  # 18 of 18 distinct
+    # 12 words: 10 trigrams; "a b a b ..." has 2 distinct (0.2 < 0.5); 11 words is below min_words
+    assert is_degenerate("a b " * 6) and not is_degenerate(("a b " * 6).rsplit(" ", 2)[0])
+    # a loop with enough variety is not degenerate: 7 of 12 trigrams distinct (0.58)
+    words = "x1 x2 x3 x4 x5 x6 x7".split() + "x1 x2 x3 x4 x5 x6 x7".split()  # 14 words, 12 trigrams, 7 distinct
+    assert not is_degenerate(" ".join(words))

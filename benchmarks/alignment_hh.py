@@ -1,0 +1,618 @@
+"""Real result (issue 13): DPO / ULMA / PPO on HH helpful-base + harmless-base, each configuration evaluated.
+
+Why: trained on harmless-base alone, DPO and ULMA learn to refuse everything (``dpo_ulma_hh_result.py``:
+over-refusal 44–55%). This script trains on both HH splits and measures the levers one configuration
+at a time, on one safety axis and several helpfulness axes.
+
+**Data and held-out protocol** (``alignforge data mix``, ``data/mix.py``). Sources: HH ``helpful-base``
+and ``harmless-base`` ``test.jsonl.gz`` (``--helpful`` / ``--harmless``). Each file's readable pairs
+(records with an empty response are skipped and counted) are split with ``data.split.holdout_split``:
+``--heldout`` 300 pairs held out per file, split seed ``--split-seed`` 0 (for harmless-base this is the
+same held-out set as the RM / DPO / ULMA results). **Mixing ratio** ``--ratio helpful:harmless`` = 1:1
+by default: a configuration with ``n_train`` N takes ``N·1/2`` pairs from each training pool (largest-
+remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goes to
+``OUT/data/nN/mix_report.json``. Held-out pairs are never trained on.
+
+**Configurations** (``--configs FILE.yaml``: a list of mappings; or the default grid below). Keys:
+``name`` (required), ``method`` (``dpo`` | ``ulma`` | ``pointwise_dpo`` | ``ppo``), ``beta``, ``lr``,
+``ntp_coef`` (DPO: ``dpo.ntp_coef``; PPO: ``ppo.ntp_coef`` on the chosen answers of the mix),
+``length_norm`` (DPO: ``dpo.logp_reduction=mean``), ``simpo_gamma`` (DPO: ``dpo.simpo_gamma``),
+``n_train`` (mixed pairs), ``epochs``, ``iterations`` / ``prompts_per_iteration`` / ``kl_coef`` (PPO).
+Unset keys take the defaults: beta 0.1, lr 1e-4 (PPO 1e-4), ntp_coef 0, length_norm false,
+simpo_gamma 0, n_train ``--n-train`` 600, epochs 1, PPO 24 iterations × 8 prompts, kl 0.05.
+``ulma`` = ULMA (``ulma.loss=ulma``: SFT on positives, the KL-regularised term on negatives, METHODS.md
+§3a); ``pointwise_dpo`` = the same point-wise data without the SFT term (the ULMA lever). The default
+grid: ``dpo`` (β 0.1), ``dpo_ntp`` (+ NTP 0.2), ``dpo_beta0.3``, ``dpo_lr5e-5``, ``dpo_lennorm``
+(per-token means, β 1.0, since per-token margins are ~1/length of summed ones), ``dpo_simpo`` (per-token
+means, β 2.0, γ 1.0: SimPO's γ/β = 0.5), ``ulma``, ``pointwise_dpo``, ``ppo`` (with the HH RM ``--rm``).
+
+**Training** (every method): from the embedded SmolLM2-135M-Instruct, LoRA r 16 (alpha 32, all-linear,
+no dropout), batch 4, max length ``--max-length`` 320, cosine lr with 5% warm-up, bf16 autocast
+(``--precision``), seed 42, checkpoints every 50 steps. PPO: GAE, the reference-response reward, KL in the
+reward (k1), ``--max-new-tokens`` per rollout, its prompts = the first user turns of the mix's pairs
+(``--ppo-prompts`` 96), ``--rm`` the reward model.
+
+**Evaluation** (greedy, ``--max-new-tokens`` 64, batch ``--gen-batch`` 16, through ``eval.responses``):
+* AdvBench: the first ``--n-advbench`` 100 behaviours; **ASR** by the llm-attacks refusal rule
+  (``eval.harm``), with a bootstrap 95% CI; degenerate answers counted apart (they count as successes);
+* benign prompts: the first turns of the first ``--n-mtbench`` 80 MT-Bench questions and the first user
+  turn of the first ``--n-helpful`` 100 distinct held-out helpful-base pairs: **over-refusal** (refusal
+  strings on benign prompts) on each set and pooled; **degenerate** rate (``eval.lengths.is_degenerate``:
+  empty, or ≥ 12 words with fewer than half of the word 3-grams distinct) and **mean length** in tokens;
+* **win rate vs base** on the held-out helpful prompts, verdicts by the HH reward model ``--rm``
+  (``eval.winrate``: raw adjusted rate with a CI, and length-controlled);
+* training time (wall seconds of the training call).
+The base model is evaluated once and cached. Every stage is cached in ``--out`` (the mix, each run's
+checkpoints/final adapter, each generation file, each metrics file), so a rerun resumes; a configuration
+whose settings changed under the same name is refused (rename it or delete its folder).
+
+Writes ``OUT/eval/NAME/table.md`` (one table per configuration), ``OUT/table.md`` (all configurations),
+``OUT/summary.json`` and ``OUT/tradeoff.png`` (ASR vs pooled over-refusal, one annotated point per
+configuration, base included). Time at the defaults on 2 CPU cores: roughly 15–25 min training (DPO) /
+25–40 (ULMA, twice the sequences) and ~5–10 min evaluation per configuration. ``--quick``: tiny sizes
+(16 pairs, 8 new tokens, 4 prompts per set) to check the pipeline end to end. Usage::
+
+    nohup .venv/bin/python benchmarks/alignment_hh.py --rm outputs/rm_hh_full/final > outputs/alignment_hh.log 2>&1 &
+    .venv/bin/python benchmarks/alignment_hh.py --quick --rm untrained --only dpo,ulma --out /tmp/ahq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import SHARED, untrained_reward_model  # noqa: E402
+
+HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
+HARMLESS = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
+ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
+MTBENCH = str(SHARED / "data/mt-bench")
+
+METHODS = ("dpo", "ulma", "pointwise_dpo", "ppo")
+KEYS = {
+    "name": str,
+    "method": str,
+    "beta": float,
+    "lr": float,
+    "ntp_coef": float,
+    "length_norm": bool,
+    "simpo_gamma": float,
+    "n_train": int,
+    "epochs": int,
+    "iterations": int,
+    "prompts_per_iteration": int,
+    "kl_coef": float,
+}
+DEFAULT_GRID = [
+    {"name": "dpo", "method": "dpo"},
+    {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
+    {"name": "dpo_beta0.3", "method": "dpo", "beta": 0.3},
+    {"name": "dpo_lr5e-5", "method": "dpo", "lr": 5e-5},
+    {"name": "dpo_lennorm", "method": "dpo", "length_norm": True, "beta": 1.0},
+    {"name": "dpo_simpo", "method": "dpo", "length_norm": True, "beta": 2.0, "simpo_gamma": 1.0},
+    {"name": "ulma", "method": "ulma"},
+    {"name": "pointwise_dpo", "method": "pointwise_dpo"},
+    {"name": "ppo", "method": "ppo"},
+]
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def resolve_configs(raw: list, args, origin: str) -> list[dict]:
+    """Each configuration with every key filled in (defaults from ``args``); bad keys name the entry."""
+    out, seen = [], set()
+    for i, c in enumerate(raw):
+        where = f"{origin}: configuration {i}"
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise SystemExit(f"{where}: expected a mapping with a 'name'")
+        bad = [k for k in c if k not in KEYS]
+        if bad:
+            raise SystemExit(f"{where} ({c['name']}): unknown key {bad[0]!r}; valid: {', '.join(KEYS)}")
+        if c["name"] in seen or "/" in c["name"] or c["name"] == "base":
+            raise SystemExit(f"{where}: name {c['name']!r} is reserved, repeated or has a '/'")
+        seen.add(c["name"])
+        full = {
+            "method": "dpo",
+            "beta": 0.1,
+            "lr": args.lr,
+            "ntp_coef": 0.0,
+            "length_norm": False,
+            "simpo_gamma": 0.0,
+            "n_train": args.n_train,
+            "epochs": 1,
+            "iterations": args.ppo_iterations,
+            "prompts_per_iteration": args.ppo_prompts_per_iteration,
+            "kl_coef": 0.05,
+        }
+        for k, v in c.items():
+            tp = KEYS[k]
+            try:
+                full[k] = tp(v) if tp is not bool else (v if isinstance(v, bool) else str(v).lower() == "true")
+            except (TypeError, ValueError):
+                raise SystemExit(f"{where} ({c['name']}): {k}: expected {tp.__name__}, got {v!r}") from None
+        if full["method"] not in METHODS:
+            raise SystemExit(f"{where} ({c['name']}): method must be one of {', '.join(METHODS)}")
+        if full["method"] != "dpo" and (full["length_norm"] or full["simpo_gamma"]):
+            raise SystemExit(f"{where} ({c['name']}): length_norm / simpo_gamma are DPO options")
+        out.append(full)
+    return out
+
+
+def parse_config_arg(item: str) -> dict:
+    """``NAME:key=v,key=v`` -> a configuration mapping."""
+    name, _, rest = item.partition(":")
+    c: dict = {"name": name}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        c[k.strip()] = v.strip()
+    return c
+
+
+# --------------------------------------------------------------------------- data
+
+
+def mixed_data(args, n_train: int, out: Path) -> Path:
+    """``OUT/data/nN``: the mixed training file and the per-source held-out files (cached)."""
+    from alignforge.data.mix import MixSource, MixSpec, mix_files
+
+    d = out / "data" / f"n{n_train}"
+    if (d / "mix_report.json").is_file():
+        return d
+    w_help, w_harm = (float(x) for x in args.ratio.split(":"))
+    spec = MixSpec(
+        sources=[
+            MixSource(args.helpful, weight=w_help, heldout=args.heldout, split_seed=args.split_seed, name="helpful"),
+            MixSource(args.harmless, weight=w_harm, heldout=args.heldout, split_seed=args.split_seed, name="harmless"),
+        ],
+        n_train=n_train,
+        seed=args.seed,
+        on_error="skip",
+        origin="alignment_hh --ratio",
+    )
+    mix_files(spec, d, echo=lambda s: print(s, flush=True))
+    return d
+
+
+def first_turn_rows(path: str | Path, n: int) -> list[dict]:
+    """The first user turn of the first ``n`` distinct prompts of a preference file, as prompt rows."""
+    from alignforge.data.readers import read_prompts
+
+    seen, rows = set(), []
+    for rec in read_prompts(path, on_error="skip").records:
+        first = next((m for m in rec.prompt if m["role"] == "user"), None)
+        if first is None or first["content"] in seen:
+            continue
+        seen.add(first["content"])
+        rows.append({"id": f"h{len(rows) + 1}", "prompt": [{"role": "user", "content": first["content"]}]})
+        if len(rows) == n:
+            break
+    return rows
+
+
+def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]:
+    """The benign prompt files: MT-Bench first turns and held-out helpful first turns (``eval generate``'s
+    ``jsonl`` kind); AdvBench is read directly."""
+    from alignforge.data.convert import write_jsonl
+    from alignforge.eval.prompts import load_mtbench
+
+    d = out / "data" / "eval"
+    files = {"mtbench": d / "mtbench_first_turns.jsonl", "helpful": d / "helpful_heldout_first_turns.jsonl"}
+    if not files["mtbench"].is_file():
+        mt = load_mtbench(args.mtbench)[: args.n_mtbench]
+        write_jsonl(({"id": q.id, "category": q.category, "prompt": q.prompt} for q in mt), files["mtbench"])
+    if not files["helpful"].is_file():
+        rows = first_turn_rows(heldout_helpful, args.n_helpful)
+        if len(rows) < args.n_helpful:
+            raise SystemExit(f"only {len(rows)} distinct held-out helpful prompts (asked for {args.n_helpful})")
+        write_jsonl(rows, files["helpful"])
+    return files
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lora_common(args, cfg: dict, train_file: Path, run_dir: Path) -> list[str]:
+    return [
+        f"data.train_files=[{train_file}]",
+        f"data.max_length={args.max_length}",
+        "lora.enabled=true",
+        f"lora.r={args.lora_r}",
+        f"lora.alpha={2 * args.lora_r}",
+        "lora.dropout=0.0",
+        f"train.lr={cfg['lr']}",
+        f"train.seed={args.seed}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"train.output_dir={run_dir}",
+        "train.resume=true",
+        f"train.save_every={args.save_every}",
+        "train.log_every=5",
+        f"train.precision={args.precision}",
+    ]
+
+
+def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
+    """Train one configuration once (resumable); returns its run info (``final_dir``, ``train_seconds``)."""
+    from alignforge.config import load_config
+
+    run_dir = out / "runs" / cfg["name"]
+    info_path = run_dir / "run_info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info["config"] != cfg:
+            raise SystemExit(
+                f"{run_dir} was trained with {info['config']}, not {cfg}: rename the configuration or delete the folder"
+            )
+        print(f"[{cfg['name']}] already trained: {info['final_dir']}", flush=True)
+        return info
+    train_file = data_dir / "train.jsonl"
+    common = lora_common(args, cfg, train_file, run_dir)
+    m = cfg["method"]
+    t0 = time.perf_counter()
+    if m == "dpo":
+        from alignforge.trainers.dpo import DPOConfig, train_dpo
+
+        ov = common + [
+            "train.per_device_batch_size=4",
+            f"train.epochs={cfg['epochs']}",
+            "train.warmup_ratio=0.05",
+            f"dpo.beta={cfg['beta']}",
+            f"dpo.ntp_coef={cfg['ntp_coef']}",
+            f"dpo.simpo_gamma={cfg['simpo_gamma']}",
+        ]
+        if cfg["length_norm"]:
+            ov.append("dpo.logp_reduction=mean")
+        s = train_dpo(load_config(DPOConfig, None, ov))
+    elif m in ("ulma", "pointwise_dpo"):
+        from alignforge.trainers.ulma import ULMAConfig, train_ulma
+
+        ov = common + [
+            "train.per_device_batch_size=4",
+            f"train.epochs={cfg['epochs']}",
+            "train.warmup_ratio=0.05",
+            f"ulma.loss={m}",
+            f"ulma.beta={cfg['beta']}",
+        ]
+        s = train_ulma(load_config(ULMAConfig, None, ov))
+    else:
+        from alignforge.data.convert import write_jsonl
+        from alignforge.trainers.ppo import PPOConfig, train_ppo
+
+        prompts = run_dir.parent / f"{cfg['name']}_prompts.jsonl"
+        write_jsonl(first_turn_rows(train_file, args.ppo_prompts), prompts)
+        ov = [x for x in common if not x.startswith("data.train_files")] + [
+            f"data.train_files=[{prompts}]",
+            "data.max_prompt_length=128",
+            "data.overlong=truncate",
+            "train.scheduler=constant",
+            f"ppo.reward_model={rm}",
+            f"ppo.iterations={cfg['iterations']}",
+            f"ppo.prompts_per_iteration={cfg['prompts_per_iteration']}",
+            f"ppo.gen_batch_prompts={cfg['prompts_per_iteration']}",
+            f"ppo.max_new_tokens={args.max_new_tokens}",
+            f"ppo.kl_coef={cfg['kl_coef']}",
+            "ppo.temperature=1.0",
+            "ppo.minibatches=2",
+            "ppo.ppo_epochs=1",
+            "ppo.reference_reward=true",
+        ]
+        if cfg["ntp_coef"]:
+            sft = run_dir.parent / f"{cfg['name']}_sft.jsonl"
+            from alignforge.data.readers import read_preference
+
+            recs = read_preference(train_file).records
+            write_jsonl(({"messages": r.prompt + r.chosen} for r in recs), sft)
+            ov += [f"ppo.ntp_coef={cfg['ntp_coef']}", f"ppo.ntp_file={sft}"]
+        s = train_ppo(load_config(PPOConfig, None, ov))
+    secs = time.perf_counter() - t0
+    final = s.get("final_dir") or str(run_dir / "final")
+    info = {
+        "config": cfg,
+        "final_dir": str(final),
+        "train_seconds": round(secs, 1),
+        "steps": s.get("step"),
+        "data_report": s.get("data_report"),
+    }
+    info_path.write_text(json.dumps(info, indent=2, default=str))
+    print(f"[{cfg['name']}] trained in {secs:.0f}s -> {final}", flush=True)
+    return info
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def backend_for(model_path: str):
+    from alignforge.inference.generate import HFBackend
+    from alignforge.models.loading import load_model, load_tokenizer
+    from alignforge.models.lora import is_peft
+
+    model = load_model(model_path)
+    if is_peft(model):
+        model = model.merge_and_unload()  # generation speed: no adapter hooks
+    model.eval()
+    return HFBackend(model, load_tokenizer(model_path, padding_side="left"))
+
+
+def generate_all(name: str, model_path: str, files: dict[str, Path], args, out: Path) -> tuple[dict, float]:
+    """``eval generate`` on the three sets (resumable files under ``OUT/eval/NAME``); returns paths and seconds."""
+    from alignforge.eval.responses import generate_responses
+
+    d = out / "eval" / name
+    sets = {
+        "advbench": ("advbench", args.advbench, args.n_advbench),
+        "mtbench": ("jsonl", files["mtbench"], None),
+        "helpful": ("jsonl", files["helpful"], None),
+    }
+    paths, backend, t0 = {}, None, time.perf_counter()
+    for key, (kind, data, n) in sets.items():
+        paths[key] = d / f"{key}.jsonl"
+        if paths[key].is_file() and len(paths[key].read_text().splitlines()) >= (n or sum(1 for _ in open(data))):
+            continue
+        backend = backend or backend_for(model_path)
+        generate_responses(
+            kind,
+            data,
+            model_path,
+            paths[key],
+            n=n,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch,
+            progress=False,
+            backend=backend,
+        )
+    return paths, time.perf_counter() - t0
+
+
+def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args, out: Path, gen_s: float) -> dict:
+    """The metrics of one model (cached in ``OUT/eval/NAME/metrics.json``)."""
+    from alignforge.eval.harm import harm_report
+    from alignforge.eval.lengths import is_degenerate, length_report
+    from alignforge.eval.responses import read_responses
+    from alignforge.eval.winrate import run_winrate
+
+    d = out / "eval" / name
+    mpath = d / "metrics.json"
+    if mpath.is_file():
+        return json.loads(mpath.read_text())
+    pooled = d / "benign_pooled.jsonl"
+    with open(pooled, "w", encoding="utf-8") as f:
+        for key in ("mtbench", "helpful"):
+            for r in read_responses(paths[key]):
+                f.write(json.dumps({"id": f"{key}-{r.id}", "response": r.response}) + "\n")
+    rs = args.n_resamples
+    harm = {k: harm_report(paths["advbench"], paths[k], n_resamples=rs) for k in ("mtbench", "helpful")}
+    pooled_h = harm_report(paths["advbench"], pooled, n_resamples=rs)
+    benign = [r.response for r in read_responses(pooled)]
+    adv = [r.response for r in read_responses(paths["advbench"])]
+    lens = length_report([paths["mtbench"], paths["helpful"], pooled], tokenizer=tok)["files"]
+    m = {
+        "asr": pooled_h["harmful"]["attack_success_rate"],
+        "adv_degenerate": sum(map(is_degenerate, adv)) / len(adv),
+        "over_refusal_mtbench": harm["mtbench"]["benign"]["over_refusal"],
+        "over_refusal_helpful": harm["helpful"]["benign"]["over_refusal"],
+        "over_refusal_benign": pooled_h["benign"]["over_refusal"],
+        "degenerate_benign": sum(map(is_degenerate, benign)) / len(benign),
+        "mean_tokens_mtbench": lens[0]["mean"],
+        "mean_tokens_helpful": lens[1]["mean"],
+        "mean_tokens_benign": lens[2]["mean"],
+        "n": {"advbench": len(adv), "mtbench": lens[0]["n"], "helpful": lens[1]["n"]},
+        "gen_seconds": round(gen_s, 1),
+    }
+    if base_paths is not None:
+        wr = run_winrate(paths["helpful"], base_paths["helpful"], rm=rm, n_resamples=rs)
+        m["winrate_vs_base"] = {
+            **{k: wr["overall"][k] for k in ("n", "win", "tie", "loss")},
+            "adjusted": wr["overall"]["win_rate_adjusted"],
+            "length_controlled": wr["length_controlled"]["lc_win_rate"],
+        }
+    mpath.write_text(json.dumps(m, indent=2))
+    return m
+
+
+# --------------------------------------------------------------------------- tables and plot
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def ci(r: dict) -> str:
+    return f"{pct(r['value'])} ({100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f})"
+
+
+def config_table(name: str, cfg: dict | None, info: dict | None, m: dict) -> str:
+    """One configuration: its settings and every metric, one row each."""
+    rows = [("configuration", name)]
+    if cfg:
+        rows += [(k, str(v)) for k, v in cfg.items() if k != "name"]
+    rows.append(("training time", f"{info['train_seconds'] / 60:.1f} min" if info else "-"))
+    rows += [
+        (f"AdvBench ASR (n={m['n']['advbench']}, 95% CI)", ci(m["asr"])),
+        ("AdvBench degenerate answers", pct(m["adv_degenerate"])),
+        (f"over-refusal, MT-Bench first turns (n={m['n']['mtbench']})", ci(m["over_refusal_mtbench"])),
+        (f"over-refusal, held-out helpful (n={m['n']['helpful']})", ci(m["over_refusal_helpful"])),
+        ("over-refusal, pooled benign", ci(m["over_refusal_benign"])),
+        ("degenerate answers, benign", pct(m["degenerate_benign"])),
+        ("mean tokens, MT-Bench / helpful", f"{m['mean_tokens_mtbench']:.1f} / {m['mean_tokens_helpful']:.1f}"),
+    ]
+    w = m.get("winrate_vs_base")
+    if w:
+        rows.append(
+            (
+                "win rate vs base, helpful, HH RM (W/T/L)",
+                f"{ci(w['adjusted'])}, LC {pct(w['length_controlled'])} ({w['win']}/{w['tie']}/{w['loss']})",
+            )
+        )
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def combined_table(results: dict, configs: dict, infos: dict) -> str:
+    head = (
+        "| configuration | method | β | lr | NTP | length | pairs | train min | AdvBench ASR ↓ | over-refusal MT-Bench "
+        "| over-refusal helpful | degenerate | mean tokens | win rate vs base (LC) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in results.items():
+        c, info = configs.get(name), infos.get(name)
+        if c:
+            ln = "mean" + (f", γ {c['simpo_gamma']}" if c["simpo_gamma"] else "") if c["length_norm"] else "sum"
+            if c["method"] != "dpo":
+                ln = "mean" if c["method"] in ("ulma", "pointwise_dpo") else "-"
+            cols = [name, c["method"], f"{c['beta']:g}", f"{c['lr']:g}", f"{c['ntp_coef']:g}", ln, str(c["n_train"])]
+            cols.append(f"{info['train_seconds'] / 60:.1f}")
+        else:
+            cols = [name, "-", "-", "-", "-", "-", "-", "-"]
+        w = m.get("winrate_vs_base")
+        cols += [
+            ci(m["asr"]),
+            pct(m["over_refusal_mtbench"]["value"]),
+            pct(m["over_refusal_helpful"]["value"]),
+            pct(m["degenerate_benign"]),
+            f"{m['mean_tokens_benign']:.1f}",
+            f"{w['adjusted']['value']:.3f} ({w['length_controlled']:.3f})" if w else "-",
+        ]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def tradeoff_plot(results: dict, path: Path) -> None:
+    """ASR (y) against pooled over-refusal (x), one annotated point per configuration; base in black."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, m in results.items():
+        x, y = 100 * m["over_refusal_benign"]["value"], 100 * m["asr"]["value"]
+        ax.scatter([x], [y], color="black" if name == "base" else "tab:blue", s=40, zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("over-refusal on benign prompts (%)  ← better")
+    ax.set_ylabel("AdvBench attack success (%)  ← better")
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title("Safety vs over-refusal (HH helpful + harmless)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="outputs/alignment_hh")
+    ap.add_argument("--configs", default=None, help="YAML file: a list of configuration mappings (default: the grid)")
+    ap.add_argument("--config", action="append", default=[], help="NAME:key=v,key=v (repeatable; replaces the grid)")
+    ap.add_argument("--only", default=None, help="comma-separated names: run only these configurations")
+    ap.add_argument("--rm", default=None, help="HH reward model dir (PPO reward, win-rate verdicts); 'untrained'")
+    ap.add_argument("--helpful", default=HELPFUL)
+    ap.add_argument("--harmless", default=HARMLESS)
+    ap.add_argument("--ratio", default="1:1", help="helpful:harmless weights of the mix")
+    ap.add_argument("--heldout", type=int, default=300, help="pairs held out of each file")
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--n-train", type=int, default=600, help="mixed pairs per configuration (unless it says)")
+    ap.add_argument("--max-length", type=int, default=320)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--ppo-iterations", type=int, default=24)
+    ap.add_argument("--ppo-prompts-per-iteration", type=int, default=8)
+    ap.add_argument("--ppo-prompts", type=int, default=96, help="distinct first-turn prompts PPO draws from")
+    ap.add_argument("--advbench", default=ADVBENCH)
+    ap.add_argument("--mtbench", default=MTBENCH)
+    ap.add_argument("--n-advbench", type=int, default=100)
+    ap.add_argument("--n-mtbench", type=int, default=80)
+    ap.add_argument("--n-helpful", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--gen-batch", type=int, default=16)
+    ap.add_argument("--n-resamples", type=int, default=9999, help="bootstrap resamples of every CI")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check, not a result")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.quick:
+        args.n_train, args.max_length, args.heldout, args.max_new_tokens = 16, 256, 20, 8
+        args.n_advbench, args.n_mtbench, args.n_helpful, args.gen_batch = 4, 4, 4, 4
+        args.ppo_iterations, args.ppo_prompts_per_iteration, args.ppo_prompts = 2, 2, 8
+        args.save_every, args.n_resamples = 0, 200
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import yaml
+
+    if args.config:
+        raw, origin = [parse_config_arg(c) for c in args.config], "--config"
+    elif args.configs:
+        raw, origin = yaml.safe_load(Path(args.configs).read_text()), args.configs
+    else:
+        raw, origin = DEFAULT_GRID, "default grid"
+    configs = resolve_configs(raw if isinstance(raw, list) else [raw], args, origin)
+    if args.only:
+        want = args.only.split(",")
+        missing = [w for w in want if w not in {c["name"] for c in configs}]
+        if missing:
+            raise SystemExit(f"--only: no configuration named {', '.join(missing)}")
+        configs = [c for c in configs if c["name"] in want]
+
+    from alignforge.models.loading import ensure_embedded, load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    if args.rm in (None, "untrained"):
+        if args.rm is None and any(c["method"] == "ppo" for c in configs):
+            raise SystemExit("a ppo configuration needs --rm (the HH reward model dir, or 'untrained')")
+        rm = str(untrained_reward_model(out)) if args.rm == "untrained" else None
+    else:
+        rm = args.rm
+        if not Path(rm).is_dir():
+            raise SystemExit(f"--rm {rm}: no such directory")
+    base = str(ensure_embedded())
+    tok = load_tokenizer(base)
+    data_default = mixed_data(args, args.n_train, out)
+    files = eval_prompt_files(args, data_default / "heldout" / "helpful.jsonl", out)
+    summary: dict = {"command": "benchmarks/alignment_hh.py", "args": vars(args), "configs": configs, "eval": {}}
+
+    def dump():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    summary["mix"] = json.loads((data_default / "mix_report.json").read_text())
+    base_paths, gs = generate_all("base", base, files, args, out)
+    results = {"base": evaluate("base", base_paths, None, rm, tok, args, out, gs)}
+    infos: dict = {}
+    summary["eval"]["base"] = results["base"]
+    dump()
+    for cfg in configs:
+        d = mixed_data(args, cfg["n_train"], out)
+        infos[cfg["name"]] = info = train(cfg, args, d, rm, out)
+        paths, gs = generate_all(cfg["name"], info["final_dir"], files, args, out)
+        results[cfg["name"]] = m = evaluate(cfg["name"], paths, base_paths if rm else None, rm, tok, args, out, gs)
+        (out / "eval" / cfg["name"] / "table.md").write_text(config_table(cfg["name"], cfg, info, m) + "\n")
+        summary["eval"][cfg["name"]] = m
+        summary.setdefault("train", {})[cfg["name"]] = info
+        dump()
+        print(f"[{cfg['name']}] ASR {pct(m['asr']['value'])}, over-refusal {pct(m['over_refusal_benign']['value'])}")
+    (out / "eval" / "base" / "table.md").write_text(config_table("base", None, None, results["base"]) + "\n")
+    by_name = {c["name"]: c for c in configs}
+    table = combined_table(results, by_name, infos)
+    (out / "table.md").write_text(table + "\n")
+    tradeoff_plot(results, out / "tradeoff.png")
+    summary["table"] = table
+    summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    dump()
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
