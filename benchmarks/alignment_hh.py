@@ -430,7 +430,12 @@ def config_table(name: str, cfg: dict | None, info: dict | None, m: dict) -> str
     """One configuration: its settings and every metric, one row each."""
     rows = [("configuration", name)]
     if cfg:
-        rows += [(k, str(v)) for k, v in cfg.items() if k != "name"]
+        skip = {"name"}
+        if cfg["method"] != "ppo":
+            skip |= {"iterations", "prompts_per_iteration", "kl_coef"}
+        if cfg["method"] != "dpo":
+            skip |= {"length_norm", "simpo_gamma"}
+        rows += [(k, str(v)) for k, v in cfg.items() if k not in skip]
     rows.append(("training time", f"{info['train_seconds'] / 60:.1f} min" if info else "-"))
     rows += [
         (f"AdvBench ASR (n={m['n']['advbench']}, 95% CI)", ci(m["asr"])),
@@ -489,10 +494,13 @@ def tradeoff_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
+    at: dict[tuple[float, float], list[str]] = {}  # configurations on the same point share one label
     for name, m in results.items():
         x, y = 100 * m["over_refusal_benign"]["value"], 100 * m["asr"]["value"]
-        ax.scatter([x], [y], color="black" if name == "base" else "tab:blue", s=40, zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        at.setdefault((round(x, 6), round(y, 6)), []).append(name)
+    for (x, y), names in at.items():
+        ax.scatter([x], [y], color="black" if "base" in names else "tab:blue", s=40, zorder=3)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("over-refusal on benign prompts (%)  ← better")
     ax.set_ylabel("AdvBench attack success (%)  ← better")
     ax.set_xlim(-3, 103)

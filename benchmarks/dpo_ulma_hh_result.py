@@ -37,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
-
 from alignforge.eval.lengths import is_degenerate  # noqa: E402
 
 HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
