@@ -1,11 +1,15 @@
-"""Real result (issue 3, item 6): a reward model on HH harmless-base, with and without length balancing.
+"""Real result (issues 3 and 13): a reward model on HH, with and without length balancing.
 
-1. Seeded split of HH harmless-base (``data/split.py``): 300 held-out pairs, the rest is the
-   training pool; ``--n-train`` pairs of the pool are sampled (seeded) to fit the CPU budget.
+1. Seeded split of each HH file in ``--data`` (comma-separated; default harmless-base;
+   ``--data hh`` = helpful-base and harmless-base, as ChatGLM-RLHF trains on both) with
+   ``data/split.py``: ``--heldout`` held-out pairs per file (split seed 0), the rest is that file's
+   training pool; ``--n-train`` pairs of each pool are sampled (seeded; 0 = the full pool). The
+   training file is the pools concatenated (mixing ratio = the pools' natural sizes) and shuffled
+   with ``--seed``.
 2. ``train_rm`` twice on the same pairs, same seed, LoRA (r=16, all-linear; the score head is
    trained in full), the default Gaussian score prior: ``reward.length_balance=false`` and ``=true``.
-3. Both RMs score the 300 held-out pairs: accuracy (bootstrap 95% CI), accuracy on pairs where
-   the longer / the shorter response won, the share of pairs where the RM prefers the longer
+3. Both RMs score the held-out pairs of each file (and all pooled): accuracy (bootstrap 95% CI),
+   accuracy on pairs where the longer / the shorter response won, the share of pairs where the RM prefers the longer
    response, and the Pearson correlation of score with response length (tokens) over all
    600 held-out responses.
 
@@ -17,6 +21,7 @@ Prints a markdown table; writes ``<out>/summary.json``. Usage::
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import experiment_parser, lora_overrides  # noqa: E402
+from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
 
 
 def evaluate(c, r, pairs, seed: int) -> dict:
@@ -56,8 +61,23 @@ def evaluate(c, r, pairs, seed: int) -> dict:
     }
 
 
+HH = {
+    "helpful": str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz"),
+    "harmless": str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz"),
+}
+
+
+def data_files(spec: str) -> dict[str, str]:
+    """``--data``: ``hh`` (both HH files), or comma-separated paths; named by their parent folder."""
+    if spec == "hh":
+        return dict(HH)
+    paths = [p for p in spec.split(",") if p]
+    return {(Path(p).parent.name or Path(p).stem) + (f"-{i}" if len(paths) > 1 else ""): p for i, p in enumerate(paths)}
+
+
 def main() -> None:
     ap = experiment_parser(__doc__, n_train=512, out="outputs/rm_hh_result")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint interval (steps); a rerun resumes")
     ap.add_argument("--only", choices=["both", "nobal", "bal"], default="both")
     args = ap.parse_args()
 
@@ -71,24 +91,35 @@ def main() -> None:
     t_all = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
-    rep, n_train = experiment_split(
-        args.data,
-        data,
-        heldout=args.heldout,
-        split_seed=args.split_seed,
-        n_train=args.n_train,
-        seed=args.seed,
-        echo=lambda s: print(s, flush=True),
-    )
-
-    held_recs = read_preference(data / "heldout.jsonl").records
+    files = data_files(args.data)
+    reps, n_train, held = {}, 0, {}
+    train_rows: list[str] = []
+    for name, path in files.items():
+        sub = data / name if len(files) > 1 else data
+        rep, n = experiment_split(
+            path,
+            sub,
+            heldout=args.heldout,
+            split_seed=args.split_seed,
+            n_train=args.n_train,
+            seed=args.seed,
+            echo=lambda s: print(s, flush=True),
+        )
+        reps[name], n_train = rep.__dict__, n_train + n
+        held[name] = read_preference(sub / "heldout.jsonl").records
+        train_rows += (sub / "train.jsonl").read_text().splitlines()
+    if len(files) > 1:  # the pools concatenated, shuffled once (seeded)
+        random.Random(args.seed).shuffle(train_rows)
+        (data / "train.jsonl").write_text("\n".join(train_rows) + "\n")
+        print(f"training file: {len(train_rows)} pairs from {', '.join(files)}", flush=True)
+    rep = reps
     runs = {"nobal": False, "bal": True}
     if args.only != "both":
         runs = {args.only: runs[args.only]}
     summary: dict = {
         "command": "benchmarks/rm_hh_result.py",
         "args": vars(args),
-        "split": rep.__dict__,
+        "split": rep,
         "n_train_sampled": n_train,
         "runs": {},
     }
@@ -100,7 +131,7 @@ def main() -> None:
             lora_overrides(args, data / "train.jsonl", out / name)
             + [
                 f"reward.length_balance={str(balance).lower()}",
-                "train.save_every=0",
+                f"train.save_every={args.save_every}",
                 "train.log_every=10",
                 "reward.stats_pairs=64",
             ],
@@ -117,9 +148,15 @@ def main() -> None:
         t1 = time.perf_counter()
         rm, tok, _ = load_reward_model(s["final_dir"])
         pad_id = tok.pad_token_id
-        pairs = [tokenize_preference(rec, tok, args.max_length, full_render=True)[0] for rec in held_recs]
-        c, r = score_pairs(rm, pairs, pad_id, batch_size=8, progress=False)
-        res = evaluate(c, r, pairs, seed=args.seed)
+        per_file, all_c, all_r, all_pairs = {}, [], [], []
+        for fname, recs in held.items():
+            pairs = [tokenize_preference(rec, tok, args.max_length, full_render=True)[0] for rec in recs]
+            c, r = score_pairs(rm, pairs, pad_id, batch_size=8, progress=False)
+            per_file[fname] = evaluate(c, r, pairs, seed=args.seed)
+            all_c, all_r, all_pairs = all_c + list(c), all_r + list(r), all_pairs + pairs
+        res = evaluate(all_c, all_r, all_pairs, seed=args.seed)
+        if len(held) > 1:
+            res["per_file"] = per_file
         res.update(
             {
                 "train_seconds": round(train_s, 1),
@@ -162,9 +199,17 @@ def main() -> None:
             f"{f(res['accuracy_shorter_won'])} | {f(res['rm_prefers_longer'])} | "
             f"{f(res['length_correlation']['pearson'])} |"
         )
+    for name, res in summary["runs"].items():
+        for fname, sub in res.get("per_file", {}).items():
+            ci = sub["accuracy_ci95"]
+            lines.append(
+                f"| {'on' if name == 'bal' else 'off'}: {fname} held-out | | | {f(sub['accuracy'])} "
+                f"[{f(ci[0])}, {f(ci[1])}] | {f(sub['accuracy_longer_won'])} | {f(sub['accuracy_shorter_won'])} | "
+                f"{f(sub['rm_prefers_longer'])} | {f(sub['length_correlation']['pearson'])} |"
+            )
     print("\n".join(lines))
     print(
-        f"held-out: {args.heldout} pairs, longer response chosen in "
+        f"held-out: {args.heldout} pairs per file, longer response chosen in "
         f"{f(next(iter(summary['runs'].values())).get('longer_chosen_share'))} of them; "
         f"total {summary['total_seconds']:.0f}s"
     )
