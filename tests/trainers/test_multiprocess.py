@@ -8,13 +8,11 @@ and normalise by the same global counts, so the weights agree up to float summat
 """
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from alignforge.config import load_config
@@ -115,7 +113,7 @@ def test_rm_two_processes_match_one_and_resume_a_two_process_checkpoint(tmp_path
 # --------------------------------------------------------------------------- refused modes
 
 
-TRAINERS = {  # command -> (config class path, train function path)
+TRAINERS = {  # command -> (module, config class, train function)
     "sft": ("alignforge.trainers.sft", "SFTConfig", "train_sft"),
     "rm": ("alignforge.trainers.rm", "RMConfig", "train_rm"),
     "dpo": ("alignforge.trainers.dpo", "DPOConfig", "train_dpo"),
@@ -141,7 +139,7 @@ def test_every_trainer_refuses_deepspeed_at_setup(tmp_path, monkeypatch, trainer
 
 
 @pytest.mark.parametrize("kind, message", [("DEEPSPEED", "DeepSpeed is not supported"), ("FSDP", "FSDP is not")])
-def test_the_loop_refuses_an_accelerator_in_deepspeed_or_fsdp_mode(tmp_path, tiny_model_dir, monkeypatch, kind, message):
+def test_the_loop_refuses_a_deepspeed_or_fsdp_accelerator(tmp_path, tiny_model_dir, monkeypatch, kind, message):
     """An Accelerator that is in DeepSpeed (or FSDP) mode, however it got there, is refused by run_training
     before any step: the guard would not hold (DeepSpeed) or the final save would hang (FSDP)."""
     from accelerate.utils import DistributedType
