@@ -7,6 +7,7 @@ The loop is built from public parts that every trainer stands on:
 * :class:`GuardedStep` — the NaN/inf guard, clipping and the optimiser/scheduler step;
 * :class:`Logger` — progress bar and TensorBoard (with :func:`write_metrics` and :func:`plot_history`);
 * :func:`sigint_flag` and :func:`fault_hook` — Ctrl-C at a step boundary, and the test hook below.
+* :func:`check_distributed` — refuses DeepSpeed and FSDP (and FSDP asked for on CPU) with the reason.
 
 An offline method (SFT, RM, DPO, ULMA) describes itself as a :class:`Task` (examples, collate,
 loss) and calls :func:`run_training`; PPO (``trainers/ppo.py``) drives the same parts from its own
