@@ -7,6 +7,7 @@ The loop is built from public parts that every trainer stands on:
 * :class:`GuardedStep` — the NaN/inf guard, clipping and the optimiser/scheduler step;
 * :class:`Logger` — progress bar and TensorBoard (with :func:`write_metrics` and :func:`plot_history`);
 * :func:`sigint_flag` and :func:`fault_hook` — Ctrl-C at a step boundary, and the test hook below.
+* :func:`check_distributed` — refuses DeepSpeed and FSDP (and FSDP asked for on CPU) with the reason.
 
 An offline method (SFT, RM, DPO, ULMA) describes itself as a :class:`Task` (examples, collate,
 loss) and calls :func:`run_training`; PPO (``trainers/ppo.py``) drives the same parts from its own
@@ -109,20 +110,69 @@ class Task:
 # --------------------------------------------------------------------------- accelerator & plan
 
 
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported by the alignforge trainers: under DeepSpeed, accelerator.backward() runs the "
+    "engine's own optimiser step, gradient clipping and gradient accumulation, so the loop's NaN/inf guard "
+    "(which must stop the run before the update) and its global-batch loss normalisation would not hold. "
+    "Launch with configs/accelerate/ddp.yaml (data parallel) instead"
+)
+FSDP_REFUSED = (
+    "FSDP is not supported by the alignforge trainers yet: the final model is written by the main process "
+    "alone (Checkpointer.save_final), and under FSDP its sharded parameters need every rank to gather them, "
+    "so the run would hang at the end. Launch with configs/accelerate/ddp.yaml (data parallel) instead"
+)
+
+
+def flag_from_env(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def check_distributed(accelerator) -> None:
+    """Refuse the distributed modes the loop does not hold its promises under (a :class:`ConfigError`).
+
+    * DeepSpeed (``distributed_type == DEEPSPEED``): see ``DEEPSPEED_REFUSED``.
+    * FSDP (``distributed_type == FSDP``): see ``FSDP_REFUSED``.
+    * FSDP asked for (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` with an FSDP config) but not
+      given: accelerate 1.x enables FSDP only on accelerator devices, so on CPU it falls back to plain
+      data parallel without a word; say so rather than train something other than what was asked.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ConfigError(DEEPSPEED_REFUSED)
+    if kind == DistributedType.FSDP:
+        raise ConfigError(FSDP_REFUSED)
+    if flag_from_env("ACCELERATE_USE_FSDP"):
+        raise ConfigError(
+            f"FSDP was asked for (ACCELERATE_USE_FSDP=true, e.g. configs/accelerate/fsdp.yaml) but accelerate chose "
+            f"{kind.value} on device {accelerator.device.type}: it enables FSDP only on GPUs and other accelerators, "
+            "not on CPU, so the model would be replicated, not sharded. " + FSDP_REFUSED
+        )
+
+
 def make_accelerator(cfg: TrainConfig):
-    """An ``Accelerator`` for this run's precision.
+    """An ``Accelerator`` for this run's precision, after :func:`check_distributed`.
 
     accelerate keeps its state in a process-wide singleton; runs in one process (the demo trains
     an SFT model, then a reward model) may ask for different precisions, so the per-run part of
     that state is reset first. The distributed part (process group, device) is kept.
+
+    DeepSpeed is refused before the ``Accelerator`` is built (``ACCELERATE_USE_DEEPSPEED``, set by
+    ``accelerate launch`` with a DeepSpeed config): building it would set up the engine, or fail with
+    accelerate's own "DeepSpeed is not installed".
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    if flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(DEEPSPEED_REFUSED + " (ACCELERATE_USE_DEEPSPEED=true, e.g. configs/accelerate/zero2.yaml)")
     AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
     GradientState._reset_state()  # noqa: SLF001
     use_cpu = not torch.cuda.is_available()
-    return Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    check_distributed(accelerator)
+    return accelerator
 
 
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
@@ -621,6 +671,7 @@ def run_training(
     from accelerate.utils import set_seed
 
     accelerator = accelerator or make_accelerator(cfg)
+    check_distributed(accelerator)
     if cfg.probe_every > 0 and task.probe is None:
         raise ConfigError("train.probe_every: this trainer has no policy to sample from (set it to 0)")
     out = Path(cfg.output_dir)
