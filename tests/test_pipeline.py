@@ -11,6 +11,7 @@ import re
 import shutil
 
 import pytest
+from fastapi import FastAPI, Request  # module level: the app's annotations are resolved in this module
 
 from alignforge.cli import main
 from alignforge.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
@@ -106,7 +107,9 @@ def test_full_run_writes_every_stage_and_the_report(env):
     # inputs: the label file's content digest; the upstream stages' stage.json digests
     import hashlib
 
-    assert _stage(env, "label")["inputs"] == {"labels": "sha256:" + hashlib.sha256(env["labels"].read_bytes()).hexdigest()}
+    assert _stage(env, "label")["inputs"] == {
+        "labels": "sha256:" + hashlib.sha256(env["labels"].read_bytes()).hexdigest()
+    }
     rm_inputs = _stage(env, "rm")["inputs"]
     assert rm_inputs["stage:sft"] == "sha256:" + hashlib.sha256((run / "sft" / "stage.json").read_bytes()).hexdigest()
     assert set(rm_inputs) == {"stage:sft", "stage:label"}
@@ -219,9 +222,7 @@ def test_until_pairs_then_human_labels_from_the_annotation_app(env, tmp_path, mo
         assert lab["chosen"][0]["content"] == pairs[json.dumps(lab["prompt"])]["response_a"]
 
 
-def test_ai_labels_carry_their_source_and_stats_count_them(env, capsys):
-    from fastapi import FastAPI, Request
-
+def test_ai_labels_carry_their_source_and_stats_count_them(env, capsys, tiny_model_dir):
     from alignforge.inference.serve import BackgroundServer
 
     app = FastAPI()
@@ -252,7 +253,7 @@ def test_ai_labels_carry_their_source_and_stats_count_them(env, capsys):
         assert lab["source"] == "ai:scripted"
         assert len(lab["chosen"][0]["content"]) > len(lab["rejected"][0]["content"])
     if unequal:
-        assert main(["data", "stats", out["labels"]]) == 0
+        assert main(["data", "stats", out["labels"], "--tokenizer", str(tiny_model_dir)]) == 0
         assert f"labelled by: ai:scripted {len(unequal)}" in capsys.readouterr().out
 
     # the local judge (the tiny random SFT model) answers no verdict: the stage says so instead of training on nothing

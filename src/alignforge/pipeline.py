@@ -413,7 +413,9 @@ def plan_stage(name: str, cfg: PipelineConfig, dirs: dict[str, Path]) -> StagePl
             "trainer": dataclasses.asdict(_train_cfg(trainer, "<sft model>", ["<data>"], run / "align")),
         }
         if a.method != "ppo":
-            conf.update(k=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens, min_gap=a.min_gap, seed=a.seed)
+            conf.update(
+                k=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens, min_gap=a.min_gap, seed=a.seed
+            )
         return StagePlan(conf, {"prompts": file_digest(prompts), **up("sft", "rm")}, f"method={a.method}")
     if name == "rain":
         sets = _eval_sets(cfg)
@@ -486,7 +488,9 @@ def run_pipeline(
             echo(f"{label} ... skipped (unchanged)")
             continue
         pending = _read_json(dirs[name] / PENDING_FILE)
-        resume = rec is None and pending is not None and pending.get("config") == conf and pending.get("inputs") == inputs
+        resume = (
+            rec is None and pending is not None and pending.get("config") == conf and pending.get("inputs") == inputs
+        )
         if not resume and dirs[name].exists():
             shutil.rmtree(dirs[name])  # changed inputs or config: no old checkpoint may be resumed
         dirs[name].mkdir(parents=True, exist_ok=True)
