@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from alignforge.cli import app
 
-NOT_YET = re.compile(r"\b(pipeline)\b", re.IGNORECASE)
+NOT_YET: tuple[str, ...] = ()  # commands the help may not mention yet (none left)
 
 
 def _help_texts():
@@ -39,6 +39,8 @@ def test_help_advertises_no_missing_command():
         "eval generate",
         "eval judge",
         "eval winrate",
+        "pipeline",
     } <= set(texts)  # the walk reaches subcommands
-    bad = {where: m.group(0) for where, text in texts.items() if (m := NOT_YET.search(text))}
+    pat = re.compile(r"\b(" + "|".join(NOT_YET) + r")\b", re.IGNORECASE) if NOT_YET else None
+    bad = {where: m.group(0) for where, text in texts.items() if pat and (m := pat.search(text))}
     assert not bad, f"help mentions commands that do not exist: {bad}"

@@ -566,6 +566,27 @@ def demo(
     )
 
 
+@app.command()
+def pipeline(
+    config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (see configs/pipeline_demo.yaml)."),
+    overrides: Optional[List[str]] = _OVERRIDES_ARG,
+    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run (earlier ones must be done)."),
+    until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),
+) -> None:
+    """The whole loop in one run dir: sft -> pairs -> label -> rm -> align -> rain -> eval -> report.
+
+    Each stage writes RUN_DIR/STAGE/stage.json; a rerun skips unchanged stages, reruns changed ones (and
+    those after them) and resumes an interrupted one."""
+    from alignforge.pipeline import load_pipeline_config, run_pipeline
+
+    ov = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        ov.insert(0, str(config))
+        config = None
+    cfg = load_pipeline_config(config, ov)
+    run_pipeline(cfg, from_stage, until_stage, echo=typer.echo)
+
+
 @app.command("prepare-embedded")
 def prepare_embedded() -> None:
     """Convert the embedded SmolLM2-135M-Instruct GGUF into a cached safetensors HF dir (once)."""

@@ -118,6 +118,8 @@ def record_to_trl(record: Any) -> dict:
         )
         if record.category is not None:
             d["category"] = record.category
+        if record.label_source is not None:
+            d["source"] = record.label_source
         return d
     if isinstance(record, PointwiseRecord):
         std = not record.conversational and _single(record.prompt, "user") and _single(record.completion, "assistant")

@@ -8,7 +8,9 @@ Record formats (TRL conventions):
 
 * preference: ``{prompt, chosen, rejected}`` as plain strings (*standard*) or message
   lists (*conversational*); ``{chosen, rejected}`` full conversations (*implicit prompt*);
-  raw Anthropic HH strings (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``). Optional ``category``.
+  raw Anthropic HH strings (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``). Optional ``category``,
+  and optional ``source`` (a string: who labelled the pair, ``"human"`` or ``"ai:<judge>"``), kept
+  as :attr:`PreferenceRecord.label_source`.
 * pointwise: ``{prompt, completion, label}`` (TRL unpaired preference), ``label`` a bool or a
   number in [0, 1].
 * sft: ``{messages}`` or ``{prompt, completion}``; any preference record (prompt + chosen).
@@ -267,6 +269,15 @@ def _category(obj: dict, ctx: Ctx) -> str | None:
     return c
 
 
+def _label_source(obj: dict, ctx: Ctx) -> str | None:
+    s = obj.get("source")
+    if s is None:
+        return None
+    if not isinstance(s, str):
+        raise ctx.err("source", f"wrong type: expected a string (who labelled the pair), got {_tname(s)}")
+    return s
+
+
 def _label(v: Any, ctx: Ctx) -> Union[bool, float]:
     if v is None:
         raise ctx.err("label", "missing field")
@@ -420,7 +431,7 @@ def parse_preference(obj: dict, ctx: Ctx) -> PreferenceRecord:
             check_response(rejected, "rejected", ctx)
             if chosen == rejected and not ctx.lenient:
                 raise ctx.err("rejected", "chosen identical to rejected")
-            return PreferenceRecord(prompt, chosen, rejected, category, True, ctx.source)
+            return PreferenceRecord(prompt, chosen, rejected, category, True, ctx.source, _label_source(obj, ctx))
         elif isinstance(c, list) and isinstance(r, list):
             cm, rm = _messages(c, "chosen", ctx), _messages(r, "rejected", ctx)
         else:
@@ -433,7 +444,7 @@ def parse_preference(obj: dict, ctx: Ctx) -> PreferenceRecord:
         conv = True
     if chosen == rejected and not ctx.lenient:
         raise ctx.err("rejected", "chosen identical to rejected")
-    return PreferenceRecord(prompt, chosen, rejected, category, conv, ctx.source)
+    return PreferenceRecord(prompt, chosen, rejected, category, conv, ctx.source, _label_source(obj, ctx))
 
 
 def parse_pointwise(obj: dict, ctx: Ctx) -> PointwiseRecord:

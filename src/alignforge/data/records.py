@@ -30,6 +30,8 @@ class PreferenceRecord:
     category: str | None = None
     conversational: bool = True
     source: Source = field(default_factory=Source)
+    # who labelled the pair: the record's optional "source" field, e.g. "human" or "ai:<judge name>"
+    label_source: str | None = None
 
 
 @dataclass

@@ -154,6 +154,8 @@ def compute_stats(path: str | Path, tokenizer: Any, kind: str | None = None) -> 
             1 for r in res.records if any(not m["content"].strip() for m in r.chosen + r.rejected)
         )
         stats["identical_pairs"] = sum(1 for r in res.records if r.chosen == r.rejected)
+        # who labelled the pairs (the records' optional "source" field; "(none)" when unset)
+        stats["label_sources"] = dict(Counter(r.label_source or "(none)" for r in res.records).most_common())
     stats["rows"] = _rows(items, fields)
     if kind == "preference":
         diffs = [it["chosen"] - it["rejected"] for it in items]
@@ -217,6 +219,8 @@ def format_stats(stats: dict) -> str:
             f"longer response chosen: {'-' if share is None else f'{100 * share:.1f}%'} "
             f"of unequal-length pairs; equal-length pairs: {stats['equal_length_pairs']}"
         )
+    if stats.get("label_sources"):
+        lines.append("labelled by: " + ", ".join(f"{k} {n}" for k, n in stats["label_sources"].items()))
     if "labels" in stats:
         lb = stats["labels"]
         lines.append(f"labels: {lb['positive']} positive, {lb['negative']} negative, {lb['other']} other")
