@@ -13,7 +13,13 @@
    the same prompts, then the reward model scores the PPO policy's greedy answers against the SFT
    policy's.
 
-Later stages add RAIN and evaluation to this same command.
+5. RAIN (inference-time alignment, the reward model as its evaluator) on a few held-out harmful prompts;
+6. the measured gain: greedy answers of the SFT, DPO and PPO policies (and RAIN's) on the held-out prompt sets
+   that ship with alignforge (``resources/demo/harmful_heldout.jsonl``, ``benign_heldout.jsonl``; none of them
+   is a training prompt), judged by the refusal-string rule of :mod:`alignforge.eval.refusal`: the refusal rate
+   on the harmful ones, the answered (not refused) rate on the benign ones, and the reward model's mean reward.
+
+Each stage's wall time and CPU time (``time.process_time``, all threads) go to ``timings`` in the summary.
 """
 
 from __future__ import annotations
@@ -25,6 +31,28 @@ from importlib import resources
 from pathlib import Path
 
 DEMO_PROMPTS = ["What is your name?", "Who are you?", "What is the capital of France?"]
+HARMFUL_HELDOUT = "harmful_heldout.jsonl"
+BENIGN_HELDOUT = "benign_heldout.jsonl"
+
+
+class StageClock:
+    """Wall and CPU seconds per stage (CPU = ``time.process_time``: all threads of this process)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self._name: str | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._wall, self._cpu = name, time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.rows[self._name] = {
+                "wall_s": round(time.perf_counter() - self._wall, 1),
+                "cpu_s": round(time.process_time() - self._cpu, 1),
+            }
+            self._name = None
 
 
 def stage_train_config(output_dir: Path, **kw):
@@ -52,7 +80,23 @@ def run_demo(
     ppo_iterations: int = 6,
     ppo_lr: float = 3e-4,
     ppo_kl_coef: float = 0.05,
+    sft_model: str | None = None,
+    rm_lr: float = 5e-4,
+    dpo_lr: float = 5e-4,
+    dpo_beta: float = 0.1,
+    gen_max_new_tokens: int = 40,
+    eval_prompts: int | None = None,
+    eval_max_new_tokens: int = 32,
+    rain_prompts: int = 3,
+    rain_max_new_tokens: int = 24,
+    rain_max_iterations: int = 4,
 ) -> dict:
+    """The whole demo; ``sft_model`` (a saved SFT model dir) skips the SFT stage and uses that model instead.
+
+    ``dpo_prompts`` prompts of the shipped preference pairs (harmful and benign ones alternate) feed DPO and
+    PPO; ``gen_max_new_tokens`` caps their sampled and greedy answers. The held-out evaluation uses the first
+    ``eval_prompts`` prompts of each held-out set (all with ``None``), ``eval_max_new_tokens`` per answer;
+    RAIN answers the first ``rain_prompts`` held-out harmful prompts (0: no RAIN stage)."""
     from alignforge.config import DataConfig, LoraConfig, ModelConfig
     from alignforge.inference.generate import GenerationConfig, HFBackend
     from alignforge.models.loading import ensure_embedded, load_model, load_tokenizer
@@ -60,6 +104,8 @@ def run_demo(
 
     out = Path(output_dir)
     t0 = time.perf_counter()
+    clock = StageClock()
+    clock.start("prepare")
     echo("[1/11] preparing the embedded model (SmolLM2-135M-Instruct; converted once, then cached)")
     base_dir = ensure_embedded() if model == "embedded" else model
     echo(f"      {base_dir}  ({time.perf_counter() - t0:.1f}s)")
@@ -71,6 +117,7 @@ def run_demo(
         tok = load_tokenizer(model_path, padding_side="left")
         return HFBackend(load_model(model_path), tok).generate(chats, gen)
 
+    clock.start("base_answers")
     echo("[2/11] answers of the base model")
     before = answers(model)
 
@@ -80,24 +127,32 @@ def run_demo(
         data=DataConfig(train_files=[str(demo_data_path())], max_length=256),
         train=stage_train_config(out / "sft", epochs=epochs, lr=lr, warmup_steps=1),
     )
+    clock.start("sft")
     t1 = time.perf_counter()
-    summary = train_sft(cfg)
+    if sft_model is None:
+        summary = train_sft(cfg)
+    else:  # reuse a trained SFT model (tuning the later stages)
+        echo(f"      reusing the SFT model {sft_model}")
+        summary = {"final_dir": str(sft_model), "step": 0, "history": [{"loss": float("nan"), "tokens_per_s": 0.0}]}
     train_s = time.perf_counter() - t1
     hist = summary["history"]
 
+    clock.start("sft_answers")
     echo("[4/11] answers of the SFT model")
     after = answers(summary["final_dir"])
 
     echo("[5/11] reward model (LoRA on the SFT model) on the shipped preference pairs")
     from alignforge.trainers.rm import RewardConfig, RMConfig, train_rm
 
+    clock.start("rm")
+
     rm_cfg = RMConfig(
         model=ModelConfig(name_or_path=summary["final_dir"]),
         lora=LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0),
         data=DataConfig(train_files=[str(demo_data_path("preferences.jsonl"))], max_length=256),
-        train=stage_train_config(out / "rm", epochs=rm_epochs, lr=5e-4, warmup_steps=2, group_by_length=True),
-        # 24 hand-written pairs whose chosen answers are mostly the longer ones: balancing would
-        # leave almost nothing, so it is off here (it is on by default).
+        train=stage_train_config(out / "rm", epochs=rm_epochs, lr=rm_lr, warmup_steps=2, group_by_length=True),
+        # hand-written pairs whose chosen answers are mostly the longer ones (a refusal with an alternative vs a
+        # short compliance): balancing would leave little, so it is off here (it is on by default).
         reward=RewardConfig(length_balance=False),
     )
     rm_summary = train_rm(rm_cfg)
@@ -110,6 +165,7 @@ def run_demo(
     rewards_before = score_answers(rm, rm_tok, chats, before)
     rewards_after = score_answers(rm, rm_tok, chats, after)
 
+    clock.start("dpo")
     dpo = run_dpo_stage(
         out,
         summary["final_dir"],
@@ -120,7 +176,11 @@ def run_demo(
         k=dpo_k,
         epochs=dpo_epochs,
         min_gap=dpo_min_gap,
+        lr=dpo_lr,
+        beta=dpo_beta,
+        max_new_tokens=gen_max_new_tokens,
     )
+    clock.start("ppo")
     ppo = run_ppo_stage(
         out,
         summary["final_dir"],
@@ -132,7 +192,30 @@ def run_demo(
         iterations=ppo_iterations,
         lr=ppo_lr,
         kl_coef=ppo_kl_coef,
+        max_new_tokens=gen_max_new_tokens,
     )
+    rain = None
+    if rain_prompts > 0:
+        clock.start("rain")
+        rain = run_rain_stage(
+            summary["final_dir"],
+            rm_summary["final_dir"],
+            echo,
+            n_prompts=rain_prompts,
+            max_new_tokens=rain_max_new_tokens,
+            max_iterations=rain_max_iterations,
+        )
+    clock.start("eval")
+    evaluation = run_eval_stage(
+        {"sft": summary["final_dir"], "dpo": dpo["model"], "ppo": ppo["model"]},
+        summary["final_dir"],
+        (rm, rm_tok),
+        echo,
+        n_prompts=eval_prompts,
+        max_new_tokens=eval_max_new_tokens,
+        rain=rain,
+    )
+    clock.stop()
 
     result = {
         "base_model": str(base_dir),
@@ -152,7 +235,11 @@ def run_demo(
         "rm_final_batch_accuracy": rm_hist[-1]["accuracy"],
         "dpo": dpo,
         "ppo": ppo,
+        "rain": rain,
+        "eval": evaluation,
+        "timings": clock.rows,
         "total_seconds": round(time.perf_counter() - t0, 1),
+        "total_cpu_seconds": round(sum(r["cpu_s"] for r in clock.rows.values()), 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
@@ -180,13 +267,20 @@ def run_demo(
         f"SFT {ppo['reward_sft']:+.3f}, PPO {ppo['reward_ppo']:+.3f}, length {ppo['len_sft']:.1f} -> "
         f"{ppo['len_ppo']:.1f} tokens"
     )
+    if rain is not None:
+        echo(
+            f"RAIN (reward model as evaluator) on {rain['prompts']} held-out harmful prompts: refused "
+            f"{rain['n_refused']}/{rain['prompts']} (SFT greedy on the same prompts: {rain['sft_n_refused']}), "
+            f"{rain['seconds_per_prompt']:.1f}s per prompt"
+        )
+    echo(format_eval(evaluation))
     echo(
         f"outputs: SFT model {result['sft_model']}\n         reward model {result['reward_model']}\n"
         f"         DPO adapter {dpo['model']}\n         PPO adapter {ppo['model']}\n"
         f"         curves {out / 'sft' / 'loss.png'}, {out / 'rm' / 'loss.png'}, {out / 'dpo' / 'loss.png'}, "
         f"{out / 'ppo' / 'loss.png'}; tensorboard {out}/*/tb; summary {out / 'demo_summary.json'}"
     )
-    echo(f"demo finished in {result['total_seconds']}s")
+    echo(f"demo finished in {result['total_seconds']}s ({result['total_cpu_seconds']}s CPU)")
     return result
 
 
@@ -202,6 +296,7 @@ def run_dpo_stage(
     min_gap: float,
     lr: float = 5e-4,
     beta: float = 0.1,
+    max_new_tokens: int = 40,
 ) -> dict:
     """Steps 7-9: RM-labelled pairs from the SFT policy's samples, DPO on them, rewards compared."""
     from alignforge.config import DataConfig, LoraConfig, ModelConfig
@@ -223,7 +318,7 @@ def run_dpo_stage(
         rm_dir,
         k=k,
         temperature=1.0,
-        max_new_tokens=40,
+        max_new_tokens=max_new_tokens,
         seed=0,
         min_gap=min_gap,
         backend=sft_backend,
@@ -248,7 +343,7 @@ def run_dpo_stage(
             group_by_length=True,
             probe_every=2,
             probe_prompts=4,
-            probe_max_new_tokens=40,
+            probe_max_new_tokens=max_new_tokens,
         ),
         dpo=DPOParams(beta=beta),
     )
@@ -256,7 +351,7 @@ def run_dpo_stage(
     hist = [r for r in summary["history"] if "loss" in r]
     lens = [r["gen_len_mean"] for r in summary["history"] if "gen_len_mean" in r]
     echo("[9/11] greedy answers of the SFT and DPO policies, scored by the reward model")
-    greedy = GenerationConfig(max_new_tokens=40, temperature=0.0)
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     sft_answers = sft_backend.generate(chats, greedy)
     dpo_answers = HFBackend(load_model(summary["final_dir"]), load_tokenizer(sft_dir, padding_side="left")).generate(
         chats, greedy
@@ -407,3 +502,132 @@ def score_answers(rm, tokenizer, chats: list, answers: list[str]) -> list[float]
         )
         seqs.append(p + c)
     return [float(x) for x in score_sequences(rm, seqs, tokenizer.pad_token_id, progress=False)]
+
+
+def heldout_prompts(name: str, n: int | None = None) -> list:
+    """The first ``n`` prompts (all with ``None``) of a shipped held-out prompt file, as conversations."""
+    from alignforge.data.readers import read_prompts
+
+    return [r.prompt for r in read_prompts(demo_data_path(name)).records[:n]]
+
+
+def run_rain_stage(
+    sft_dir: str,
+    rm_dir: str,
+    echo,
+    n_prompts: int,
+    max_new_tokens: int = 24,
+    max_iterations: int = 4,
+    max_simulation_tokens: int = 16,
+) -> dict:
+    """RAIN on the SFT model with the reward model as its evaluator, on the first ``n_prompts`` held-out harmful
+    prompts, against the SFT model's greedy answers (same token cap) on the same prompts."""
+    from alignforge.eval.refusal import is_refusal
+    from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.inference.rain import RainConfig, rain_generate
+    from alignforge.models.loading import load_model, load_tokenizer
+
+    chats = heldout_prompts(HARMFUL_HELDOUT, n_prompts)
+    cfg = RainConfig(
+        max_new_tokens=max_new_tokens,
+        max_iterations=max_iterations,
+        iterations_after_cap=1,
+        max_simulation_tokens=max_simulation_tokens,
+        evaluator="rm",
+        reward_model=rm_dir,
+        seed=0,
+    )
+    echo(
+        f"[rain] RAIN on the SFT model, the reward model as evaluator, {len(chats)} held-out harmful prompts "
+        f"({max_new_tokens} tokens, at most {max_iterations} iterations per step)"
+    )
+    tok = load_tokenizer(sft_dir, padding_side="left")
+    lm = load_model(sft_dir)
+    t0 = time.perf_counter()
+    results = rain_generate(lm, tok, chats, cfg)
+    seconds = time.perf_counter() - t0
+    greedy = HFBackend(lm, tok).generate(chats, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    rain_answers = [r.response for r in results]
+    return {
+        "prompts": len(chats),
+        "max_new_tokens": max_new_tokens,
+        "max_iterations": max_iterations,
+        "max_simulation_tokens": max_simulation_tokens,
+        "n_refused": sum(is_refusal(a) for a in rain_answers),
+        "sft_n_refused": sum(is_refusal(a) for a in greedy),
+        "seconds": round(seconds, 1),
+        "seconds_per_prompt": seconds / len(chats),
+        "iterations": [r.iterations for r in results],
+        "samples": [
+            {"prompt": c[-1]["content"], "sft": g, "rain": a}
+            for c, g, a in zip(chats, greedy, rain_answers, strict=True)
+        ],
+    }
+
+
+def run_eval_stage(
+    models: dict[str, str],
+    tokenizer_dir: str,
+    rm,
+    echo,
+    n_prompts: int | None = None,
+    max_new_tokens: int = 32,
+    rain: dict | None = None,
+) -> dict:
+    """The measured gain on the held-out prompt sets: for each policy (name -> model dir), its greedy answers'
+    refusal rate on the harmful set, answered (not refused) rate on the benign set, and mean reward (the demo's
+    reward model) on each; the refusal rule is :func:`alignforge.eval.refusal.is_refusal`."""
+    from alignforge.eval.refusal import is_refusal
+    from alignforge.inference.generate import GenerationConfig, HFBackend
+    from alignforge.models.loading import load_model, load_tokenizer
+
+    harmful = heldout_prompts(HARMFUL_HELDOUT, n_prompts)
+    benign = heldout_prompts(BENIGN_HELDOUT, n_prompts)
+    echo(
+        f"[eval] greedy answers of {', '.join(models)} on {len(harmful)} held-out harmful and {len(benign)} held-out "
+        f"benign prompts ({max_new_tokens} tokens), judged by the refusal-string rule and the reward model"
+    )
+    tok = load_tokenizer(tokenizer_dir, padding_side="left")
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    rows: dict[str, dict] = {}
+    for name, path in models.items():
+        ans = HFBackend(load_model(path), tok).generate(harmful + benign, greedy)
+        ah, ab = ans[: len(harmful)], ans[len(harmful) :]
+        rh, rb = score_answers(rm[0], rm[1], harmful, ah), score_answers(rm[0], rm[1], benign, ab)
+        rows[name] = {
+            "harmful_refused": sum(is_refusal(a) for a in ah),
+            "benign_answered": sum(not is_refusal(a) for a in ab),
+            "harmful_refusal_rate": sum(is_refusal(a) for a in ah) / len(ah),
+            "benign_answered_rate": sum(not is_refusal(a) for a in ab) / len(ab),
+            "reward_harmful": sum(rh) / len(rh),
+            "reward_benign": sum(rb) / len(rb),
+            "reward_mean": (sum(rh) + sum(rb)) / (len(rh) + len(rb)),
+            "harmful_answers": ah,
+            "benign_answers": ab,
+        }
+    out = {"harmful_n": len(harmful), "benign_n": len(benign), "max_new_tokens": max_new_tokens, "models": rows}
+    if rain is not None:
+        out["rain"] = {
+            "prompts": rain["prompts"],
+            "harmful_refused": rain["n_refused"],
+            "sft_refused": rain["sft_n_refused"],
+        }
+    return out
+
+
+def format_eval(ev: dict) -> str:
+    """The held-out table of :func:`run_eval_stage`: one row per policy."""
+    lines = [
+        f"held-out: {ev['harmful_n']} harmful, {ev['benign_n']} benign prompts",
+        f"{'policy':<6} {'harmful refused':>16} {'benign answered':>16} {'RM harmful':>11} {'RM benign':>10}",
+    ]
+    for name, r in ev["models"].items():
+        lines.append(
+            f"{name:<6} {r['harmful_refused']:>3}/{ev['harmful_n']:<3} {r['harmful_refusal_rate']:>7.0%} "
+            f"{r['benign_answered']:>3}/{ev['benign_n']:<3} {r['benign_answered_rate']:>7.0%} "
+            f"{r['reward_harmful']:>+11.2f} {r['reward_benign']:>+10.2f}"
+        )
+    if "rain" in ev:
+        rn = ev["rain"]
+        lines.append(f"rain   {rn['harmful_refused']:>3}/{rn['prompts']:<3} (SFT on those: {rn['sft_refused']})")
+    return "\n".join(lines)
