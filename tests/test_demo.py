@@ -1,90 +1,76 @@
-"""The demo's whole path (SFT -> answers -> reward model -> rewards -> RM-labelled DPO -> PPO -> RAIN -> held-out
-evaluation) on a tiny model, and the shipped demo data."""
+"""The demo: its shipped data, and its pipeline config run end to end on a tiny model."""
 
 import json
 
-import pytest
-import torch
+from alignforge.demo import DEMO_CONFIG
+
+# the demo's settings cut to a tiny model's seconds (the stages, files and routes stay the demo's)
+TINY = [
+    "sft.trainer.train.epochs=1",
+    "rm.trainer.train.epochs=1",
+    "align.limit=4",
+    "align.k=2",
+    "align.max_new_tokens=6",
+    "align.min_gap=0.0",
+    "align.dpo.train.epochs=1",
+    "rain.search.max_new_tokens=3",
+    "rain.search.max_iterations=2",
+    "rain.search.max_simulation_tokens=3",
+    "eval.harmful.n=4",
+    "eval.benign.n=4",
+    "eval.max_new_tokens=6",
+    "eval.n_resamples=50",
+]
 
 
-def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
-    from alignforge.demo import DEMO_PROMPTS, demo_data_path, run_demo
+def test_demo_runs_its_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    from alignforge.demo import run_demo
+    from alignforge.pipeline import STAGES
 
-    monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))  # PPO caches its reference answers there
-
-    lines = []
-    res = run_demo(
-        output_dir=str(tmp_path / "demo"),
-        epochs=1,
-        rm_epochs=1,
-        echo=lines.append,
-        model=str(tiny_model_dir),
-        dpo_prompts=6,
-        dpo_epochs=1,
-        dpo_min_gap=0.0,
-        ppo_iterations=2,
-        ppo_lr=2e-2,
-        eval_prompts=3,
-        eval_max_new_tokens=8,
-        rain_prompts=2,
-        rain_max_new_tokens=4,
-        rain_max_iterations=1,
-    )
-    n_demos = len(demo_data_path().read_text().splitlines())
-    assert res["steps"] == -(-n_demos // 4) and len(res["samples"]) == len(DEMO_PROMPTS)  # 1 epoch, batch 4
-    assert all(isinstance(s["reward_after"], float) for s in res["samples"])
-    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert summary["reward_model"].endswith("final") and (tmp_path / "demo" / "rm" / "loss.png").is_file()
-    assert any("demo finished" in x for x in lines)
-    dpo = summary["dpo"]
-    pairs = [json.loads(x) for x in (tmp_path / "demo" / "dpo_pairs.jsonl").read_text().splitlines()]
-    assert dpo["pairs"] == len(pairs) > 0 and dpo["prompts"] == 6
-    assert all(p["score_chosen"] >= p["score_rejected"] for p in pairs)  # the RM labelled them
-    assert dpo["steps"] == -(-len(pairs) // 4) and len(dpo["samples"]) == 6
-    assert (tmp_path / "demo" / "dpo" / "samples.jsonl").is_file()  # the generation probe ran
-
-    _check_ppo_stage(tmp_path / "demo", summary, lines)
-    _check_rain_and_eval(summary, lines)
-    assert {"sft", "rm", "dpo", "ppo", "rain", "eval"} <= set(summary["timings"])
-    assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in summary["timings"].values())
-
-
-def _check_rain_and_eval(summary, lines):
-    """The held-out numbers are the refusal rule and the reward model applied to each policy's greedy answers."""
-    from alignforge.demo import BENIGN_HELDOUT, HARMFUL_HELDOUT, heldout_prompts, score_answers
+    monkeypatch.setenv("ALIGNFORGE_CACHE", str(tmp_path / "cache"))
+    lines: list[str] = []
+    out = tmp_path / "demo"
+    res = run_demo(output_dir=str(out), model=str(tiny_model_dir), overrides=TINY, echo=lines.append)
+    assert lines[0].startswith(f"alignforge demo: {DEMO_CONFIG}")
+    for s in STAGES:  # every stage ran (pairs is off in the demo: its labels exist)
+        assert json.loads((out / s / "stage.json").read_text())["stage"] == s
+    assert res["pairs"] == "done" and json.loads((out / "pairs" / "stage.json").read_text())["outputs"] == {
+        "enabled": False
+    }
+    report = out / "report" / "report.html"
+    assert lines[-1] == f"report: {report}" and report.is_file()
+    page = report.read_text()
+    assert "refusal (harmful set) and answered rate (benign set)" in page and "win rate against SFT" in page
+    g = res["gains"]
+    assert set(g) == {"sft", "aligned", "rain"}
+    for pol in ("sft", "aligned"):
+        assert 0 <= g[pol]["refusal_rate"] <= 1 and 0 <= g[pol]["answered_rate"] <= 1
+        assert isinstance(g[pol]["rm_mean"], float)
+    assert 0 <= g["aligned"]["win_rate_vs_sft"] <= 1 and 0 <= g["rain"]["refusal_rate"] <= 1
+    # the gains are the eval stage's tables: SFT's refusal rate is its refusals of the held-out harmful set
     from alignforge.eval.refusal import is_refusal
-    from alignforge.inference.generate import GenerationConfig, HFBackend
-    from alignforge.models.loading import load_model, load_tokenizer
-    from alignforge.models.reward import load_reward_model
 
-    ev, rain = summary["eval"], summary["rain"]
-    assert set(ev["models"]) == {"sft", "dpo", "ppo"} and ev["harmful_n"] == ev["benign_n"] == 3
-    harmful, benign = heldout_prompts(HARMFUL_HELDOUT, 3), heldout_prompts(BENIGN_HELDOUT, 3)
-    tok = load_tokenizer(summary["sft_model"], padding_side="left")
-    rm, rtok, _ = load_reward_model(summary["reward_model"])
-    for name, path in (("sft", summary["sft_model"]), ("ppo", summary["ppo"]["model"])):
-        row = ev["models"][name]
-        again = HFBackend(load_model(path), tok).generate(harmful + benign, GenerationConfig(max_new_tokens=8))
-        assert row["harmful_answers"] + row["benign_answers"] == again, name
-        assert row["harmful_refusal_rate"] == sum(map(is_refusal, again[:3])) / 3
-        assert row["benign_answered_rate"] == sum(not is_refusal(a) for a in again[3:]) / 3
-        rewards = score_answers(rm, rtok, benign, again[3:])
-        assert row["reward_benign"] == pytest.approx(sum(rewards) / 3, rel=1e-4, abs=1e-4)
-    assert rain["prompts"] == 2 and [s["prompt"] for s in rain["samples"]] == [c[-1]["content"] for c in harmful[:2]]
-    assert rain["n_refused"] == sum(is_refusal(s["rain"]) for s in rain["samples"])
-    assert ev["rain"]["harmful_refused"] == rain["n_refused"] and rain["seconds_per_prompt"] > 0
-    assert any(x.startswith("held-out: 3 harmful, 3 benign") for x in lines)
+    rows = [json.loads(x) for x in (out / "eval" / "responses" / "sft_harmful.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    assert g["sft"]["refusal_rate"] == sum(is_refusal(r["response"]) for r in rows) / 4
+    # RAIN searched with the rm stage's reward model as its evaluator
+    rain = json.loads((out / "rain" / "stage.json").read_text())
+    assert "stage:rm" in rain["inputs"] and rain["config"]["evaluator"] == "rm"
+    # and a rerun skips every stage
+    again: list[str] = []
+    run_demo(output_dir=str(out), model=str(tiny_model_dir), overrides=TINY, echo=again.append)
+    assert sum("skipped (unchanged)" in x for x in again) == len(STAGES)
 
 
 def test_shipped_demo_data_is_valid_and_held_out():
     """Every demo file reads; the held-out prompts are in no training file; the SFT demonstrations never refuse
     (the refusals must come from the preference stage); chosen refuses harmful prompts and answers benign ones."""
     from alignforge.data.readers import read_any
-    from alignforge.demo import demo_data_path
     from alignforge.eval.refusal import is_refusal
+    from alignforge.pipeline import resolve_path
 
     def read(name, kind):
-        return read_any(demo_data_path(name), kind).records
+        return read_any(resolve_path(f"demo:{name}"), kind).records
 
     def text(prompt):
         return prompt[-1]["content"].strip().lower()
@@ -108,46 +94,3 @@ def test_shipped_demo_data_is_valid_and_held_out():
         else:
             assert not is_refusal(r.chosen[-1]["content"]), r.source
     assert {text(r.prompt) for r in prefs} == harmful | {text(r.prompt) for r in sets["benign_train"]}
-
-
-def _check_ppo_stage(out, summary, lines):
-    """PPO ran on the DPO stage's prompts, and its rewards are the reward model's scores of the greedy answers."""
-    from safetensors.torch import load_file
-
-    from alignforge.data.tokenize import tokenize_prompt_completion
-    from alignforge.inference.generate import GenerationConfig, HFBackend
-    from alignforge.models.loading import load_model, load_tokenizer
-    from alignforge.models.reward import load_reward_model
-
-    ppo, dpo = summary["ppo"], summary["dpo"]
-    assert ppo["iterations"] == 2 and [h["step"] for h in ppo["history"]] == [1, 2]
-    assert ppo["prompts"] == 6 and ppo["rollouts_per_iteration"] == 8
-    rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all("value_loss" in r for r in rows)  # GAE with a critic
-    assert ppo["kl_start"] == rows[0]["kl_ref"] and abs(ppo["kl_start"]) < 1e-4  # first rollout = the SFT policy
-    assert ppo["reward_raw_end"] == rows[-1]["reward_raw"] and 0 < ppo["response_len_end"] <= 40
-    assert (out / "ppo" / "loss.png").is_file() and (out / "ppo" / "samples.jsonl").is_file()
-    assert not (out / "ppo" / "checkpoints").exists()  # the critic's resume state is not left on disk
-    prompts = [json.loads(x)["prompt"] for x in (out / "ppo_prompts.jsonl").read_text().splitlines()]
-    assert prompts == [json.loads(x)["prompt"] for x in (out / "dpo_prompts.jsonl").read_text().splitlines()]
-    adapter = load_file(str(out / "ppo" / "final" / "adapter_model.safetensors"))
-    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # the LoRA trained
-    # the answers are the PPO policy's greedy answers
-    tok = load_tokenizer(summary["sft_model"], padding_side="left")
-    again = HFBackend(load_model(ppo["model"]), tok).generate(prompts, GenerationConfig(max_new_tokens=40))
-    assert [s["ppo"] for s in ppo["samples"]] == again
-    assert [s["sft"] for s in ppo["samples"]] == [s["sft"] for s in dpo["samples"]]
-    assert any(s["ppo"] != s["sft"] for s in ppo["samples"])  # PPO moved them: the scores below tell
-    # and each reward is the reward model's score of (prompt, answer), scored here directly
-    rm, rtok, _ = load_reward_model(summary["reward_model"])
-    for chat, s in zip(prompts, ppo["samples"], strict=True):
-        for who in ("sft", "ppo"):
-            answer = [{"role": "assistant", "content": s[who] or " "}]
-            p, c = tokenize_prompt_completion(chat, answer, rtok, full_render=True)
-            ids = torch.tensor([p + c])
-            with torch.no_grad():
-                direct = rm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
-            assert s[f"reward_{who}"] == pytest.approx(direct, rel=1e-4, abs=1e-4), who
-    mean = sum(s["reward_ppo"] for s in ppo["samples"]) / len(ppo["samples"])
-    assert ppo["reward_ppo"] == pytest.approx(mean)
-    assert any(x.startswith("PPO: 2 iterations") for x in lines)

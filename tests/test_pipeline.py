@@ -293,3 +293,7 @@ def test_bad_input(env, tmp_path, capsys):
         _run(env, f"label.path={bad}", "label.source=human", from_stage="label", until_stage="label")
     assert not (env["run"] / "label" / "stage.json").exists()  # the failed stage did not finish
     shutil.rmtree(tmp_path / "fresh", ignore_errors=True)
+
+    # no sampled pairs for a source that labels them
+    with pytest.raises(ConfigError, match=r"pairs.enabled=false: label.source=ai labels the sampled pairs"):
+        _run(env, "pairs.enabled=false", "label.source=ai", until_stage="pairs")

@@ -541,34 +541,22 @@ def rain_generate_cmd(
 
 @app.command()
 def demo(
-    output_dir: str = typer.Option("outputs/demo", help="Where the demo writes everything."),
-    epochs: int = typer.Option(3, help="SFT epochs."),
-    dpo_prompts: int = typer.Option(12, help="Prompts the SFT policy samples for the RM-labelled DPO pairs."),
-    dpo_k: int = typer.Option(4, help="Samples per prompt (best and worst by the reward model become a pair)."),
-    ppo_iterations: int = typer.Option(6, help="PPO iterations (each: 4 prompts x 2 sampled answers, one update)."),
-    ppo_lr: float = typer.Option(3e-4, help="PPO learning rate (LoRA policy and critic)."),
-    ppo_kl_coef: float = typer.Option(0.05, help="PPO: weight of the per-token KL to the SFT model in the reward."),
+    overrides: Optional[List[str]] = _OVERRIDES_ARG,
+    output_dir: str = typer.Option("outputs/demo", help="The run dir (a rerun skips the finished stages)."),
     model: str = typer.Option("embedded", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
 ) -> None:
-    """The main job on the embedded model: SFT -> reward model -> RM-labelled DPO -> PPO, with answers and rewards."""
+    """The whole loop on the embedded model and shipped data: the pipeline config demo:pipeline.yaml.
+
+    SFT -> labels -> reward model -> DPO + NTP -> RAIN -> held-out eval -> HTML report; key=value
+    overrides change the pipeline config (e.g. align.method=ppo)."""
     from alignforge.demo import run_demo
 
-    run_demo(
-        output_dir=output_dir,
-        epochs=epochs,
-        echo=typer.echo,
-        model=model,
-        dpo_prompts=dpo_prompts,
-        dpo_k=dpo_k,
-        ppo_iterations=ppo_iterations,
-        ppo_lr=ppo_lr,
-        ppo_kl_coef=ppo_kl_coef,
-    )
+    run_demo(output_dir=output_dir, model=model, overrides=list(overrides or []), echo=typer.echo)
 
 
 @app.command()
 def pipeline(
-    config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (see configs/pipeline_demo.yaml)."),
+    config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (the demo's: demo:pipeline.yaml)."),
     overrides: Optional[List[str]] = _OVERRIDES_ARG,
     from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run (earlier ones must be done)."),
     until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),

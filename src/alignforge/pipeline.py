@@ -118,6 +118,7 @@ class SFTStage:
 
 @dataclass
 class PairsStage:
+    enabled: bool = True  # false: no sampling (e.g. label.source=file, whose pairs exist already)
     prompts: str = "demo:preferences.jsonl"  # any file data/readers reads as prompts
     limit: Optional[int] = None
     temperature: float = 0.9
@@ -152,6 +153,9 @@ class RMStage:
 @dataclass
 class AlignStage:
     method: Literal["dpo", "ulma", "ppo"] = "dpo"
+    # dpo / ulma: "sampled" = RM-labelled samples of the SFT policy (ChatGLM-RLHF); "labels" = the label
+    # stage's pairs as they are (offline DPO on the preference data)
+    pairs: Literal["sampled", "labels"] = "sampled"
     prompts: Optional[str] = None  # default: pairs.prompts
     limit: Optional[int] = None
     # dpo / ulma: K samples of the SFT policy per prompt, best and worst by the RM
@@ -169,6 +173,8 @@ class AlignStage:
 class RainStage:
     enabled: bool = True
     sets: list[str] = field(default_factory=lambda: ["harmful", "benign"])  # of eval's prompt sets
+    # search: the SFT model's self-evaluation (search.evaluator); rm: the rm stage's reward model
+    evaluator: Literal["search", "rm"] = "search"
     search: RainConfig = field(default_factory=RainConfig)
 
 
@@ -177,6 +183,7 @@ class EvalStage:
     harmful: PromptSet = field(default_factory=PromptSet)
     benign: PromptSet = field(default_factory=PromptSet)
     heldout: PromptSet = field(default_factory=PromptSet)
+    winrate_sets: list[str] = field(default_factory=lambda: ["heldout"])  # the RM's win rate vs SFT on these
     max_new_tokens: int = 128
     batch_size: int = 8
     tie_eps: float = 1e-6
@@ -232,6 +239,8 @@ def load_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[s
     that lists the stages, an unknown key inside a section one that lists that section's keys."""
     import yaml
 
+    if path is not None:
+        path = resolve_path(str(path))  # "demo:pipeline.yaml" = the demo's config
     if path is not None and Path(path).is_file():
         try:
             tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -375,6 +384,10 @@ def plan_stage(name: str, cfg: PipelineConfig, dirs: dict[str, Path]) -> StagePl
         tc = _train_cfg(cfg.sft.trainer, cfg.model, [data], run / "sft")
         return StagePlan(dataclasses.asdict(tc), {"data": file_digest(data), "model": model_digest(cfg.model)})
     if name == "pairs":
+        if not cfg.pairs.enabled:
+            if cfg.label.source != "file":
+                raise ConfigError(f"pairs.enabled=false: label.source={cfg.label.source} labels the sampled pairs")
+            return StagePlan({"enabled": False}, {}, "disabled")
         p = dataclasses.asdict(cfg.pairs)
         p["prompts"] = resolve_path(cfg.pairs.prompts)
         return StagePlan(p, {"prompts": file_digest(p["prompts"]), **up("sft")})
@@ -412,6 +425,9 @@ def plan_stage(name: str, cfg: PipelineConfig, dirs: dict[str, Path]) -> StagePl
             "limit": a.limit,
             "trainer": dataclasses.asdict(_train_cfg(trainer, "<sft model>", ["<data>"], run / "align")),
         }
+        if a.method != "ppo" and a.pairs == "labels":
+            conf.update(pairs="labels")
+            return StagePlan(conf, up("sft", "rm", "label"), f"method={a.method}, pairs=labels")
         if a.method != "ppo":
             conf.update(
                 k=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens, min_gap=a.min_gap, seed=a.seed
@@ -426,12 +442,15 @@ def plan_stage(name: str, cfg: PipelineConfig, dirs: dict[str, Path]) -> StagePl
         used = {s: sets[s] for s in cfg.rain.sets if s in sets} if cfg.rain.enabled else {}
         conf = {
             "enabled": cfg.rain.enabled,
+            "evaluator": cfg.rain.evaluator,
             "sets": {k: dataclasses.asdict(v) for k, v in used.items()},
             "search": dataclasses.asdict(cfg.rain.search),
         }
         inputs = {f"set:{k}": file_digest(v.path) for k, v in used.items()}
         if cfg.rain.enabled:
             inputs.update(up("sft"))
+            if cfg.rain.evaluator == "rm":
+                inputs.update(up("rm"))
         return StagePlan(conf, inputs, "" if cfg.rain.enabled else "disabled")
     if name == "eval":
         sets = _eval_sets(cfg)
@@ -449,6 +468,7 @@ def run_pipeline(
     from_stage: str | None = None,
     until_stage: str | None = None,
     echo: Callable[[str], None] = print,
+    print_report: bool = True,
 ) -> dict:
     """Run the stages from ``from_stage`` to ``until_stage`` (see the module docstring).
 
@@ -517,7 +537,8 @@ def run_pipeline(
         echo(f"{label} ... {'resumed, ' if resume else ''}done in {seconds:.1f}s")
     if "report" in status and status["report"] != "kept":
         status["report_path"] = done["report"]["outputs"]["report"]
-        echo(f"report: {status['report_path']}")
+        if print_report:
+            echo(f"report: {status['report_path']}")
     return status
 
 
@@ -556,6 +577,8 @@ def stage_pairs(ctx: StageContext) -> dict:
     from alignforge.inference.pairs import generate_pairs
 
     p = ctx.cfg.pairs
+    if not p.enabled:
+        return {"enabled": False}
     rep = generate_pairs(
         resolve_path(p.prompts),
         ctx.dir / "pairs.jsonl",
@@ -738,6 +761,17 @@ def stage_rm(ctx: StageContext) -> dict:
     return out
 
 
+def train_offline(method: str, tc: Any) -> dict:
+    """DPO or ULMA on a preference file (ULMA reads each pair as a positive and a negative sample)."""
+    if method == "dpo":
+        from alignforge.trainers.dpo import train_dpo
+
+        return train_dpo(tc)
+    from alignforge.trainers.ulma import train_ulma
+
+    return train_ulma(tc)
+
+
 def stage_align(ctx: StageContext) -> dict:
     a = ctx.cfg.align
     sft_dir, rm_dir = ctx.out("sft")["model"], ctx.out("rm")["model"]
@@ -757,6 +791,11 @@ def stage_align(ctx: StageContext) -> dict:
         hist = summary["history"]
         out.update(_summary_out(summary))
         out.update(reward_raw_start=hist[0].get("reward_raw"), reward_raw_end=hist[-1].get("reward_raw"))
+    elif a.pairs == "labels":
+        data = Path(ctx.out("label")["labels"])
+        summary = train_offline(a.method, _train_cfg(getattr(a, a.method), sft_dir, [str(data)], ctx.dir))
+        out.update(_summary_out(summary))
+        out.update(pairs=str(data))
     else:
         from alignforge.inference.dpo_data import build_dpo_pairs
 
@@ -777,15 +816,7 @@ def stage_align(ctx: StageContext) -> dict:
         )
         if rep.written == 0:
             raise TrainingError(f"align: no RM-labelled pairs ({rep.summary()})")
-        tc = _train_cfg(getattr(a, a.method), sft_dir, [str(data)], ctx.dir)
-        if a.method == "dpo":
-            from alignforge.trainers.dpo import train_dpo
-
-            summary = train_dpo(tc)
-        else:
-            from alignforge.trainers.ulma import train_ulma
-
-            summary = train_ulma(tc)
+        summary = train_offline(a.method, _train_cfg(getattr(a, a.method), sft_dir, [str(data)], ctx.dir))
         out.update(_summary_out(summary))
         out.update(pairs=str(data), pairs_written=rep.written, prompts=rep.prompts)
     _drop_checkpoints(ctx, ctx.dir)
@@ -808,6 +839,9 @@ def stage_rain(ctx: StageContext) -> dict:
 
     if not ctx.cfg.rain.enabled:
         return {"enabled": False, "responses": {}}
+    search = ctx.cfg.rain.search
+    if ctx.cfg.rain.evaluator == "rm":
+        search = dataclasses.replace(search, evaluator="rm", reward_model=ctx.out("rm")["model"])
     sets = _eval_sets(ctx.cfg)
     responses, stats = {}, {}
     for name in ctx.cfg.rain.sets:
@@ -819,7 +853,7 @@ def stage_rain(ctx: StageContext) -> dict:
             str(ctx.dir / f"{name}_prompts.jsonl"),
             str(raw),
             model=ctx.out("sft")["model"],
-            cfg=ctx.cfg.rain.search,
+            cfg=search,
             device=ctx.cfg.device,
             progress=False,
         )
@@ -909,16 +943,21 @@ def stage_eval(ctx: StageContext) -> dict:
         tables.append({"title": "refusal (harmful set) and answered rate (benign set)", "columns": cols,
                        "rows": [{c: r.get(c) for c in cols} for r in refusal_rows]})  # fmt: skip
     rm_rows, win_rows = [], []
-    if "heldout" in sets:
+    wsets = [w for w in e.winrate_sets if w in sets]
+    if wsets:
         rm_dir = ctx.out("rm")["model"]
-        base = read_judge_rows(files["sft"]["heldout"])
+
+        def rows(f: dict) -> list:  # ids are per file: prefix the set's name
+            return [dataclasses.replace(r, id=f"{w}:{r.id}") for w in wsets for r in read_judge_rows(f[w])]
+
+        base = rows(files["sft"])
         for pol, f in files.items():
-            if pol == "sft" or "heldout" not in f:
+            if pol == "sft" or any(w not in f for w in wsets):
                 continue
-            pairs = match_rows(read_judge_rows(f["heldout"]), base)
+            pairs = match_rows(rows(f), base)
             outcomes = rm_outcomes(pairs, rm_dir, eps=e.tie_eps, device=ctx.cfg.device)
             rep = winrate_report(outcomes, pairs, n_resamples=e.n_resamples)
-            rep["rm"] = rm_dir
+            rep.update(rm=rm_dir, sets=wsets)
             write_json_atomic(rep, ctx.dir / f"winrate_{pol}_vs_sft.json")
             if not rm_rows:
                 rm_rows.append({"policy": "sft", "n": len(outcomes), "rm_mean": _mean([o.score_b for o in outcomes])})
@@ -936,8 +975,9 @@ def stage_eval(ctx: StageContext) -> dict:
                 }
             )
     if rm_rows:
-        tables.append({"title": "reward-model score on the held-out prompts (mean)", "rows": rm_rows})
-        tables.append({"title": "win rate by the reward model on the held-out prompts", "rows": win_rows})
+        on = " + ".join(wsets)
+        tables.append({"title": f"reward-model score on the {on} prompts (mean)", "rows": rm_rows})
+        tables.append({"title": f"win rate against SFT by the reward model on the {on} prompts", "rows": win_rows})
     summary_path = ctx.dir / "summary.json"
     write_json_atomic({"tables": tables}, summary_path)
     return {

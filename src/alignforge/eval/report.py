@@ -10,8 +10,8 @@ Sections:
 * **Runs**: per run dir, the number of logged steps and the last value of the curve metrics.
 * **Training curves**: from each run dir's ``metrics.jsonl`` (rows with ``step``), one plot per
   metric among :data:`CURVE_KEYS` that some run logged (``loss`` always; PPO's ``reward``,
-  ``reward_raw``, ``kl_ref``, ``response_len``; RM/DPO accuracies; the probe's ``gen_len_mean``),
-  one line per run.
+  ``reward_raw``, ``kl_ref``, ``response_len``; RM/DPO accuracies; DPO's implicit rewards, its
+  ``kl_data`` and ``nll_chosen``; the probe's ``gen_len_mean``), one line per run.
 * **Scores and lengths**: histograms over the response files (``--responses``) and each run's
   ``samples.jsonl`` (its first and last logged step): response length in whitespace words (the
   one unit every source has), and the score where rows carry one (``score``, as ``rm score``
@@ -45,6 +45,10 @@ CURVE_KEYS = (
     "accuracy",
     "reward_accuracy",
     "reward_margin",
+    "reward_chosen",
+    "reward_rejected",
+    "kl_data",
+    "nll_chosen",
     "gen_len_mean",
 )
 
