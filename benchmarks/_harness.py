@@ -187,9 +187,8 @@ def experiment_parser(doc: str, n_train: int, out: str) -> argparse.ArgumentPars
     return ap
 
 
-def lora_overrides(args, train_file, output_dir, epochs: int | None = None) -> list[str]:
-    """The ``key=value`` overrides the real-result scripts share: their data file, LoRA (r, alpha = 2r, no
-    dropout), lr, batch, epochs, seed, 5% warmup, no progress bar or TensorBoard."""
+def lora_base(args, train_file, output_dir, lr: float) -> list[str]:
+    """The data file, LoRA (r, alpha = 2r, no dropout), lr, seed, output dir; no progress bar or TensorBoard."""
     return [
         f"data.train_files=[{train_file}]",
         f"data.max_length={args.max_length}",
@@ -197,15 +196,40 @@ def lora_overrides(args, train_file, output_dir, epochs: int | None = None) -> l
         f"lora.r={args.lora_r}",
         f"lora.alpha={2 * args.lora_r}",
         "lora.dropout=0.0",
-        f"train.lr={args.lr}",
-        f"train.per_device_batch_size={args.batch}",
-        f"train.epochs={args.epochs if epochs is None else epochs}",
+        f"train.lr={lr}",
         f"train.seed={args.seed}",
-        "train.warmup_ratio=0.05",
         "train.progress=false",
         "train.tensorboard=false",
         f"train.output_dir={output_dir}",
     ]
+
+
+def lora_overrides(args, train_file, output_dir, epochs: int | None = None) -> list[str]:
+    """The ``key=value`` overrides the real-result scripts share: :func:`lora_base` with ``args.lr``, plus
+    batch, epochs and 5% warmup."""
+    return lora_base(args, train_file, output_dir, args.lr) + [
+        f"train.per_device_batch_size={args.batch}",
+        f"train.epochs={args.epochs if epochs is None else epochs}",
+        "train.warmup_ratio=0.05",
+    ]
+
+
+def first_turn_rows(path, n: int, id_prefix: str | None = None) -> list[dict]:
+    """The first user turn of the first ``n`` distinct prompts of a preference file, as prompt rows
+    (with ids ``{id_prefix}1``, ``{id_prefix}2``, ... when ``id_prefix`` is given)."""
+    from alignforge.data.readers import read_prompts
+
+    seen, rows = set(), []
+    for rec in read_prompts(path, on_error="skip").records:
+        first = next((m for m in rec.prompt if m["role"] == "user"), None)
+        if first is None or first["content"] in seen:
+            continue
+        seen.add(first["content"])
+        row = {"prompt": [{"role": "user", "content": first["content"]}]}
+        rows.append(row if id_prefix is None else {"id": f"{id_prefix}{len(rows) + 1}", **row})
+        if len(rows) == n:
+            break
+    return rows
 
 
 # --------------------------------------------------------------------------- RL benchmarks (ppo_profile, grpo_vs_trl)

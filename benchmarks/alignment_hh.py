@@ -66,7 +66,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SHARED, untrained_reward_model  # noqa: E402
+from _harness import SHARED, first_turn_rows, lora_base, untrained_reward_model  # noqa: E402
 
 HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
 HARMLESS = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
@@ -179,22 +179,6 @@ def mixed_data(args, n_train: int, out: Path) -> Path:
     return d
 
 
-def first_turn_rows(path: str | Path, n: int) -> list[dict]:
-    """The first user turn of the first ``n`` distinct prompts of a preference file, as prompt rows."""
-    from alignforge.data.readers import read_prompts
-
-    seen, rows = set(), []
-    for rec in read_prompts(path, on_error="skip").records:
-        first = next((m for m in rec.prompt if m["role"] == "user"), None)
-        if first is None or first["content"] in seen:
-            continue
-        seen.add(first["content"])
-        rows.append({"id": f"h{len(rows) + 1}", "prompt": [{"role": "user", "content": first["content"]}]})
-        if len(rows) == n:
-            break
-    return rows
-
-
 def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]:
     """The benign prompt files: MT-Bench first turns and held-out helpful first turns (``eval generate``'s
     ``jsonl`` kind); AdvBench is read directly."""
@@ -207,7 +191,7 @@ def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]
         mt = load_mtbench(args.mtbench)[: args.n_mtbench]
         write_jsonl(({"id": q.id, "category": q.category, "prompt": q.prompt} for q in mt), files["mtbench"])
     if not files["helpful"].is_file():
-        rows = first_turn_rows(heldout_helpful, args.n_helpful)
+        rows = first_turn_rows(heldout_helpful, args.n_helpful, id_prefix="h")
         if len(rows) < args.n_helpful:
             raise SystemExit(f"only {len(rows)} distinct held-out helpful prompts (asked for {args.n_helpful})")
         write_jsonl(rows, files["helpful"])
@@ -218,18 +202,7 @@ def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]
 
 
 def lora_common(args, cfg: dict, train_file: Path, run_dir: Path) -> list[str]:
-    return [
-        f"data.train_files=[{train_file}]",
-        f"data.max_length={args.max_length}",
-        "lora.enabled=true",
-        f"lora.r={args.lora_r}",
-        f"lora.alpha={2 * args.lora_r}",
-        "lora.dropout=0.0",
-        f"train.lr={cfg['lr']}",
-        f"train.seed={args.seed}",
-        "train.progress=false",
-        "train.tensorboard=false",
-        f"train.output_dir={run_dir}",
+    return lora_base(args, train_file, run_dir, cfg["lr"]) + [
         "train.resume=true",
         f"train.save_every={args.save_every}",
         "train.log_every=5",

@@ -27,26 +27,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SHARED, experiment_parser, lora_overrides  # noqa: E402
+from _harness import SHARED, experiment_parser, first_turn_rows, lora_overrides  # noqa: E402
 
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
 
 
 def first_turn_prompts(path: Path, n: int, out: Path) -> Path:
-    """The first user turn of the first ``n`` distinct prompts of a preference file."""
+    """The first user turn of the first ``n`` distinct prompts of a preference file, written to ``out``."""
     from alignforge.data.convert import write_jsonl
-    from alignforge.data.readers import read_prompts
 
-    seen, rows = set(), []
-    for rec in read_prompts(path, on_error="skip").records:
-        first = next((m for m in rec.prompt if m["role"] == "user"), None)
-        if first is None or first["content"] in seen:
-            continue
-        seen.add(first["content"])
-        rows.append({"prompt": [{"role": "user", "content": first["content"]}]})
-        if len(rows) == n:
-            break
-    write_jsonl(rows, out)
+    write_jsonl(first_turn_rows(path, n), out)
     return out
 
 
