@@ -147,11 +147,14 @@ def reference_mode(model: Any) -> Iterator[Any]:
             p.requires_grad_(flag)
 
 
-def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Save a trained model atomically: full weights (safetensors), or only the adapter.
 
     An adapter dir records ``base_model_name_or_path`` so ``load_model(out_dir)``
     finds its base. The tokenizer is saved alongside in both cases.
+
+    ``state_dict``: the weights to write instead of the model's own (keys as ``model.state_dict()``;
+    for an adapter, PEFT keeps the adapter's keys), e.g. the full state gathered from an FSDP-sharded model.
     """
     model = _unwrap_ddp(model)
     with atomic_dir(out_dir) as tmp:
@@ -163,9 +166,9 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path
                     getattr(base, "_alignforge_name", None) or base.config._name_or_path
                 )
             # only the active (trained policy's) adapter: a PPO critic adapter is not part of the policy
-            model.save_pretrained(str(tmp), selected_adapters=[model.active_adapter])
+            model.save_pretrained(str(tmp), selected_adapters=[model.active_adapter], state_dict=state_dict)
         else:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir).expanduser().resolve()

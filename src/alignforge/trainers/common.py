@@ -83,7 +83,10 @@ class Task:
         loss: ``(module, batch, normalizer) -> (loss, metric_sums)``; loss must be a sum over
             the batch divided by ``normalizer``. ``metric_sums`` values are summed over micro
             batches and ranks, then divided by the global normaliser for logging.
-        save_model: ``(unwrapped module, out_dir) -> None`` writes the final model.
+        save_model: ``(unwrapped module, out_dir) -> None`` writes the final model; with ``fsdp`` it is called
+            as ``save_model(unwrapped, out_dir, state_dict=...)`` with the full state dict of ``module``
+            (gathered on every rank; plain CPU tensors), which it must save instead of the module's own
+            sharded parameters.
         batch_tokens: batch -> number of tokens processed (for tokens/s).
         lengths: example lengths; with ``cfg.group_by_length`` batches hold similar lengths.
         summarize: ``(global metric sums, items) -> logged values``; default: each sum / items.
@@ -92,6 +95,7 @@ class Task:
             has no policy to sample from (a reward model).
         digest: examples -> a string that changes whenever the examples do, for the resume check;
             default :func:`examples_digest` (their token ids).
+        fsdp: the method supports FSDP: its ``save_model`` takes ``state_dict`` and runs no collective.
     """
 
     module: nn.Module
@@ -105,6 +109,7 @@ class Task:
     summarize: Callable[[dict[str, float], float], dict[str, float]] | None = None
     probe: Callable[[nn.Module, int], dict[str, float]] | None = None
     digest: Callable[[Sequence[Any]], str] | None = None
+    fsdp: bool = False
 
 
 # --------------------------------------------------------------------------- accelerator & plan
@@ -117,24 +122,29 @@ DEEPSPEED_REFUSED = (
     "Launch with configs/accelerate/ddp.yaml (data parallel) instead"
 )
 FSDP_REFUSED = (
-    "FSDP is not supported by the alignforge trainers yet: the final model is written by the main process "
-    "alone (Checkpointer.save_final), and under FSDP its sharded parameters need every rank to gather them, "
-    "so the run would hang at the end. Launch with configs/accelerate/ddp.yaml (data parallel) instead"
+    "FSDP is not supported by this trainer yet: its final save (or a step that runs the model on the main process "
+    "alone, e.g. the reward model's score statistics or PPO's generation) would need every rank to gather the "
+    "sharded parameters, so the run would hang. SFT, DPO and ULMA support FSDP; launch this one with "
+    "configs/accelerate/ddp.yaml (data parallel) instead"
 )
+FSDP_TEST_HOOK = "ALIGNFORGE_TEST_FSDP_ON_CPU"
 
 
 def flag_from_env(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
-def check_distributed(accelerator) -> None:
+def check_distributed(accelerator, *, fsdp: bool = False) -> None:
     """Refuse the distributed modes the loop does not hold its promises under (a :class:`ConfigError`).
 
     * DeepSpeed (``distributed_type == DEEPSPEED``): see ``DEEPSPEED_REFUSED``.
-    * FSDP (``distributed_type == FSDP``): see ``FSDP_REFUSED``.
+    * FSDP (``distributed_type == FSDP``) unless ``fsdp`` (the trainer gathers its final model on every rank,
+      see :func:`run_training`; SFT, DPO and ULMA do): see ``FSDP_REFUSED``. FSDP with ``train.probe_every``
+      is refused in :func:`run_training` (the probe generates on the main process alone).
     * FSDP asked for (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` with an FSDP config) but not
       given: accelerate 1.x enables FSDP only on accelerator devices, so on CPU it falls back to plain
       data parallel without a word; say so rather than train something other than what was asked.
+      (The tests get a real FSDP2 run on CPU through the hook of :func:`make_accelerator`.)
     """
     from accelerate.utils import DistributedType
 
@@ -142,16 +152,37 @@ def check_distributed(accelerator) -> None:
     if kind == DistributedType.DEEPSPEED:
         raise ConfigError(DEEPSPEED_REFUSED)
     if kind == DistributedType.FSDP:
-        raise ConfigError(FSDP_REFUSED)
+        if not fsdp:
+            raise ConfigError(FSDP_REFUSED)
+        return
     if flag_from_env("ACCELERATE_USE_FSDP"):
         raise ConfigError(
             f"FSDP was asked for (ACCELERATE_USE_FSDP=true, e.g. configs/accelerate/fsdp.yaml) but accelerate chose "
             f"{kind.value} on device {accelerator.device.type}: it enables FSDP only on GPUs and other accelerators, "
-            "not on CPU, so the model would be replicated, not sharded. " + FSDP_REFUSED
+            "not on CPU, so the model would be replicated, not sharded. Launch on GPUs, or with "
+            "configs/accelerate/ddp.yaml (data parallel)"
         )
 
 
-def make_accelerator(cfg: TrainConfig):
+def force_fsdp_on_cpu(accelerator) -> None:
+    """The test hook of :func:`make_accelerator`: turn a MULTI_CPU state that was asked for FSDP into FSDP.
+
+    accelerate 1.x builds the FSDP plugin from the ``FSDP_*`` variables but only switches to FSDP on
+    accelerator devices; torch's ``fully_shard`` itself runs on CPU with gloo, so the tests set the
+    distributed type and the plugin that accelerate would have set, before anything is prepared.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = AcceleratorState()
+    if state.distributed_type != DistributedType.MULTI_CPU or not flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+
+
+def make_accelerator(cfg: TrainConfig, *, fsdp: bool = False):
     """An ``Accelerator`` for this run's precision, after :func:`check_distributed`.
 
     accelerate keeps its state in a process-wide singleton; runs in one process (the demo trains
@@ -161,6 +192,11 @@ def make_accelerator(cfg: TrainConfig):
     DeepSpeed is refused before the ``Accelerator`` is built (``ACCELERATE_USE_DEEPSPEED``, set by
     ``accelerate launch`` with a DeepSpeed config): building it would set up the engine, or fail with
     accelerate's own "DeepSpeed is not installed".
+
+    ``fsdp``: whether the calling trainer supports FSDP (see :func:`check_distributed`).
+
+    Test hook: with ``ALIGNFORGE_TEST_FSDP_ON_CPU=1`` and an FSDP launch config on CPU, the state is switched
+    to FSDP (:func:`force_fsdp_on_cpu`) instead of refused, so that tests run FSDP2 on CPU with gloo.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -171,8 +207,15 @@ def make_accelerator(cfg: TrainConfig):
     GradientState._reset_state()  # noqa: SLF001
     use_cpu = not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
-    check_distributed(accelerator)
+    if flag_from_env(FSDP_TEST_HOOK):
+        force_fsdp_on_cpu(accelerator)
+    check_distributed(accelerator, fsdp=fsdp)
     return accelerator
+
+
+def sub_state_dict(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix`` (e.g. ``"lm."``), with the prefix taken off."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
@@ -670,10 +713,19 @@ def run_training(
     """
     from accelerate.utils import set_seed
 
-    accelerator = accelerator or make_accelerator(cfg)
-    check_distributed(accelerator)
+    from accelerate.utils import DistributedType
+
+    fsdp_ok = bool(getattr(task, "fsdp", False))
+    accelerator = accelerator or make_accelerator(cfg, fsdp=fsdp_ok)
+    check_distributed(accelerator, fsdp=fsdp_ok)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if cfg.probe_every > 0 and task.probe is None:
         raise ConfigError("train.probe_every: this trainer has no policy to sample from (set it to 0)")
+    if cfg.probe_every > 0 and fsdp:
+        raise ConfigError(
+            "train.probe_every: the probe generates on the main process alone, which under FSDP would need every "
+            "rank to gather the sharded parameters (the run would hang); set it to 0"
+        )
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -694,6 +746,13 @@ def run_training(
     optimizer, scheduler = build_optimizer(task.module, cfg, total)
     module, optimizer = accelerator.prepare(task.module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    if fsdp:
+        from torch.distributed.tensor import DTensor
+
+        params = list(module.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        version = accelerator.state.fsdp_plugin.fsdp_version
+        accelerator.print(f"model sharded over {world} processes (FSDP{version}): {sharded}/{len(params)} DTensors")
 
     signature = run_signature(cfg, world, total, n, (task.digest or examples_digest)(task.examples))
     # the logging window (item 8): sums over the steps since the last logged row; ``carried`` holds
@@ -826,5 +885,16 @@ def run_training(
         if accelerator.is_main_process and history:
             write_metrics(history, out)
 
-    final_dir = ckpt.save_final(lambda tmp: task.save_model(accelerator.unwrap_model(module), tmp), history, title)
+    if fsdp:  # gathering the sharded parameters is a collective: every rank takes part, the main process saves
+        full = accelerator.get_state_dict(module)
+
+        def write(tmp: Path) -> None:
+            task.save_model(accelerator.unwrap_model(module), tmp, state_dict=full)
+
+    else:
+
+        def write(tmp: Path) -> None:
+            task.save_model(accelerator.unwrap_model(module), tmp)
+
+    final_dir = ckpt.save_final(write, history, title)
     return {"step": step, "final_dir": str(final_dir), "history": history, "resumed_from": ckpt.resumed_from}

@@ -189,7 +189,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from alignforge.models.lora import save_trained
     from alignforge.models.packing import PackedPairLogProbs
     from alignforge.models.policy import build_policy
-    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
+    from alignforge.trainers.common import Task, make_accelerator, run_training, sub_state_dict, write_data_report
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one preference file")
@@ -197,7 +197,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     if cfg.dpo.simpo_gamma and cfg.dpo.loss_type != "sigmoid":
         raise ConfigError("dpo.simpo_gamma is a margin of the sigmoid loss; IPO (dpo.loss_type=ipo) has its own target")
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, fsdp=True)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pairs, report = load_preference_dataset(
         cfg.data.train_files,
@@ -218,8 +218,9 @@ def train_dpo(cfg: DPOConfig) -> dict:
         for p, c, r in zip(pairs, ref["chosen_logps"], ref["rejected_logps"], strict=False)
     ]
 
-    def save(unwrapped, out: Path) -> None:
-        save_trained(unwrapped.lm, tokenizer, out)
+    def save(unwrapped, out: Path, state_dict: dict | None = None) -> None:  # state_dict: under FSDP
+        lm_state = None if state_dict is None else sub_state_dict(state_dict, "lm.")
+        save_trained(unwrapped.lm, tokenizer, out, state_dict=lm_state)
 
     task = Task(
         module=PackedPairLogProbs(model),
@@ -228,6 +229,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         normalizer=len,
         loss=make_loss(cfg.dpo),
         save_model=save,
+        fsdp=True,
         lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
         probe=policy_probe(cfg.train, tokenizer, [p.prompt_ids for p in pairs]),
     )

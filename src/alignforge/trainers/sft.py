@@ -68,11 +68,11 @@ def train_sft(cfg: SFTConfig) -> dict:
     from alignforge.models.logprobs import TokenLogProbs
     from alignforge.models.lora import save_trained
     from alignforge.models.policy import build_policy
-    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
+    from alignforge.trainers.common import Task, make_accelerator, run_training, sub_state_dict, write_data_report
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one SFT file")
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, fsdp=True)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     examples, report = load_sft_dataset(
         cfg.data.train_files, tokenizer, cfg.data.max_length, overlong=cfg.data.overlong, on_error=cfg.data.on_error
@@ -85,8 +85,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     model = build_policy(cfg.model, cfg.lora, accelerator.device)
     pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
 
-    def save(unwrapped, out_dir: Path) -> None:
-        save_trained(unwrapped.lm, tokenizer, out_dir)
+    def save(unwrapped, out_dir: Path, state_dict: dict | None = None) -> None:  # state_dict: under FSDP
+        lm_state = None if state_dict is None else sub_state_dict(state_dict, "lm.")
+        save_trained(unwrapped.lm, tokenizer, out_dir, state_dict=lm_state)
 
     task = Task(
         module=TokenLogProbs(model),
@@ -95,6 +96,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         normalizer=count_targets,
         loss=sft_step_loss,
         save_model=save,
+        fsdp=True,
         lengths=[len(e.input_ids) for e in examples],
         probe=policy_probe(cfg.train, tokenizer, [p for p in map(sft_prompt_ids, examples) if p]),
     )

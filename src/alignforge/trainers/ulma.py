@@ -313,14 +313,14 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         reference_fingerprint,
         reference_policy,
     )
-    from alignforge.trainers.common import Task, make_accelerator, run_training, write_data_report
+    from alignforge.trainers.common import Task, make_accelerator, run_training, sub_state_dict, write_data_report
 
     p = cfg.ulma
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one point-wise or preference file")
     if p.beta <= 0:
         raise ConfigError(f"ulma.beta must be > 0, got {p.beta}")
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, fsdp=True)
     if p.loss == "kto" and cfg.train.per_device_batch_size * cfg.train.grad_accum * accelerator.num_processes < 2:
         raise ConfigError(
             "ulma.loss=kto needs a global batch (train.per_device_batch_size × train.grad_accum × "
@@ -380,8 +380,9 @@ def train_ulma(cfg: ULMAConfig) -> dict:
             out["kto_z0"] = z0_of(exs)
         return out
 
-    def save(unwrapped, out: Path) -> None:
-        save_trained(unwrapped.lm, tokenizer, out)
+    def save(unwrapped, out: Path, state_dict: dict | None = None) -> None:  # state_dict: under FSDP
+        lm_state = None if state_dict is None else sub_state_dict(state_dict, "lm.")
+        save_trained(unwrapped.lm, tokenizer, out, state_dict=lm_state)
 
     task = Task(
         module=TokenLogProbs(model),
@@ -390,6 +391,7 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         normalizer=normalizer,
         loss=make_loss(p, label_type == "continuous"),
         save_model=save,
+        fsdp=True,
         lengths=lengths,
         summarize=summarize,
         probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]),

@@ -1,0 +1,63 @@
+"""FSDP2 on CPU: two gloo processes under ``accelerate launch --config_file configs/accelerate/fsdp.yaml``.
+
+accelerate 1.x turns FSDP on only on GPUs and other accelerators; torch's ``fully_shard`` itself runs on CPU
+with gloo, so these tests set the documented test hook ``ALIGNFORGE_TEST_FSDP_ON_CPU=1`` (see
+``trainers/common.make_accelerator``), which switches the MULTI_CPU state accelerate chose to the FSDP2 state
+it would have chosen on GPUs. The model is then really sharded (``fully_shard`` per decoder layer, DTensor
+parameters); the final save gathers it on every rank, and the checkpoints are sharded (torch.distributed
+.checkpoint). One process with grad_accum=2 and two FSDP processes with grad_accum=1 see the same global
+batches and normalisers, so their weights agree up to float summation order (< 1e-5 on weights of order 1).
+"""
+
+import pytest
+from safetensors.torch import load_file
+
+from .test_multiprocess import ACCELERATE_CONFIGS, _launch
+from .test_sft import _config, _run
+
+FSDP = {"ALIGNFORGE_TEST_FSDP_ON_CPU": "1"}
+
+
+def _launch_fsdp(args: list[str], env_extra: dict | None = None):
+    return _launch(args, config_file=ACCELERATE_CONFIGS / "fsdp.yaml", env_extra={**FSDP, **(env_extra or {})})
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_sft_fsdp_two_processes_match_one_and_resume_after_sigkill(tmp_path, tiny_model_dir):
+    one = _config(tmp_path, tiny_model_dir, "one", "  save_every: 2")
+    _run(["sft", str(one), "train.grad_accum=2", "train.epochs=1"])
+    two = _config(tmp_path, tiny_model_dir, "two", "  save_every: 2")
+    p = _launch_fsdp(["sft", str(two), "train.grad_accum=1", "train.epochs=1"])  # subprocess timeout: no hang
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "done: 5 steps" in p.stdout, out
+    assert "sharded over 2 processes (FSDP2)" in p.stdout, out  # the model really was fully_shard-ed
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    worst = _worst(a, b)
+    print(f"max |one process - two FSDP processes| = {worst:.3g}")
+    assert worst < 1e-5, f"max |one process - two FSDP processes| = {worst}"
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in a if k in init) > 1e-3  # training moved them
+    ck = tmp_path / "two" / "checkpoints"
+    assert any(ck.glob("step-*/pytorch_model_fsdp_0")), sorted(p.name for p in ck.rglob("*"))  # sharded model
+
+    # SIGKILL both FSDP processes right after step 3 (checkpoint at 2), then resume under FSDP
+    killed_cfg = _config(tmp_path, tiny_model_dir, "killed", "  save_every: 2")
+    args = ["sft", str(killed_cfg), "train.grad_accum=1", "train.epochs=1"]
+    killed = _launch_fsdp(args, env_extra={"ALIGNFORGE_FAULT_AFTER_STEP": "3:KILL"})
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = _launch_fsdp([*args, "train.resume=true"])
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out
+    assert "resumed from" in resumed.stdout and "step 2/5" in resumed.stdout and "done: 5 steps" in resumed.stdout, out
+    c = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    worst = _worst(b, c)
+    print(f"max |uninterrupted FSDP - killed and resumed FSDP| = {worst:.3g}")
+    assert worst < 1e-6, f"max |uninterrupted - resumed| = {worst}"
