@@ -886,7 +886,11 @@ def run_training(
             write_metrics(history, out)
 
     if fsdp:  # gathering the sharded parameters is a collective: every rank takes part, the main process saves
-        full = accelerator.get_state_dict(module)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # the full (unsharded) tensors, on CPU, on the main process (torch's own call: accelerate's get_state_dict
+        # also decides FSDP1/FSDP2 from its plugin, and falls back to the sharded module.state_dict())
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
         def write(tmp: Path) -> None:
             task.save_model(accelerator.unwrap_model(module), tmp, state_dict=full)
