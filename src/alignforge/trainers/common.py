@@ -891,6 +891,11 @@ def run_training(
         # the full (unsharded) tensors, on CPU, on the main process (torch's own call: accelerate's get_state_dict
         # also decides FSDP1/FSDP2 from its plugin, and falls back to the sharded module.state_dict())
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        tied: dict[int, str] = {}  # gathered tied weights are separate copies: make them one tensor again, so
+        for name, p in module.named_parameters(remove_duplicate=False):  # save_pretrained drops the alias
+            first = tied.setdefault(id(p), name)
+            if first != name and name in full and first in full:
+                full[name] = full[first]
 
         def write(tmp: Path) -> None:
             task.save_model(accelerator.unwrap_model(module), tmp, state_dict=full)
