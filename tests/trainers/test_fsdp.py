@@ -44,8 +44,6 @@ def test_sft_fsdp_two_processes_match_one_and_resume_after_sigkill(tmp_path, tin
     assert worst < 1e-5, f"max |one process - two FSDP processes| = {worst}"
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max((a[k] - init[k]).abs().max().item() for k in a if k in init) > 1e-3  # training moved them
-    ck = tmp_path / "two" / "checkpoints"
-    assert any(ck.glob("step-*/pytorch_model_fsdp_0")), sorted(p.name for p in ck.rglob("*"))  # sharded model
 
     # SIGKILL both FSDP processes right after step 3 (checkpoint at 2), then resume under FSDP
     killed_cfg = _config(tmp_path, tiny_model_dir, "killed", "  save_every: 2")
