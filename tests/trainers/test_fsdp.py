@@ -28,7 +28,7 @@ def _worst(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_sft_fsdp_two_processes_match_one_and_resume_after_sigkill(tmp_path, tiny_model_dir):
+def test_sft_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     one = _config(tmp_path, tiny_model_dir, "one", "  save_every: 2")
     _run(["sft", str(one), "train.grad_accum=2", "train.epochs=1"])
     two = _config(tmp_path, tiny_model_dir, "two", "  save_every: 2")
@@ -44,18 +44,3 @@ def test_sft_fsdp_two_processes_match_one_and_resume_after_sigkill(tmp_path, tin
     assert worst < 1e-5, f"max |one process - two FSDP processes| = {worst}"
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max((a[k] - init[k]).abs().max().item() for k in a if k in init) > 1e-3  # training moved them
-
-    # SIGKILL both FSDP processes right after step 3 (checkpoint at 2), then resume under FSDP
-    killed_cfg = _config(tmp_path, tiny_model_dir, "killed", "  save_every: 2")
-    args = ["sft", str(killed_cfg), "train.grad_accum=1", "train.epochs=1"]
-    killed = _launch_fsdp(args, env_extra={"ALIGNFORGE_FAULT_AFTER_STEP": "3:KILL"})
-    assert killed.returncode != 0, killed.stdout + killed.stderr
-    assert not (tmp_path / "killed" / "final").exists()
-    resumed = _launch_fsdp([*args, "train.resume=true"])
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out
-    assert "resumed from" in resumed.stdout and "step 2/5" in resumed.stdout and "done: 5 steps" in resumed.stdout, out
-    c = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
-    worst = _worst(b, c)
-    print(f"max |uninterrupted FSDP - killed and resumed FSDP| = {worst:.3g}")
-    assert worst < 1e-6, f"max |uninterrupted - resumed| = {worst}"
