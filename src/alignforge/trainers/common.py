@@ -718,9 +718,7 @@ def run_training(
     Returns a summary dict: ``{"step", "final_dir", "history", "resumed_from"}``.
     Raises :class:`TrainingError` on a non-finite loss, :class:`TrainingInterrupted` on SIGINT.
     """
-    from accelerate.utils import set_seed
-
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, set_seed
 
     fsdp_ok = bool(getattr(task, "fsdp", False))
     accelerator = accelerator or make_accelerator(cfg, fsdp=fsdp_ok)
