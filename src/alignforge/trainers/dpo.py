@@ -197,7 +197,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     if cfg.dpo.simpo_gamma and cfg.dpo.loss_type != "sigmoid":
         raise ConfigError("dpo.simpo_gamma is a margin of the sigmoid loss; IPO (dpo.loss_type=ipo) has its own target")
-    accelerator = make_accelerator(cfg.train, fsdp=True)
+    accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     pairs, report = load_preference_dataset(
         cfg.data.train_files,
@@ -229,7 +229,6 @@ def train_dpo(cfg: DPOConfig) -> dict:
         normalizer=len,
         loss=make_loss(cfg.dpo),
         save_model=save,
-        fsdp=True,
         lengths=[len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
         probe=policy_probe(cfg.train, tokenizer, [p.prompt_ids for p in pairs]),
     )

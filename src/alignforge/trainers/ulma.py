@@ -320,7 +320,7 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         raise ConfigError("data.train_files is empty: name at least one point-wise or preference file")
     if p.beta <= 0:
         raise ConfigError(f"ulma.beta must be > 0, got {p.beta}")
-    accelerator = make_accelerator(cfg.train, fsdp=True)
+    accelerator = make_accelerator(cfg.train)
     if p.loss == "kto" and cfg.train.per_device_batch_size * cfg.train.grad_accum * accelerator.num_processes < 2:
         raise ConfigError(
             "ulma.loss=kto needs a global batch (train.per_device_batch_size × train.grad_accum × "
@@ -391,7 +391,6 @@ def train_ulma(cfg: ULMAConfig) -> dict:
         normalizer=normalizer,
         loss=make_loss(p, label_type == "continuous"),
         save_model=save,
-        fsdp=True,
         lengths=lengths,
         summarize=summarize,
         probe=policy_probe(cfg.train, tokenizer, [e.prompt_ids for e in points]),
