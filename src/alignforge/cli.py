@@ -198,6 +198,12 @@ def eval_judge(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache folder (default: alignforge cache)."),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Judge answer length."),
     logprob_verdict: bool = typer.Option(False, "--logprob-verdict", help="pairwise: also P(verdict) from logprobs."),
+    rating_logprobs: bool = typer.Option(
+        False,
+        "--rating-logprobs",
+        help="mtbench: pre-fill 'Rating: [[' and score the expected rating from the next token's "
+        "logprobs (needs vLLM's continue_final_message: vllm serve, alignforge serve, --local-judge).",
+    ),
     n_resamples: int = typer.Option(9999, "--n-resamples", help="Bootstrap resamples for the CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     device: Optional[str] = typer.Option(None, "--device", help="--local-judge device."),
@@ -208,7 +214,9 @@ def eval_judge(
     if mode not in MODES:
         _err(f"unknown --mode {mode!r}; known: {', '.join(MODES)}")
     judge = make_judge(judge_url, judge_model, api_key_env, local_judge, concurrency, cache, device)
-    rep = run_judge(responses, mode, judge, data, against, max_tokens, logprob_verdict, n_resamples, seed)
+    rep = run_judge(
+        responses, mode, judge, data, against, max_tokens, logprob_verdict, n_resamples, seed, rating_logprobs
+    )
     _write_report(rep, out)
     typer.echo(format_judge(rep))
     typer.echo(f"report: {out}")

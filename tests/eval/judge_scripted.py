@@ -41,6 +41,35 @@ def single_answer(prompt: str):
     return body(f"The answer is fine. Rating: [[{tag}]]")
 
 
+def rating_answer(prompt: str):
+    """``--rating-logprobs`` requests (the answer pre-filled with "Rating: [["): the last tag picks
+    the next tokens' probabilities. ``<r>``: P(r)=.6, P(r+1)=.2, P(r-1)=.1 and .1 on a non-rating
+    token; ``ten``: the first token "1" (.8, with "9" .2) followed by "0" (.75) or "]]" (.25);
+    ``bad``: no rating token among the candidates."""
+    tags = TAG.findall(prompt)
+    tag = tags[-1] if tags else ""
+
+    def cands(probs):
+        return [{"token": k, "logprob": math.log(v), "bytes": []} for k, v in probs.items()]
+
+    if tag == "bad":
+        lp = [{"token": "I", "logprob": math.log(0.9), "top_logprobs": cands({"I": 0.9, "The": 0.1})}]
+        return body("I", lp)
+    if tag == "ten":
+        lp = [
+            {"token": "1", "logprob": math.log(0.8), "top_logprobs": cands({"1": 0.8, "9": 0.2})},
+            {"token": "0", "logprob": math.log(0.75), "top_logprobs": cands({"0": 0.75, "]]": 0.25})},
+        ]
+        return body("10", lp)
+    r = int(tag)
+    probs = {str(r): 0.6, str(r + 1): 0.2, str(r - 1): 0.1, "x": 0.1}
+    lp = [
+        {"token": str(r), "logprob": math.log(0.6), "top_logprobs": cands(probs)},
+        {"token": "]]", "logprob": -0.1, "top_logprobs": []},
+    ]
+    return body(f"{r}]]", lp)
+
+
 def pair_answer(prompt: str, with_logprobs: bool):
     """Pairwise: the tags of assistant A's and B's answers, in order."""
     a, b = TAG.findall(prompt)[-2:]
@@ -76,6 +105,8 @@ def scripted_app(log: list) -> FastAPI:
     async def chat(request: Request):
         req = json.loads(await request.body())
         log.append(req)
+        if req.get("continue_final_message"):
+            return rating_answer(req["messages"][-2]["content"])
         prompt = req["messages"][-1]["content"]
         if "Assistant A's Answer" in prompt or "Assistant B's Conversation" in prompt:
             return pair_answer(prompt, bool(req.get("logprobs")))

@@ -115,6 +115,76 @@ def test_mtbench_known_ratings_give_known_means(scripted, mtbench_dir, tmp_path)
     assert all(r["temperature"] == 0 for r in scripted.log)
 
 
+def test_mtbench_rating_logprobs_expected_ratings(scripted, mtbench_dir, tmp_path):
+    rows = [
+        row(81, "writing", "Write a poem.", "Now shorter.", responses=["ANS-7", "ANS-ten"]),
+        row(82, "writing", "Write a story.", responses=["ANS-bad"]),
+    ]
+    f = write_rows(tmp_path / "a.jsonl", rows)
+    scripted.log.clear()
+    rep = run_judge(
+        f, "mtbench", client(scripted, tmp_path), mtbench_dir, max_tokens=64, n_resamples=99, rating_logprobs=True
+    )
+    sent = scripted.log
+    assert len(sent) == 3
+    for r in sent:  # the answer is pre-filled and continued, 2 tokens with their candidates
+        assert r["messages"][-1] == {"role": "assistant", "content": "Rating: [["}
+        assert r["continue_final_message"] is True and r["add_generation_prompt"] is False
+        assert (r["max_tokens"], r["logprobs"], r["top_logprobs"]) == (2, True, 20)
+    by = {(it["id"], it["turn"]): it for it in rep["items"]}
+    # "7": P(7)=.6, P(8)=.2, P(6)=.1 of a .9 rating mass -> (4.2 + 1.6 + .6) / .9
+    assert by[("81", 1)]["score"] == pytest.approx(6.4 / 0.9)
+    assert by[("81", 1)]["rating_probs"]["mass"] == pytest.approx(0.9)
+    # "ten": P("1")=.8 split by P("0" next)=.75 into P(10)=.6, P(1)=.2; P(9)=.2 -> 6 + .2 + 1.8
+    assert by[("81", 2)]["score"] == pytest.approx(8.0)
+    assert by[("81", 2)]["rating_probs"]["probs"] == pytest.approx({1: 0.2, 9: 0.2, 10: 0.6})
+    assert by[("82", 1)]["score"] is None and by[("82", 1)]["status"] == "unparsable"
+    assert rep["overall"]["mean"] == pytest.approx((6.4 / 0.9 + 8.0) / 2)
+    assert rep["rating_logprobs"] == {"with_rating": 2, "rating_mass": pytest.approx((0.9 + 1.0) / 2)}
+    with pytest.raises(ConfigError, match="only for --mode mtbench"):
+        run_judge(f, "alignbench", client(scripted, tmp_path), mtbench_dir, rating_logprobs=True)
+
+
+def test_mtbench_rating_logprobs_through_serve_equal_a_direct_forward(tiny_model_dir, mtbench_dir, tmp_path):
+    """A real `alignforge serve` judge: the served probabilities after "Rating: [[" are the tiny
+    model's own next-token distribution there, and the score is what rating_probs makes of them."""
+    import torch
+
+    from alignforge.eval.grading import load_judge_prompts, load_mtbench_references, mtbench_requests
+    from alignforge.eval.judge import rating_probs
+    from alignforge.inference.generate import render_prompt
+
+    lm = load_model(tiny_model_dir).double().eval()
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    f = write_rows(tmp_path / "a.jsonl", [row(1, "writing", "Hi", responses=["Hello there"])])
+    with BackgroundServer(build_app(ChatEngine(lm, tok, "tiny"))) as srv:
+        judge = JudgeClient(srv.url, "tiny", cache_dir=tmp_path / "c")
+        rep = run_judge(f, "mtbench", judge, mtbench_dir, n_resamples=99, rating_logprobs=True)
+    (req,) = [
+        r
+        for _, _, r in mtbench_requests(
+            read_judge_rows(f), load_judge_prompts(mtbench_dir), load_mtbench_references(mtbench_dir), 8, True
+        )
+    ]
+    ids = render_prompt(tok, req["messages"], continue_final_message=True)
+    assert tok.decode(ids).endswith("Rating: [[")  # the pre-fill is left open, no end of turn after it
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0, -1], dim=-1)
+    top = torch.topk(lp, 20)
+    served = ChatEngine(lm, tok, "tiny").complete({**req, "model": "tiny"})
+    first = served["choices"][0]["logprobs"]["content"][0]
+    assert [c["token"] for c in first["top_logprobs"]] == [tok.decode([int(i)]) for i in top.indices]
+    assert [c["logprob"] for c in first["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    (it,) = rep["items"]
+    want = rating_probs(served)
+    if want is None:  # no rating token among the top 20: counted, not scored
+        assert it["rating_probs"] is None and it["status"] == "unparsable"
+    else:
+        got = it["rating_probs"]
+        assert got["probs"] == pytest.approx(want["probs"]) and got["mass"] == pytest.approx(want["mass"])
+        assert it["status"] == "ok" and it["score"] == pytest.approx(want["expected"])
+
+
 def test_cache_makes_a_rerun_free(scripted, mtbench_dir, tmp_path):
     f = write_rows(tmp_path / "a.jsonl", MT_ROWS)
     first = run_judge(f, "mtbench", client(scripted, tmp_path), mtbench_dir, max_tokens=64, n_resamples=99)

@@ -1,6 +1,7 @@
 """`alignforge serve`: the real uvicorn server in a thread on a free loopback port, called with httpx.
 
-The tiny model runs in float64, so the server's log-probs and a direct forward agree to rounding.
+The tiny model runs in float64; the server's log-probs come from generate's float32 logits, so they agree
+with a direct float64 forward to float32 rounding.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def test_logprobs_are_the_raw_log_softmax_of_a_forward(server, lm_tok, temperatu
     ref = torch.log_softmax(logits, dim=-1)  # temperature 1, whatever the sampling temperature
     got = torch.tensor([c["logprob"] for c in content], dtype=torch.float64)
     want = ref[torch.arange(len(g.response_ids)), torch.tensor(g.response_ids)]
-    tol = 1e-9 * max(1.0, float(want.abs().max()))
+    tol = 1e-6 * max(1.0, float(want.abs().max()))  # generate keeps its logits in float32
     assert torch.allclose(got, want, atol=tol, rtol=0)
     for j, c in enumerate(content):
         top = torch.topk(ref[j], 5)
@@ -99,6 +100,24 @@ def test_logprobs_are_the_raw_log_softmax_of_a_forward(server, lm_tok, temperatu
         assert c["bytes"] == list(token_bytes(tok.convert_ids_to_tokens(g.response_ids[j])) or c["token"].encode())
     if temperature == 0:  # greedy picks the top token at every step
         assert all(c["logprob"] == c["top_logprobs"][0]["logprob"] for c in content)
+
+
+def test_continue_final_message_continues_the_prefill(server, lm_tok):
+    """vLLM's `continue_final_message`: the assistant pre-fill is left open and continued."""
+    model, tok = lm_tok
+    msgs = MSGS + [{"role": "assistant", "content": "Rating: [["}]
+    r = chat(
+        server, messages=msgs, continue_final_message=True, add_generation_prompt=False, max_tokens=4, temperature=0
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    backend = HFBackend(model, tok)
+    ids = backend.render(msgs, continue_final_message=True)
+    assert tok.decode(ids).endswith("Rating: [[")  # no end-of-turn after the pre-fill
+    assert ids[: len(backend.render(MSGS))] == backend.render(MSGS)  # the user turn and the assistant header
+    g = backend.generate_from_ids([ids], GenerationConfig(max_new_tokens=4, temperature=0, batch_size=1))[0]
+    assert body["choices"][0]["message"]["content"] == g.text  # only the continuation
+    assert body["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_top_logprobs_zero_gives_empty_lists(server):
@@ -142,6 +161,10 @@ def test_stop_string_cuts_text_tokens_and_usage(server, lm_tok):
         ({"stream": True}, 400, "stream"),
         ({"max_tokens": 5000}, 400, "messages"),  # past the tiny model's 1024-token context
         ({"model": "gpt-4"}, 404, "model"),
+        ({"continue_final_message": "yes"}, 400, "continue_final_message"),
+        ({"continue_final_message": True}, 400, "continue_final_message"),  # add_generation_prompt defaults to true
+        ({"continue_final_message": True, "add_generation_prompt": False}, 400, "messages"),  # the last is a user turn
+        ({"add_generation_prompt": False}, 400, "add_generation_prompt"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):

@@ -8,7 +8,10 @@ Three modes, all on a judge with :class:`~alignforge.eval.judge.JudgeClient`'s `
   math, reasoning and coding use the ``single-math-v1`` variants with the GPT-4 reference answer
   (``mt_bench/reference_answer/gpt-4.jsonl``, by ``question_id``). The score is the first
   ``[[x]]`` (:func:`~alignforge.eval.judge.parse_rating`), kept only in [1, 10]. Reported: the
-  mean score per category, per turn and overall, each with a bootstrap CI (``eval.stats``).
+  mean score per category, per turn and overall, each with a bootstrap CI (``eval.stats``). With
+  ``rating_logprobs`` (for judges too weak to write ``[[x]]``, on endpoints with vLLM's
+  ``continue_final_message``: ``vllm serve``, ``alignforge serve``) the answer is pre-filled up to
+  ``Rating: [[`` and the score is the expected rating under the next token's probabilities.
 * ``alignbench``: AlignBench's multi-dimensional grading. A question's ``subcategory`` maps through
   ``config/subcategory_question_mapping.json`` to a question type and through
   ``config/dimension_set.json`` to its dimensions (defined in ``config/dimension_definition.json``);
@@ -195,9 +198,19 @@ def _messages(system: str, user: str) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------- MT-Bench
 def mtbench_requests(
-    rows: Sequence[JudgeRow], prompts: dict[str, dict], refs: dict[str, list[str]], max_tokens: int
+    rows: Sequence[JudgeRow],
+    prompts: dict[str, dict],
+    refs: dict[str, list[str]],
+    max_tokens: int,
+    rating_logprobs: bool = False,
 ) -> list[tuple[JudgeRow, int, dict]]:
-    """``(row, turn, request)`` for every turn of every row (FastChat's single-answer grading)."""
+    """``(row, turn, request)`` for every turn of every row (FastChat's single-answer grading).
+
+    ``rating_logprobs``: the judge's answer is pre-filled with ``"Rating: [["`` (vLLM's
+    ``continue_final_message``) and two tokens are asked for with ``top_logprobs``, so that the
+    rating is read from the next token's probabilities instead of from free text."""
+    from alignforge.eval.judge import RATING_PREFILL
+
     out = []
     for row in rows:
         math_like = row.category in NEED_REF
@@ -235,6 +248,15 @@ def mtbench_requests(
                 "temperature": 0,
                 "max_tokens": max_tokens,
             }
+            if rating_logprobs:
+                req["messages"].append({"role": "assistant", "content": RATING_PREFILL})
+                req.update(
+                    max_tokens=2,
+                    logprobs=True,
+                    top_logprobs=20,
+                    continue_final_message=True,
+                    add_generation_prompt=False,
+                )
             out.append((row, t, req))
     return out
 
@@ -268,18 +290,39 @@ def grade_mtbench(
     max_tokens: int = 2048,
     n_resamples: int = 9999,
     seed: int = 0,
+    rating_logprobs: bool = False,
 ) -> dict[str, Any]:
-    from alignforge.eval.judge import parse_rating, summarize
+    """MT-Bench single grading (module docstring). With ``rating_logprobs`` an item's score is the
+    expected rating under the judge's next-token probabilities after ``"Rating: [["``
+    (:func:`~alignforge.eval.judge.rating_probs`); an answer without logprobs or without a rating
+    among its top tokens is unparsable. The report then gives ``rating_mass``: the mean probability
+    the judge put on a rating token at all (a judge that puts little there is guessing)."""
+    from alignforge.eval.judge import parse_rating, rating_probs, summarize
 
-    todo = mtbench_requests(rows, load_judge_prompts(data), load_mtbench_references(data), max_tokens)
+    todo = mtbench_requests(rows, load_judge_prompts(data), load_mtbench_references(data), max_tokens, rating_logprobs)
     results = judge.complete([r for _, _, r in todo])
     items = []
+    masses = []
     for (row, t, _), res in zip(todo, results, strict=True):
-        score = parse_rating(res.text, bounds=(1, 10)) if res.ok else None
-        items.append(_graded(row, res, score, turn=t + 1))
+        if not rating_logprobs:
+            score = parse_rating(res.text, bounds=(1, 10)) if res.ok else None
+            items.append(_graded(row, res, score, turn=t + 1))
+            continue
+        rp = rating_probs(res.response) if res.ok else None
+        score = rp["expected"] if rp is not None else None
+        if rp is not None:
+            masses.append(rp["mass"])
+        items.append(_graded(row, res, score, turn=t + 1, rating_probs=rp))
     scores = [it["score"] for it in items if it["status"] == "ok"]
+    extra: dict[str, Any] = {}
+    if rating_logprobs:
+        extra["rating_logprobs"] = {
+            "with_rating": len(masses),
+            "rating_mass": sum(masses) / len(masses) if masses else None,
+        }
     return {
         "mode": "mtbench",
+        **extra,
         "overall": {**_counts(items, scores), **_score_summary(scores, n_resamples, seed)},
         "categories": _group(items, "category", n_resamples, seed),
         "turns": _group(items, "turn", n_resamples, seed),
@@ -601,8 +644,11 @@ def run_judge(
     logprob_verdict: bool = False,
     n_resamples: int = 9999,
     seed: int = 0,
+    rating_logprobs: bool = False,
 ) -> dict[str, Any]:
     """Grade ``responses`` in ``mode`` (module docstring); returns the JSON report."""
+    if rating_logprobs and mode != "mtbench":
+        raise ConfigError("--rating-logprobs is only for --mode mtbench")
     if mode not in MODES:
         raise ConfigError(f"unknown judge mode {mode!r}; known: {', '.join(MODES)}")
     if mode == "pairwise" and against is None:
@@ -611,7 +657,7 @@ def run_judge(
         raise ConfigError("--against is only for --mode pairwise")
     rows = read_judge_rows(responses)
     if mode == "mtbench":
-        rep = grade_mtbench(rows, judge, data, max_tokens, n_resamples, seed)
+        rep = grade_mtbench(rows, judge, data, max_tokens, n_resamples, seed, rating_logprobs)
     elif mode == "alignbench":
         rep = grade_alignbench(rows, judge, data, max_tokens, n_resamples, seed)
     else:
@@ -644,6 +690,10 @@ def format_judge(rep: dict[str, Any]) -> str:
             lines.append(f"overall {f(o['overall'])} (reasoning {f(o['reasoning'])}, language {f(o['language'])})")
         else:
             lines.append(f"overall {o['mean']:.2f}" if o["mean"] is not None else "overall -")
+        rl = rep.get("rating_logprobs")
+        if rl is not None:
+            mass = f"{rl['rating_mass']:.3f}" if rl["rating_mass"] is not None else "-"
+            lines.append(f"ratings from logprobs: {rl['with_rating']} items; mean probability on a rating token {mass}")
     u = rep["calls"]["usage"]
     lines.append(
         f"judge calls: {rep['calls']['n']} ({rep['calls']['cached']} cached, {rep['calls']['failed']} failed); "

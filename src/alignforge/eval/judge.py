@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -315,6 +316,46 @@ def parse_rating(text: str | None, bounds: tuple[float, float] | None = None) ->
     if bounds is not None and not bounds[0] <= x <= bounds[1]:
         return None
     return x
+
+
+RATING_PREFILL = "Rating: [["  # the answer a --rating-logprobs request pre-fills, as FastChat's judges end
+
+
+def rating_probs(response: dict | None, lo: int = 1, hi: int = 10) -> dict[str, Any] | None:
+    """A rating read from the probabilities of its first token (G-Eval style), for a request whose
+    answer was pre-filled with :data:`RATING_PREFILL` and that asked for ``top_logprobs``.
+
+    The candidates of the first returned token whose text is an integer in ``[lo, hi]`` give P(r).
+    Where the tokenizer splits ``10`` into ``1`` + ``0`` and the returned first token is ``1``, the
+    second token's candidates split P(``1``) into P(10) = P(``1``)·P(``0`` next) and P(1) (when the
+    first token is not ``1``, P(10) is not observable and ``1`` counts as 1). Returns
+    ``{"probs": {r: p}, "mass": Σ raw p, "expected": Σ r·p}`` with ``probs`` renormalised over the
+    ratings, or ``None`` when the response has no logprobs or no rating among the candidates.
+    """
+    try:
+        content = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(content, list) or not content:
+        return None
+    raw: dict[int, float] = {}
+    for cand in content[0].get("top_logprobs") or []:
+        t = str(cand.get("token", "")).strip()
+        if t.isdigit() and lo <= int(t) <= hi and int(t) not in raw:
+            raw[int(t)] = math.exp(float(cand["logprob"]))
+    if not raw:
+        return None
+    if 1 in raw and 10 >= lo and 10 <= hi and 10 not in raw and len(content) > 1:
+        if str(content[0].get("token", "")).strip() == "1":
+            q0 = sum(
+                math.exp(float(c["logprob"]))
+                for c in content[1].get("top_logprobs") or []
+                if str(c.get("token", "")).startswith("0")
+            )
+            raw[10], raw[1] = raw[1] * q0, raw[1] * (1.0 - q0)
+    mass = sum(raw.values())
+    probs = {r: p / mass for r, p in sorted(raw.items())}
+    return {"probs": probs, "mass": mass, "expected": sum(r * p for r, p in probs.items())}
 
 
 _VERDICTS = {"[[A]]": "A", "[[B]]": "B", "[[C]]": "tie"}

@@ -29,6 +29,7 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 8
     stop_on_eos: bool = True
+    return_logits: bool = False  # keep the model's raw logits at each new token (GeneratedSequence.logits)
 
     def __post_init__(self) -> None:
         from alignforge.errors import ConfigError
@@ -57,6 +58,7 @@ class GeneratedSequence:
     response_ids: list[int]
     text: str
     finished: bool  # ended with an EOS token (False: cut at max_new_tokens)
+    logits: Any = None  # with GenerationConfig.return_logits: the raw logits, [len(response_ids), vocab]
 
 
 @runtime_checkable
@@ -86,11 +88,20 @@ def bos_to_add(tokenizer: Any) -> int | None:
     return bos if len(with_sp) > len(without) and with_sp[0] == bos else None
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt, bos: int | None = None) -> list[int]:
+def render_prompt(
+    tokenizer: Any, prompt: Prompt, bos: int | None = None, continue_final_message: bool = False
+) -> list[int]:
     """Token ids of a conversation rendered with ``add_generation_prompt=True`` (a str is taken as
-    already-rendered text); ``bos`` (see :func:`bos_to_add`) is put in front when missing."""
+    already-rendered text); ``bos`` (see :func:`bos_to_add`) is put in front when missing.
+
+    ``continue_final_message``: the last message (an assistant one) is left open, to be continued
+    (the chat template's own ``continue_final_message``; no generation prompt is added)."""
     if isinstance(prompt, str):
         text = prompt
+    elif continue_final_message:
+        text = tokenizer.apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=False, continue_final_message=True
+        )
     else:
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -114,9 +125,10 @@ class HFBackend:
         self._bos_to_add = bos_to_add(tokenizer)
 
     # ------------------------------------------------------------------ prompts
-    def render(self, prompt: Prompt) -> list[int]:
-        """Token ids of a conversation rendered with ``add_generation_prompt=True``."""
-        return render_prompt(self.tokenizer, prompt, self._bos_to_add)
+    def render(self, prompt: Prompt, continue_final_message: bool = False) -> list[int]:
+        """Token ids of a conversation rendered with ``add_generation_prompt=True``, or with its last
+        message left open (``continue_final_message``, see :func:`render_prompt`)."""
+        return render_prompt(self.tokenizer, prompt, self._bos_to_add, continue_final_message)
 
     # --------------------------------------------------------------- generating
     def _hf_generation_config(self, cfg: GenerationConfig) -> Any:
@@ -167,15 +179,19 @@ class HFBackend:
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(seed)
+            kw = {"output_logits": True, "return_dict_in_generate": True} if cfg.return_logits else {}
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg, **kw
             )
-        new = out[:, ids.shape[1] :].tolist()
+        logits = torch.stack(out.logits, dim=1) if cfg.return_logits else None  # [B, new, V], unprocessed
+        seqs = out.sequences if cfg.return_logits else out
+        new = seqs[:, ids.shape[1] :].tolist()
         result = []
-        for prompt, toks in zip(rows, new, strict=False):
+        for i, (prompt, toks) in enumerate(zip(rows, new, strict=False)):
             resp, finished = self._trim(toks, cfg)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
-            result.append(GeneratedSequence(list(prompt), resp, text, finished))
+            lg = logits[i, : len(resp)] if logits is not None else None
+            result.append(GeneratedSequence(list(prompt), resp, text, finished, lg))
         return result
 
     def generate_ids(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None) -> list[GeneratedSequence]:

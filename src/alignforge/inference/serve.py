@@ -8,7 +8,9 @@ an :class:`~alignforge.inference.generate.HFBackend` (chat template, greedy when
 Conventions (where OpenAI leaves room):
 
 * ``logprobs`` are the log-softmax of the model's raw scores (temperature 1, no top-p) at each
-  returned token, from a separate forward over prompt + completion, whatever the sampling settings.
+  returned token, whatever the sampling settings, kept from the generation's own forwards
+  (``output_logits``, which transformers keeps in float32), so a logprobs request costs no extra
+  forward.
 * ``stop`` strings are applied after generation: the text is cut before the first stop string, and
   the returned tokens (usage, logprobs) end with the token in which that string completed.
 * A response that ends with EOS has ``finish_reason`` ``"stop"``; the EOS token is counted in
@@ -16,6 +18,10 @@ Conventions (where OpenAI leaves room):
 * ``n`` must be 1; ``stream`` and non-zero penalties are not supported; a ``model`` other than the
   served name is a 404 (a request without ``model`` is served). Roles: system, user, assistant, and
   developer (rendered as system); content is a string or a list of text parts.
+* vLLM's extra parameters ``continue_final_message: true`` with ``add_generation_prompt: false``
+  continue the last message, which must be an assistant one (a pre-filled answer such as
+  ``"Rating: [["``, used by ``eval judge --rating-logprobs``); the returned ``content`` is only the
+  continuation, as in vLLM.
 """
 
 import hmac
@@ -58,6 +64,7 @@ class ChatRequest:
     stop: list[str]
     logprobs: bool
     top_logprobs: int
+    continue_final_message: bool = False  # vLLM's extra parameter: continue the last (assistant) message
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -136,6 +143,25 @@ def parse_request(body: Any, default_max_tokens: int = 256) -> ChatRequest:
             raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         if not 0 <= top <= MAX_TOP_LOGPROBS:
             raise RequestError(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
+    cont = body.get("continue_final_message", False)
+    agp = body.get("add_generation_prompt", True)
+    for key, v in (("continue_final_message", cont), ("add_generation_prompt", agp)):
+        if not isinstance(v, bool):
+            raise RequestError(f"'{key}' must be a boolean, got {v!r}", param=key)
+    if cont and agp:  # vLLM's rule
+        raise RequestError(
+            "'continue_final_message' needs 'add_generation_prompt': false", param="continue_final_message"
+        )
+    if not agp and not cont:
+        raise RequestError(
+            "'add_generation_prompt': false is only supported with 'continue_final_message': true",
+            param="add_generation_prompt",
+        )
+    if cont and messages[-1]["role"] != "assistant":
+        raise RequestError(
+            f"'continue_final_message' needs an assistant message last, got {messages[-1]['role']!r}",
+            param="messages",
+        )
     for pen in ("presence_penalty", "frequency_penalty"):
         if _number(body, pen, 0.0, -2.0, 2.0) != 0:
             raise RequestError(f"'{pen}' is not supported (only 0)", param=pen)
@@ -148,6 +174,7 @@ def parse_request(body: Any, default_max_tokens: int = 256) -> ChatRequest:
         stop=stop,
         logprobs=bool(lp),
         top_logprobs=top or 0,
+        continue_final_message=cont,
     )
 
 
@@ -182,7 +209,7 @@ class ChatEngine:
             raise RequestError(
                 f"model {name!r} is not served here (this server serves {self.model_name!r})", status=404, param="model"
             )
-        prompt = self.backend.render(req.messages)
+        prompt = self.backend.render(req.messages, req.continue_final_message)
         if self.max_context and len(prompt) + req.max_tokens > self.max_context:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
@@ -190,7 +217,12 @@ class ChatEngine:
                 param="messages",
             )
         cfg = GenerationConfig(
-            max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, batch_size=1
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            batch_size=1,
+            return_logits=req.logprobs,
         )
         g = self.backend.generate_from_ids([prompt], cfg)[0]
         ids, text = list(g.response_ids), g.text
@@ -207,7 +239,7 @@ class ChatEngine:
             "finish_reason": finish,
         }
         if req.logprobs:
-            choice["logprobs"] = {"content": self.token_logprobs(prompt, ids, req.top_logprobs)}
+            choice["logprobs"] = {"content": self.token_logprobs(prompt, ids, req.top_logprobs, g.logits)}
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -236,24 +268,29 @@ class ChatEngine:
                 return ids[:k], text[: min(hits)]
         return None  # pragma: no cover - the full text held a stop string
 
-    def token_logprobs(self, prompt: list[int], ids: list[int], top: int) -> list[dict[str, Any]]:
-        """OpenAI ``logprobs.content`` for ``ids`` after ``prompt``: log-softmax of one forward's logits."""
+    def token_logprobs(self, prompt: list[int], ids: list[int], top: int, logits: Any = None) -> list[dict[str, Any]]:
+        """OpenAI ``logprobs.content`` for ``ids`` after ``prompt``: the log-softmax of the model's raw
+        logits at each token, ``logits`` ([>= len(ids), vocab], kept by the generation itself), else
+        from one forward over prompt + ids."""
         import torch
 
         from alignforge.inference.kvcache import model_device
 
         if not ids:
             return []
-        device = model_device(self.model)
-        x = torch.tensor([prompt + ids], dtype=torch.long, device=device)
-        was_training = getattr(self.model, "training", False)
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                logits = self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]
-        finally:
-            self.model.train(was_training)
-        logits = logits[len(prompt) - 1 : len(prompt) + len(ids) - 1]
+        if logits is not None:
+            logits = logits[: len(ids)]
+        else:
+            device = model_device(self.model)
+            x = torch.tensor([prompt + ids], dtype=torch.long, device=device)
+            was_training = getattr(self.model, "training", False)
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    logits = self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]
+            finally:
+                self.model.train(was_training)
+            logits = logits[len(prompt) - 1 : len(prompt) + len(ids) - 1]
         if logits.dtype != torch.float64:
             logits = logits.float()
         lp = torch.log_softmax(logits, dim=-1)
