@@ -70,8 +70,14 @@ def test_every_eval_command_on_the_embedded_model(tmp_path, shared_data, judge_u
     )
     rep = json.loads((tmp_path / "j.json").read_text())
     statuses = [it["status"] for it in rep["items"]]
-    assert len(statuses) == 2 and set(statuses) <= {"scored", "unparsable", "failed"}
-    assert "failed" not in statuses  # the server answered every call
+    assert len(statuses) == 2 and set(statuses) <= {"ok", "unparsable"}  # the server answered every call
+    # the rating read from the embedded judge's logprobs after "Rating: [[": every item scored
+    run("eval", "judge", tmp_path / "a.jsonl", "--mode", "mtbench", "--data", mt, "--out", tmp_path / "jl.json",
+        "--n-resamples", "200", "--rating-logprobs", *judge)  # fmt: skip
+    rl = json.loads((tmp_path / "jl.json").read_text())
+    assert [it["status"] for it in rl["items"]] == ["ok", "ok"]
+    assert all(1 <= it["score"] <= 10 and it["rating_probs"]["mass"] > 0.1 for it in rl["items"])
+    assert rl["overall"]["mean"] == sum(it["score"] for it in rl["items"]) / 2
 
     run(
         "eval",
