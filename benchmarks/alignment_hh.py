@@ -17,7 +17,9 @@ remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goe
 ``name`` (required), ``method`` (``dpo`` | ``ulma`` | ``pointwise_dpo`` | ``ppo``), ``beta``, ``lr``,
 ``ntp_coef`` (DPO: ``dpo.ntp_coef``; PPO: ``ppo.ntp_coef`` on the chosen answers of the mix),
 ``length_norm`` (DPO: ``dpo.logp_reduction=mean``), ``simpo_gamma`` (DPO: ``dpo.simpo_gamma``),
-``n_train`` (mixed pairs), ``epochs``, ``iterations`` / ``prompts_per_iteration`` / ``kl_coef`` (PPO).
+``n_train`` (mixed pairs), ``ratio`` (this configuration's ``helpful:harmless`` weights; its mix goes to
+``OUT/data/nN_rH-M``, with the same held-out pairs), ``epochs``, ``iterations`` /
+``prompts_per_iteration`` / ``kl_coef`` (PPO).
 Unset keys take the defaults: beta 0.1, lr 1e-4 (PPO 1e-4), ntp_coef 0, length_norm false,
 simpo_gamma 0, n_train ``--n-train`` 600, epochs 1, PPO 24 iterations × 8 prompts, kl 0.05.
 ``ulma`` = ULMA (``ulma.loss=ulma``: SFT on positives, the KL-regularised term on negatives, METHODS.md
@@ -87,6 +89,7 @@ KEYS = {
     "iterations": int,
     "prompts_per_iteration": int,
     "kl_coef": float,
+    "ratio": str,  # helpful:harmless of this configuration's mix (default --ratio)
 }
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
@@ -136,6 +139,8 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
                 full[k] = tp(v) if tp is not bool else (v if isinstance(v, bool) else str(v).lower() == "true")
             except (TypeError, ValueError):
                 raise SystemExit(f"{where} ({c['name']}): {k}: expected {tp.__name__}, got {v!r}") from None
+        if "ratio" in full:
+            check_ratio_arg(full["ratio"], f"{where} ({c['name']}): ratio")
         if full["method"] not in METHODS:
             raise SystemExit(f"{where} ({c['name']}): method must be one of {', '.join(METHODS)}")
         if full["method"] != "dpo" and (full["length_norm"] or full["simpo_gamma"]):
@@ -157,14 +162,27 @@ def parse_config_arg(item: str) -> dict:
 # --------------------------------------------------------------------------- data
 
 
-def mixed_data(args, n_train: int, out: Path) -> Path:
-    """``OUT/data/nN``: the mixed training file and the per-source held-out files (cached)."""
+def check_ratio_arg(ratio: str, where: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in ratio.split(":"))
+    except ValueError:
+        raise SystemExit(f"{where}: expected HELPFUL:HARMLESS weights such as 1:3, got {ratio!r}") from None
+    if a < 0 or b < 0 or a + b <= 0:
+        raise SystemExit(f"{where}: weights must be >= 0 and not both 0, got {ratio!r}")
+    return a, b
+
+
+def mixed_data(args, n_train: int, out: Path, ratio: str | None = None) -> Path:
+    """``OUT/data/nN`` (ratio 1:1; ``nN_rH-M`` for another helpful:harmless ratio): the mixed training
+    file and the per-source held-out files (cached; the held-out pairs are the same for every ratio)."""
     from alignforge.data.mix import MixSource, MixSpec, mix_files
 
-    d = out / "data" / f"n{n_train}"
+    ratio = ratio or args.ratio
+    w_help, w_harm = check_ratio_arg(ratio, "--ratio")
+    tag = "" if w_help == w_harm else f"_r{w_help:g}-{w_harm:g}"
+    d = out / "data" / f"n{n_train}{tag}"
     if (d / "mix_report.json").is_file():
         return d
-    w_help, w_harm = (float(x) for x in args.ratio.split(":"))
     spec = MixSpec(
         sources=[
             MixSource(args.helpful, weight=w_help, heldout=args.heldout, split_seed=args.split_seed, name="helpful"),
@@ -575,7 +593,7 @@ def main() -> None:
     summary["eval"]["base"] = results["base"]
     dump()
     for cfg in configs:
-        d = mixed_data(args, cfg["n_train"], out)
+        d = mixed_data(args, cfg["n_train"], out, cfg.get("ratio"))
         infos[cfg["name"]] = info = train(cfg, args, d, rm, out)
         paths, gs = generate_all(cfg["name"], info["final_dir"], files, args, out)
         results[cfg["name"]] = m = evaluate(cfg["name"], paths, base_paths if rm else None, rm, tok, args, out, gs)
