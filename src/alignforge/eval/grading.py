@@ -302,20 +302,17 @@ def grade_mtbench(
     todo = mtbench_requests(rows, load_judge_prompts(data), load_mtbench_references(data), max_tokens, rating_logprobs)
     results = judge.complete([r for _, _, r in todo])
     items = []
-    masses = []
     for (row, t, _), res in zip(todo, results, strict=True):
         if not rating_logprobs:
             score = parse_rating(res.text, bounds=(1, 10)) if res.ok else None
             items.append(_graded(row, res, score, turn=t + 1))
             continue
         rp = rating_probs(res.response) if res.ok else None
-        score = rp["expected"] if rp is not None else None
-        if rp is not None:
-            masses.append(rp["mass"])
-        items.append(_graded(row, res, score, turn=t + 1, rating_probs=rp))
+        items.append(_graded(row, res, rp["expected"] if rp else None, turn=t + 1, rating_probs=rp))
     scores = [it["score"] for it in items if it["status"] == "ok"]
     extra: dict[str, Any] = {}
     if rating_logprobs:
+        masses = [it["rating_probs"]["mass"] for it in items if it["rating_probs"]]
         extra["rating_logprobs"] = {
             "with_rating": len(masses),
             "rating_mass": sum(masses) / len(masses) if masses else None,
@@ -496,11 +493,10 @@ def verdict_probs(response: dict | None) -> dict[str, float] | None:
     """P(A), P(B), P(C) of the verdict letter, renormalised over the three, from the ``top_logprobs``
     of the token right after the last ``[[`` in the answer; ``None`` when the response has no logprobs
     there or none of the three letters is among them."""
-    try:
-        content = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if not isinstance(content, list) or not content:
+    from alignforge.eval.judge import logprob_content
+
+    content = logprob_content(response)
+    if content is None:
         return None
     text = ""
     pos = None

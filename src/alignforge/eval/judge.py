@@ -318,6 +318,16 @@ def parse_rating(text: str | None, bounds: tuple[float, float] | None = None) ->
     return x
 
 
+def logprob_content(response: dict | None) -> list[dict] | None:
+    """``choices[0].logprobs.content`` of a chat-completion body (one entry per returned token, each
+    with its ``top_logprobs``), or ``None`` when the body has none or it is empty."""
+    try:
+        content = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, list) and content else None
+
+
 RATING_PREFILL = "Rating: [["  # the answer a --rating-logprobs request pre-fills, as FastChat's judges end
 
 
@@ -332,11 +342,8 @@ def rating_probs(response: dict | None, lo: int = 1, hi: int = 10) -> dict[str, 
     ``{"probs": {r: p}, "mass": Σ raw p, "expected": Σ r·p}`` with ``probs`` renormalised over the
     ratings, or ``None`` when the response has no logprobs or no rating among the candidates.
     """
-    try:
-        content = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if not isinstance(content, list) or not content:
+    content = logprob_content(response)
+    if content is None:
         return None
     raw: dict[int, float] = {}
     for cand in content[0].get("top_logprobs") or []:
@@ -345,7 +352,7 @@ def rating_probs(response: dict | None, lo: int = 1, hi: int = 10) -> dict[str, 
             raw[int(t)] = math.exp(float(cand["logprob"]))
     if not raw:
         return None
-    if 1 in raw and 10 >= lo and 10 <= hi and 10 not in raw and len(content) > 1:
+    if 1 in raw and lo <= 10 <= hi and 10 not in raw and len(content) > 1:
         if str(content[0].get("token", "")).strip() == "1":
             q0 = sum(
                 math.exp(float(c["logprob"]))
