@@ -19,7 +19,19 @@ remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goe
 ``length_norm`` (DPO: ``dpo.logp_reduction=mean``), ``simpo_gamma`` (DPO: ``dpo.simpo_gamma``),
 ``n_train`` (mixed pairs), ``ratio`` (this configuration's ``helpful:harmless`` weights; its mix goes to
 ``OUT/data/nN_rH-M``, with the same held-out pairs), ``epochs``, ``iterations`` /
-``prompts_per_iteration`` / ``kl_coef`` (PPO).
+``prompts_per_iteration`` / ``kl_coef`` / ``reward_model`` (PPO: the RM it optimises, default ``--rm``),
+``safety_pairs`` / ``counter_refusal`` (below).
+
+**Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
+HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
+a compliance), and no strong model is at hand to rewrite its answers. So S pairs are added on harmful
+questions from HarmfulQA (red-instruct, ``--harmfulqa``; a seeded sample of its distinct questions): chosen =
+one of the 12 refusals in :data:`REFUSALS` (written for this, varied, each saying what it will not do), rejected =
+the base model's own greedy answer (``--max-new-tokens``; cached in ``OUT/data/safety``); and C pairs on
+benign prompts: helpful-base training-pool pairs not in the mix, chosen = HH's chosen answer, rejected = one
+of the same refusals. The first kind teaches refusing, the second that a refusal is the worse answer to a
+benign request: the policy has to tell them apart. CatQA and DangerousQA stay held out (below), and so do
+AdvBench and the benign sets.
 Unset keys take the defaults: beta 0.1, lr 1e-4 (PPO 1e-4), ntp_coef 0, length_norm false,
 simpo_gamma 0, n_train ``--n-train`` 600, epochs 1, PPO 24 iterations × 8 prompts, kl 0.05.
 ``ulma`` = ULMA (``ulma.loss=ulma``: SFT on positives, the KL-regularised term on negatives, METHODS.md
@@ -37,6 +49,8 @@ reward (k1), ``--max-new-tokens`` per rollout, its prompts = the first user turn
 **Evaluation** (greedy, ``--max-new-tokens`` 64, batch ``--gen-batch`` 16, through ``eval.responses``):
 * AdvBench: the first ``--n-advbench`` 100 behaviours; **ASR** by the llm-attacks refusal rule
   (``eval.harm``), with a bootstrap 95% CI; degenerate answers counted apart (they count as successes);
+* held-out harmful questions: ``--n-heldout-harmful`` 60, half CatQA, half DangerousQA (evenly spaced, so
+  every category), never trained on: **held-out ASR** by the same rule, to measure generalisation;
 * benign prompts: the first turns of the first ``--n-mtbench`` 80 MT-Bench questions and the first user
   turn of the first ``--n-helpful`` 100 distinct held-out helpful-base pairs: **over-refusal** (refusal
   strings on benign prompts) on each set and pooled; **degenerate** rate (``eval.lengths.is_degenerate``:
@@ -63,6 +77,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -74,6 +89,10 @@ HELPFUL = str(SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz")
 HARMLESS = str(SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz")
 ADVBENCH = str(SHARED / "data/advbench/harmful_behaviors.csv")
 MTBENCH = str(SHARED / "data/mt-bench")
+REDINSTRUCT = SHARED / "data/harmfulqa-redinstruct"
+HARMFULQA, CATQA, DANGEROUSQA = (
+    str(REDINSTRUCT / f) for f in ("harmfulqa.json", "catqa_english.json", "dangerousqa.json")
+)
 
 METHODS = ("dpo", "ulma", "pointwise_dpo", "ppo")
 KEYS = {
@@ -90,7 +109,37 @@ KEYS = {
     "prompts_per_iteration": int,
     "kl_coef": float,
     "ratio": str,  # helpful:harmless of this configuration's mix (default --ratio)
+    "safety_pairs": int,  # + N HarmfulQA pairs: an explicit refusal (chosen) vs the base model's answer
+    "counter_refusal": int,  # + N helpful-pool pairs: HH's chosen answer vs a refusal (rejected)
+    "reward_model": str,  # PPO: the reward model it optimises (default --rm, which always judges the win rates)
 }
+
+# Explicit refusals written for the safety pairs (ours; HH has almost none: hh_refusal_share.py). Varied on
+# purpose, so the policy learns to refuse rather than to repeat one string; each says what it will not do
+# and offers something else, as a deployable assistant would.
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people, and I won't assist with it. "
+    "If you have another question, I'm happy to help.",
+    "I cannot help with this request. What you describe could hurt someone or break the law. "
+    "Is there something else I can do for you?",
+    "I'm sorry, but I won't provide instructions for that. It is harmful and could put people at risk. "
+    "I'd be glad to help with a different question.",
+    "I can't assist with that. Helping with it could lead to serious harm. If you're dealing with a difficult "
+    "situation, I can suggest safe and legal ways to handle it.",
+    "Sorry, I can't do that. This request asks for something dangerous or unethical, so I have to decline.",
+    "I'm sorry, but I cannot support this. It could be used to harm others. Let me know if there is another "
+    "topic I can help you with.",
+    "I can't provide that information. It could be used to cause harm, and sharing it would be irresponsible. "
+    "I'm happy to talk about something else.",
+    "I'm sorry, but I can't help you with this. It may be illegal and could hurt people. If you want, I can "
+    "point you to legitimate resources instead.",
+    "I cannot create content like this. It promotes harm against others. Is there anything else you'd like to know?",
+    "My apologies, but I won't help with that request. It risks serious harm to you or to others.",
+    "I'm really sorry, but I can't assist with this. If you are in trouble or feel unsafe, please reach out "
+    "to someone you trust or to local support services.",
+    "I do not help with requests like this one, because they can cause real harm. I'd be happy to help with "
+    "a safer version of your question.",
+)
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
     {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
@@ -132,6 +181,8 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             "iterations": args.ppo_iterations,
             "prompts_per_iteration": args.ppo_prompts_per_iteration,
             "kl_coef": 0.05,
+            "safety_pairs": 0,
+            "counter_refusal": 0,
         }
         for k, v in c.items():
             tp = KEYS[k]
@@ -143,6 +194,8 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             check_ratio_arg(full["ratio"], f"{where} ({c['name']}): ratio")
         if full["method"] not in METHODS:
             raise SystemExit(f"{where} ({c['name']}): method must be one of {', '.join(METHODS)}")
+        if "reward_model" in full and (full["method"] != "ppo" or not Path(full["reward_model"]).is_dir()):
+            raise SystemExit(f"{where} ({c['name']}): reward_model is a PPO option naming a reward model directory")
         if full["method"] != "dpo" and (full["length_norm"] or full["simpo_gamma"]):
             raise SystemExit(f"{where} ({c['name']}): length_norm / simpo_gamma are DPO options")
         out.append(full)
@@ -197,14 +250,126 @@ def mixed_data(args, n_train: int, out: Path, ratio: str | None = None) -> Path:
     return d
 
 
+def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
+    """The base model's greedy answers to ``n`` HarmfulQA questions (a seeded sample of the distinct
+    questions; cached, resumable): the rejected side of the safety pairs."""
+    from alignforge.data.convert import write_jsonl
+    from alignforge.eval.prompts import load_prompt_set
+    from alignforge.eval.responses import generate_responses, read_responses
+    from alignforge.models.loading import ensure_embedded
+
+    d = out / "data" / "safety"
+    d.mkdir(parents=True, exist_ok=True)
+    qs = load_prompt_set("redinstruct", args.harmfulqa)
+    random.Random(f"harmfulqa:{args.seed}").shuffle(qs)
+    if n > len(qs):
+        raise SystemExit(f"safety_pairs {n}: {args.harmfulqa} has only {len(qs)} distinct questions")
+    prompts, answers = d / "harmfulqa_prompts.jsonl", d / "harmfulqa_base_answers.jsonl"
+    write_jsonl(({"id": f"q{i + 1}", "category": q.category, "prompt": q.prompt} for i, q in enumerate(qs)), prompts)
+    if not answers.is_file() or len(answers.read_text().splitlines()) < n:
+        generate_responses(
+            "jsonl",
+            prompts,
+            str(ensure_embedded()),
+            answers,
+            n=n,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch,
+            progress=False,
+        )
+    by_id = {r.id: r.response for r in read_responses(answers)}
+    return [{"prompt": q.prompt, "answer": by_id[f"q{i + 1}"]} for i, q in enumerate(qs[:n])]
+
+
+def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -> Path:
+    """``MIX_s{S}_c{C}``: the HH mix of ``mix_dir`` plus two kinds of pairs (cached):
+
+    * ``n_safety`` **safety pairs**: a HarmfulQA question (red-instruct; CatQA, DangerousQA and AdvBench stay
+      held out), chosen = one of :data:`REFUSALS` (seeded), rejected = the base model's own greedy answer;
+    * ``n_counter`` **counter-refusal pairs**: helpful-base training-pool pairs not already in the mix
+      (seeded sample), chosen = HH's chosen answer, rejected = one of :data:`REFUSALS`.
+
+    The first teaches refusing harmful requests; the second, that a refusal is the worse answer to a benign
+    one, so the policy has to tell them apart instead of learning to refuse (or hedge) everywhere."""
+    from alignforge.data.convert import write_jsonl
+    from alignforge.data.readers import read_preference
+    from alignforge.data.split import holdout_split
+
+    d = mix_dir.parent / f"{mix_dir.name}_s{n_safety}_c{n_counter}"
+    if (d / "report.json").is_file():
+        return d
+    rng = random.Random(f"safety:{args.seed}")
+    rows = [json.loads(x) for x in (mix_dir / "train.jsonl").read_text().splitlines() if x.strip()]
+    n_mix, extra, skipped = len(rows), [], 0
+    for a in base_harmfulqa_answers(args, n_safety, out) if n_safety else []:
+        refusal = rng.choice(REFUSALS)
+        if not a["answer"].strip() or a["answer"].strip() == refusal:
+            skipped += 1
+            continue
+        extra.append(
+            {
+                "prompt": a["prompt"],
+                "chosen": [{"role": "assistant", "content": refusal}],
+                "rejected": [{"role": "assistant", "content": a["answer"]}],
+            }
+        )
+    n_safe = len(extra)
+    if n_counter:
+        recs = read_preference(args.helpful, on_error="skip").records
+        pool_idx, _ = holdout_split(len(recs), args.heldout, args.split_seed)
+        in_mix = {json.dumps([r["prompt"], r["chosen"]]) for r in rows}
+        cand = [i for i in pool_idx if json.dumps([recs[i].prompt, recs[i].chosen]) not in in_mix]
+        if n_counter > len(cand):
+            raise SystemExit(f"counter_refusal {n_counter}: only {len(cand)} helpful pool pairs are not in the mix")
+        for i in random.Random(f"counter:{args.seed}").sample(cand, n_counter):
+            refusal = rng.choice(REFUSALS)
+            extra.append(
+                {
+                    "prompt": recs[i].prompt,
+                    "chosen": recs[i].chosen,
+                    "rejected": [{"role": "assistant", "content": refusal}],
+                }
+            )
+    rows += extra
+    random.Random(args.seed).shuffle(rows)
+    tmp = d.with_name(d.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, tmp / "train.jsonl")
+    report = {
+        "mix": str(mix_dir / "train.jsonl"),
+        "mix_pairs": n_mix,
+        "safety_pairs": n_safe,
+        "safety_skipped": skipped,
+        "counter_refusal_pairs": len(extra) - n_safe,
+        "harmfulqa": args.harmfulqa,
+        "total": len(rows),
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    tmp.rename(d)
+    print(f"[data] {d}: {json.dumps(report)}", flush=True)
+    return d
+
+
 def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]:
     """The benign prompt files: MT-Bench first turns and held-out helpful first turns (``eval generate``'s
     ``jsonl`` kind); AdvBench is read directly."""
     from alignforge.data.convert import write_jsonl
-    from alignforge.eval.prompts import load_mtbench
+    from alignforge.eval.prompts import load_mtbench, load_prompt_set
 
     d = out / "data" / "eval"
     files = {"mtbench": d / "mtbench_first_turns.jsonl", "helpful": d / "helpful_heldout_first_turns.jsonl"}
+    files["harmful_heldout"] = d / f"harmful_heldout_{args.n_heldout_harmful}.jsonl"
+    if not files["harmful_heldout"].is_file():
+        rows = []
+        for name, path in (("catqa", args.catqa), ("dangerousqa", args.dangerousqa)):
+            qs = load_prompt_set("redinstruct", path)
+            k = args.n_heldout_harmful // 2 if name == "catqa" else args.n_heldout_harmful - args.n_heldout_harmful // 2
+            step = len(qs) / k  # evenly spaced: every category of the bank
+            rows += [
+                {"id": f"{name}-{q.id}", "category": name, "prompt": q.prompt}
+                for q in (qs[int(j * step)] for j in range(k))
+            ]
+        write_jsonl(rows, files["harmful_heldout"])
     if not files["mtbench"].is_file():
         mt = load_mtbench(args.mtbench)[: args.n_mtbench]
         write_jsonl(({"id": q.id, "category": q.category, "prompt": q.prompt} for q in mt), files["mtbench"])
@@ -236,7 +401,7 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
     info_path = run_dir / "run_info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        if info["config"] != cfg:
+        if {"safety_pairs": 0, "counter_refusal": 0, **info["config"]} != cfg:
             raise SystemExit(
                 f"{run_dir} was trained with {info['config']}, not {cfg}: rename the configuration or delete the folder"
             )
@@ -282,7 +447,7 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
             "data.max_prompt_length=128",
             "data.overlong=truncate",
             "train.scheduler=constant",
-            f"ppo.reward_model={rm}",
+            f"ppo.reward_model={cfg.get('reward_model') or rm}",
             f"ppo.iterations={cfg['iterations']}",
             f"ppo.prompts_per_iteration={cfg['prompts_per_iteration']}",
             f"ppo.gen_batch_prompts={cfg['prompts_per_iteration']}",
@@ -339,6 +504,7 @@ def generate_all(name: str, model_path: str, files: dict[str, Path], args, out: 
         "advbench": ("advbench", args.advbench, args.n_advbench),
         "mtbench": ("jsonl", files["mtbench"], None),
         "helpful": ("jsonl", files["helpful"], None),
+        "harmful_heldout": ("jsonl", files["harmful_heldout"], None),
     }
     paths, backend, t0 = {}, None, time.perf_counter()
     for key, (kind, data, n) in sets.items():
@@ -369,8 +535,8 @@ def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args
 
     d = out / "eval" / name
     mpath = d / "metrics.json"
-    if mpath.is_file():
-        return json.loads(mpath.read_text())
+    if mpath.is_file() and "asr_heldout" in (m := json.loads(mpath.read_text())):
+        return m
     pooled = d / "benign_pooled.jsonl"
     with open(pooled, "w", encoding="utf-8") as f:
         for key in ("mtbench", "helpful"):
@@ -382,8 +548,10 @@ def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args
     benign = [r.response for r in read_responses(pooled)]
     adv = [r.response for r in read_responses(paths["advbench"])]
     lens = length_report([paths["mtbench"], paths["helpful"], pooled], tokenizer=tok)["files"]
+    held = harm_report(paths["harmful_heldout"], pooled, n_resamples=rs)["harmful"]["attack_success_rate"]
     m = {
         "asr": pooled_h["harmful"]["attack_success_rate"],
+        "asr_heldout": held,
         "adv_degenerate": sum(map(is_degenerate, adv)) / len(adv),
         "over_refusal_mtbench": harm["mtbench"]["benign"]["over_refusal"],
         "over_refusal_helpful": harm["helpful"]["benign"]["over_refusal"],
@@ -392,7 +560,12 @@ def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args
         "mean_tokens_mtbench": lens[0]["mean"],
         "mean_tokens_helpful": lens[1]["mean"],
         "mean_tokens_benign": lens[2]["mean"],
-        "n": {"advbench": len(adv), "mtbench": lens[0]["n"], "helpful": lens[1]["n"]},
+        "n": {
+            "advbench": len(adv),
+            "harmful_heldout": sum(1 for _ in read_responses(paths["harmful_heldout"])),
+            "mtbench": lens[0]["n"],
+            "helpful": lens[1]["n"],
+        },
         "gen_seconds": round(gen_s, 1),
     }
     if base_paths is not None:
@@ -431,6 +604,7 @@ def config_table(name: str, cfg: dict | None, info: dict | None, m: dict) -> str
     rows += [
         (f"AdvBench ASR (n={m['n']['advbench']}, 95% CI)", ci(m["asr"])),
         ("AdvBench degenerate answers", pct(m["adv_degenerate"])),
+        (f"held-out harmful ASR, CatQA + DangerousQA (n={m['n']['harmful_heldout']})", ci(m["asr_heldout"])),
         (f"over-refusal, MT-Bench first turns (n={m['n']['mtbench']})", ci(m["over_refusal_mtbench"])),
         (f"over-refusal, held-out helpful (n={m['n']['helpful']})", ci(m["over_refusal_helpful"])),
         ("over-refusal, pooled benign", ci(m["over_refusal_benign"])),
@@ -450,8 +624,9 @@ def config_table(name: str, cfg: dict | None, info: dict | None, m: dict) -> str
 
 def combined_table(results: dict, configs: dict, infos: dict) -> str:
     head = (
-        "| configuration | method | β | lr | NTP | length | pairs | train min | AdvBench ASR ↓ | over-refusal MT-Bench "
-        "| over-refusal helpful | degenerate | mean tokens | win rate vs base (LC) |"
+        "| configuration | method | β | lr | NTP | length | pairs | train min | AdvBench ASR ↓ "
+        "| held-out harmful ASR ↓ | over-refusal MT-Bench | over-refusal helpful | degenerate | mean tokens "
+        "| win rate vs base (LC) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, m in results.items():
@@ -460,13 +635,17 @@ def combined_table(results: dict, configs: dict, infos: dict) -> str:
             ln = "mean" + (f", γ {c['simpo_gamma']}" if c["simpo_gamma"] else "") if c["length_norm"] else "sum"
             if c["method"] != "dpo":
                 ln = "mean" if c["method"] in ("ulma", "pointwise_dpo") else "-"
-            cols = [name, c["method"], f"{c['beta']:g}", f"{c['lr']:g}", f"{c['ntp_coef']:g}", ln, str(c["n_train"])]
+            pairs = str(c["n_train"]) + (
+                f" +{c['safety_pairs']}s +{c['counter_refusal']}c" if c["safety_pairs"] or c["counter_refusal"] else ""
+            )
+            cols = [name, c["method"], f"{c['beta']:g}", f"{c['lr']:g}", f"{c['ntp_coef']:g}", ln, pairs]
             cols.append(f"{info['train_seconds'] / 60:.1f}")
         else:
             cols = [name, "-", "-", "-", "-", "-", "-", "-"]
         w = m.get("winrate_vs_base")
         cols += [
             ci(m["asr"]),
+            ci(m["asr_heldout"]),
             pct(m["over_refusal_mtbench"]["value"]),
             pct(m["over_refusal_helpful"]["value"]),
             pct(m["degenerate_benign"]),
@@ -530,6 +709,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ppo-prompts", type=int, default=96, help="distinct first-turn prompts PPO draws from")
     ap.add_argument("--advbench", default=ADVBENCH)
     ap.add_argument("--mtbench", default=MTBENCH)
+    ap.add_argument("--harmfulqa", default=HARMFULQA, help="the safety pairs' questions (red-instruct HarmfulQA)")
+    ap.add_argument("--catqa", default=CATQA, help="held-out harmful questions (CatQA)")
+    ap.add_argument("--dangerousqa", default=DANGEROUSQA, help="held-out harmful questions (DangerousQA)")
+    ap.add_argument("--n-heldout-harmful", type=int, default=60, help="held-out harmful prompts, half from each bank")
     ap.add_argument("--n-advbench", type=int, default=100)
     ap.add_argument("--n-mtbench", type=int, default=80)
     ap.add_argument("--n-helpful", type=int, default=100)
@@ -545,6 +728,7 @@ def main() -> None:
     if args.quick:
         args.n_train, args.max_length, args.heldout, args.max_new_tokens = 16, 256, 20, 8
         args.n_advbench, args.n_mtbench, args.n_helpful, args.gen_batch = 4, 4, 4, 4
+        args.n_heldout_harmful = 4
         args.ppo_iterations, args.ppo_prompts_per_iteration, args.ppo_prompts = 2, 2, 8
         args.save_every, args.n_resamples = 0, 200
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -594,6 +778,8 @@ def main() -> None:
     dump()
     for cfg in configs:
         d = mixed_data(args, cfg["n_train"], out, cfg.get("ratio"))
+        if cfg["safety_pairs"] or cfg["counter_refusal"]:
+            d = safety_data(args, d, cfg["safety_pairs"], cfg["counter_refusal"], out)
         infos[cfg["name"]] = info = train(cfg, args, d, rm, out)
         paths, gs = generate_all(cfg["name"], info["final_dir"], files, args, out)
         results[cfg["name"]] = m = evaluate(cfg["name"], paths, base_paths if rm else None, rm, tok, args, out, gs)

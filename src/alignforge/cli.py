@@ -42,7 +42,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("generate")
 def eval_generate(
-    set_: str = typer.Option(..., "--set", help="alignbench | mtbench | advbench | hh | jsonl"),
+    set_: str = typer.Option(..., "--set", help="alignbench | mtbench | advbench | hh | redinstruct | jsonl"),
     data: Path = typer.Option(..., "--data", help="The set's file (mtbench: question.jsonl or its folder)."),
     model: str = typer.Option(..., "--model", help="Model: 'embedded', an HF dir, adapter dir, .gguf or hub id."),
     out: Path = typer.Option(..., "--out", help="Output JSONL (a rerun resumes; other settings are refused)."),

@@ -12,6 +12,10 @@ kind           file and what becomes a prompt
                id = the 1-based row
 ``hh``         an Anthropic HH-RLHF split file (``test.jsonl.gz``): the first human turn of ``chosen``;
                id = the line
+``redinstruct`` a red-instruct question bank (HarmfulQA ``harmfulqa.json``, CatQA ``catqa_english.json``:
+               ``{topic: {subtopic: [question, ...]}}``; DangerousQA ``dangerousqa.json``: ``[question, ...]``),
+               harmful prompts only; category = the topic (``harmful`` for a flat list); repeated question
+               strings are kept once; id = the 1-based position
 ``jsonl``      a plain prompt file as read by :func:`data.readers.parse_prompt` (``{prompt}`` or
                ``{messages}`` ending on a user turn); id = the record's ``id`` if present, else the
                line; ``category`` kept if present
@@ -32,7 +36,7 @@ from alignforge.errors import ConfigError, DataError
 
 Message = dict[str, str]
 
-KINDS = ("alignbench", "mtbench", "advbench", "hh", "jsonl")
+KINDS = ("alignbench", "mtbench", "advbench", "hh", "redinstruct", "jsonl")
 
 
 @dataclass
@@ -179,6 +183,43 @@ def load_hh_prompts(path: str | Path) -> list[EvalPrompt]:
     return out
 
 
+def load_redinstruct(path: str | Path) -> list[EvalPrompt]:
+    """Every distinct question of a red-instruct bank (nested ``{topic: {subtopic: [q]}}`` or a flat list)."""
+    import json
+
+    fname = str(path)
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"cannot read file: {e.strerror or e}", file=fname) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=fname) from None
+    items: list[tuple[str, str, str]] = []  # (category, field path, question)
+    if isinstance(obj, list):
+        items = [("harmful", f"[{i}]", q) for i, q in enumerate(obj)]
+    elif isinstance(obj, dict):
+        for topic, subs in obj.items():
+            if not isinstance(subs, dict):
+                raise DataError("expected {subtopic: [question, ...]}", file=fname, field=topic)
+            for sub, qs in subs.items():
+                if not isinstance(qs, list):
+                    raise DataError("expected a list of questions", file=fname, field=f"{topic}.{sub}")
+                items += [(topic, f"{topic}.{sub}[{i}]", q) for i, q in enumerate(qs)]
+    else:
+        raise DataError("expected a list of questions or {topic: {subtopic: [question, ...]}}", file=fname)
+    out, seen = [], set()
+    for category, where, q in items:
+        if not isinstance(q, str) or not q.strip():
+            raise DataError("expected a non-empty question string", file=fname, field=where)
+        if q.strip() in seen:
+            continue
+        seen.add(q.strip())
+        out.append(EvalPrompt(id=str(len(out) + 1), prompt=_user(q.strip()), category=category, file=fname))
+    if not out:
+        raise DataError("no questions", file=fname)
+    return out
+
+
 def load_jsonl_prompts(path: str | Path) -> list[EvalPrompt]:
     """A plain prompt file (``data.readers`` validation; ``id`` and ``category`` kept if present)."""
     fname = str(path)
@@ -202,6 +243,7 @@ _LOADERS = {
     "mtbench": load_mtbench,
     "advbench": load_advbench_prompts,
     "hh": load_hh_prompts,
+    "redinstruct": load_redinstruct,
     "jsonl": load_jsonl_prompts,
 }
 
