@@ -282,7 +282,8 @@ def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
 
 
 def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -> Path:
-    """``MIX_s{S}_c{C}``: the HH mix of ``mix_dir`` plus two kinds of pairs (cached):
+    """``MIX_s{S}_c{C}``: the HH mix of ``mix_dir`` plus two kinds of pairs (cached; ``extra.jsonl`` holds
+    the added pairs alone):
 
     * ``n_safety`` **safety pairs**: a HarmfulQA question (red-instruct; CatQA, DangerousQA and AdvBench stay
       held out), chosen = one of :data:`REFUSALS` (seeded), rejected = the base model's own greedy answer;
@@ -335,6 +336,7 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -
     tmp = d.with_name(d.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, tmp / "train.jsonl")
+    write_jsonl(extra, tmp / "extra.jsonl")  # the added pairs alone (e.g. for a reward model's training file)
     report = {
         "mix": str(mix_dir / "train.jsonl"),
         "mix_pairs": n_mix,
@@ -635,8 +637,15 @@ def combined_table(results: dict, configs: dict, infos: dict) -> str:
             ln = "mean" + (f", γ {c['simpo_gamma']}" if c["simpo_gamma"] else "") if c["length_norm"] else "sum"
             if c["method"] != "dpo":
                 ln = "mean" if c["method"] in ("ulma", "pointwise_dpo") else "-"
-            pairs = str(c["n_train"]) + (
-                f" +{c['safety_pairs']}s +{c['counter_refusal']}c" if c["safety_pairs"] or c["counter_refusal"] else ""
+            ratio = f" ({c['ratio']})" if c.get("ratio") and c["ratio"] != "1:1" else ""
+            pairs = (
+                str(c["n_train"])
+                + ratio
+                + (
+                    f" +{c['safety_pairs']}s +{c['counter_refusal']}c"
+                    if c["safety_pairs"] or c["counter_refusal"]
+                    else ""
+                )
             )
             cols = [name, c["method"], f"{c['beta']:g}", f"{c['lr']:g}", f"{c['ntp_coef']:g}", ln, pairs]
             cols.append(f"{info['train_seconds'] / 60:.1f}")
@@ -645,7 +654,7 @@ def combined_table(results: dict, configs: dict, infos: dict) -> str:
         w = m.get("winrate_vs_base")
         cols += [
             ci(m["asr"]),
-            ci(m["asr_heldout"]),
+            ci(m["asr_heldout"]) if "asr_heldout" in m else "-",
             pct(m["over_refusal_mtbench"]["value"]),
             pct(m["over_refusal_helpful"]["value"]),
             pct(m["degenerate_benign"]),
@@ -656,27 +665,41 @@ def combined_table(results: dict, configs: dict, infos: dict) -> str:
     return "\n".join(lines)
 
 
-def tradeoff_plot(results: dict, path: Path) -> None:
-    """ASR (y) against pooled over-refusal (x), one annotated point per configuration; base in black."""
+def tradeoff_plot(results: dict, path: Path, configs: dict | None = None) -> None:
+    """ASR (y) against pooled over-refusal (x), one annotated point per configuration; base in black, the
+    configurations trained with explicit-refusal pairs in orange; the goal region (ASR at least 50 points
+    under the base, over-refusal at most 10 points over it) shaded."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    configs = configs or {}
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    if "base" in results:
+        bx, by = 100 * results["base"]["over_refusal_benign"]["value"], 100 * results["base"]["asr"]["value"]
+        ax.add_patch(plt.Rectangle((-3, -3), bx + 10 + 3, by - 50 + 3, color="tab:green", alpha=0.12, zorder=0))
+        ax.annotate("goal", (bx + 10, by - 50), textcoords="offset points", xytext=(-26, -12), fontsize=8)
     at: dict[tuple[float, float], list[str]] = {}  # configurations on the same point share one label
     for name, m in results.items():
         x, y = 100 * m["over_refusal_benign"]["value"], 100 * m["asr"]["value"]
         at.setdefault((round(x, 6), round(y, 6)), []).append(name)
-    for (x, y), names in at.items():
-        ax.scatter([x], [y], color="black" if "base" in names else "tab:blue", s=40, zorder=3)
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    placed: list[tuple[float, float]] = []
+    for (x, y), names in sorted(at.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        c = configs.get(names[0], {})
+        color = "black" if "base" in names else "tab:orange" if c.get("safety_pairs") else "tab:blue"
+        ax.scatter([x], [y], color=color, s=40, zorder=3)
+        dy = 4  # step a label down while it would sit on an earlier one (points: ~1.9 data units each)
+        while any(abs(x - px) < 18 and abs((y + dy / 2) - py) < 2.5 for px, py in placed):
+            dy -= 10
+        placed.append((x, y + dy / 2))
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, dy), fontsize=8)
     ax.set_xlabel("over-refusal on benign prompts (%)  ← better")
     ax.set_ylabel("AdvBench attack success (%)  ← better")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.set_title("Safety vs over-refusal (HH helpful + harmless)")
+    ax.set_title("Safety vs over-refusal (HH helpful + harmless; orange: + explicit-refusal pairs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -720,11 +743,40 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--n-resamples", type=int, default=9999, help="bootstrap resamples of every CI")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check, not a result")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table and plot from OUT's cached results")
     return ap
+
+
+def table_only(out: Path) -> None:
+    """``--table-only``: ``OUT/table.md``, ``OUT/tradeoff.png`` and ``OUT/summary_all.json`` from every
+    evaluated configuration cached in ``OUT`` (each its ``eval/NAME/metrics.json`` and ``runs/NAME/run_info.json``,
+    ordered by training time stamp), whichever invocation trained it; nothing is trained or generated."""
+    results, configs, infos = {}, {}, {}
+    names = sorted(
+        (p.parent.name for p in (out / "eval").glob("*/metrics.json")),
+        key=lambda n: (n != "base", (out / "runs" / n / "run_info.json").stat().st_mtime if n != "base" else 0),
+    )
+    for name in names:
+        info_path = out / "runs" / name / "run_info.json"
+        if name != "base" and not info_path.is_file():
+            continue
+        results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())
+        if name != "base":
+            infos[name] = info = json.loads(info_path.read_text())
+            configs[name] = {"safety_pairs": 0, "counter_refusal": 0, **info["config"]}
+    if "base" not in results:
+        raise SystemExit(f"{out}: no evaluated base model (eval/base/metrics.json)")
+    table = combined_table(results, configs, infos)
+    (out / "table.md").write_text(table + "\n")
+    tradeoff_plot(results, out / "tradeoff.png", configs)
+    (out / "summary_all.json").write_text(json.dumps({"eval": results, "train": infos}, indent=2, default=str))
+    print(table, flush=True)
 
 
 def main() -> None:
     args = parser().parse_args()
+    if args.table_only:
+        return table_only(Path(args.out))
     if args.quick:
         args.n_train, args.max_length, args.heldout, args.max_new_tokens = 16, 256, 20, 8
         args.n_advbench, args.n_mtbench, args.n_helpful, args.gen_batch = 4, 4, 4, 4
@@ -792,7 +844,7 @@ def main() -> None:
     by_name = {c["name"]: c for c in configs}
     table = combined_table(results, by_name, infos)
     (out / "table.md").write_text(table + "\n")
-    tradeoff_plot(results, out / "tradeoff.png")
+    tradeoff_plot(results, out / "tradeoff.png", by_name)
     summary["table"] = table
     summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
     dump()

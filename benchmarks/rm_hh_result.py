@@ -5,7 +5,8 @@
    ``data/split.py``: ``--heldout`` held-out pairs per file (split seed 0), the rest is that file's
    training pool; ``--n-train`` pairs of each pool are sampled (seeded; 0 = the full pool). The
    training file is the pools concatenated (mixing ratio = the pools' natural sizes) and shuffled
-   with ``--seed``.
+   with ``--seed``. ``--extra FILE`` (repeatable) adds a file's pairs to the training file in full (no
+   split, nothing held out; e.g. ``alignment_hh.py``'s explicit-refusal pairs, ``OUT/data/nN_sS_cC/extra.jsonl``).
 2. ``train_rm`` twice on the same pairs, same seed, LoRA (r=16, all-linear; the score head is
    trained in full), the default Gaussian score prior: ``reward.length_balance=false`` and ``=true``.
 3. Both RMs score the held-out pairs of each file (and all pooled): accuracy (bootstrap 95% CI),
@@ -79,6 +80,7 @@ def main() -> None:
     ap = experiment_parser(__doc__, n_train=512, out="outputs/rm_hh_result")
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint interval (steps); a rerun resumes")
     ap.add_argument("--only", choices=["both", "nobal", "bal"], default="both")
+    ap.add_argument("--extra", action="append", default=[], help="a preference file trained on in full (repeatable)")
     args = ap.parse_args()
 
     from alignforge.config import load_config
@@ -108,10 +110,17 @@ def main() -> None:
         reps[name], n_train = rep.__dict__, n_train + n
         held[name] = read_preference(sub / "heldout.jsonl").records
         train_rows += (sub / "train.jsonl").read_text().splitlines()
-    if len(files) > 1:  # the pools concatenated, shuffled once (seeded)
+    for path in args.extra:  # validated (file:line errors), trained on in full
+        n_extra = len(read_preference(path).records)
+        train_rows += [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+        reps[f"extra:{path}"], n_train = {"pairs": n_extra}, n_train + n_extra
+    if len(files) > 1 or args.extra:  # the pools (and extras) concatenated, shuffled once (seeded)
+        if len(files) == 1:
+            data = data / "with_extra"
+            data.mkdir(parents=True, exist_ok=True)
         random.Random(args.seed).shuffle(train_rows)
         (data / "train.jsonl").write_text("\n".join(train_rows) + "\n")
-        print(f"training file: {len(train_rows)} pairs from {', '.join(files)}", flush=True)
+        print(f"training file: {len(train_rows)} pairs from {', '.join([*files, *args.extra])}", flush=True)
     rep = reps
     runs = {"nobal": False, "bal": True}
     if args.only != "both":
