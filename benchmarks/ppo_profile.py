@@ -6,10 +6,7 @@ model), KL in the reward, reference reward on. 8 prompts (the first distinct fir
 harmless-base), one sample each, in one generation block of 8, 64 new tokens with EOS ignored (so
 every run does the same work), ``ppo_epochs=1``, ``minibatches=1``, ``forward_batch_size=8``: one
 update over the whole rollout. The first iteration is a warm-up (its update allocates the optimiser
-state and the gradients, first-touching ~3 GB); then ``--timed`` 3 iterations (the same work each: EOS is
-ignored), and every trainer time below is the **best** of them, as the floor and the generation baselines
-are best-of-``--repeats``: on this shared VM single runs of the same forward vary by up to 3x, so a single
-update against a best-of floor measures the noise (``train_s_runs`` lists every timed update).
+state and the gradients, first-touching ~3 GB); everything below is of the **second** iteration.
 ``--quick``: 4 prompts, 16 tokens.
 
 The reward model is an **untrained** head on the embedded backbone (seeded, saved once under the
@@ -68,9 +65,9 @@ from _harness import (  # noqa: E402
 )
 
 
-def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[list[dict], dict]:
-    """``1 + --timed`` PPO iterations (the first a warm-up); returns ``(metrics rows of the timed ones,
-    captured)``: the trainer, the last rollout and module, and every update's wall and CPU seconds."""
+def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]:
+    """Two PPO iterations (the first a warm-up); returns ``(metrics row, captured)`` of the second: the trainer,
+    its rollout and module, and the update's wall and CPU seconds."""
     import alignforge.trainers.common as common
     import alignforge.trainers.ppo as ppo
     from alignforge.config import load_config
@@ -82,8 +79,8 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[list[dict],
         captured.update(trainer=self, ro=ro, module=module)
         t, c = time.perf_counter(), cpu_s()
         res = real_update(self, it, ro, module, optimizer, scheduler, guard)
-        captured.setdefault("update_cpu_s", []).append(cpu_s() - c)
-        captured.setdefault("update_wall_s", []).append(time.perf_counter() - t)
+        captured["update_cpu_s"] = cpu_s() - c
+        captured["update_wall_s"] = time.perf_counter() - t
         return res
 
     ppo._Trainer.update = update
@@ -105,7 +102,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[list[dict],
             "lora.enabled=false",
             "model.gradient_checkpointing=false",
             "ppo.advantage=gae",
-            f"ppo.iterations={1 + args.timed}",
+            "ppo.iterations=2",
             f"ppo.prompts_per_iteration={args.prompts}",
             f"ppo.gen_batch_prompts={args.prompts}",
             "ppo.samples_per_prompt=1",
@@ -119,7 +116,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[list[dict],
         ],
     )
     summary = ppo.train_ppo(cfg)
-    return summary["history"][1:], captured
+    return summary["history"][-1], captured
 
 
 def time_generation(captured: dict, args) -> dict:
@@ -242,8 +239,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 prompts, 16 new tokens")
     ap.add_argument("--prompts", type=int, default=None, help="default 8 (4 with --quick)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per answer; default 64 (16 with --quick)")
-    ap.add_argument("--repeats", type=int, default=3, help="generation and floor timings: best of this many")
-    ap.add_argument("--timed", type=int, default=3, help="timed PPO iterations after the warm-up: best of these")
+    ap.add_argument("--repeats", type=int, default=2, help="generation and floor timings: best of this many")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None, help="default: $ALIGNFORGE_CACHE/bench (the RM is kept there)")
@@ -262,10 +258,7 @@ def main() -> None:
     rm = untrained_reward_model(work)
     machine_line({"prompts": args.prompts, "tokens": args.tokens, "rm": str(rm)})
     with tempfile.TemporaryDirectory(prefix="ppo_profile-", dir=work) as out:
-        rows, cap = run_iteration(args, prompts, rm, Path(out) / "run")
-    best = min(range(len(rows)), key=lambda i: rows[i]["train_s"])  # best of N, like the floor
-    row, update_cpu_s = rows[best], cap["update_cpu_s"][1:][best]
-    gen_s = min(r["gen_s"] for r in rows)
+        row, cap = run_iteration(args, prompts, rm, Path(out) / "run")
     n_new = args.prompts * args.tokens
     assert int(cap["ro"]["lens"].sum()) == n_new, "EOS was not ignored"
     gen = time_generation(cap, args)
@@ -274,22 +267,20 @@ def main() -> None:
     train_s = row["train_s"]
     res = {
         "bench": "ppo_profile",
-        "gen_tok_per_s": round(n_new / gen_s, 2),
+        "gen_tok_per_s": round(n_new / row["gen_s"], 2),
         "hf_generate_tok_per_s": round(gen["hf_generate_tok_per_s"], 2),
         "train_s": round(train_s, 3),
         "fwd_bwd_floor_s": round(floor["fwd_bwd_floor_s"], 3),
         "train_over_floor": round(train_s / floor["fwd_bwd_floor_s"], 3),
-        "gen_over_hf": round(n_new / gen_s / gen["hf_generate_tok_per_s"], 3),
+        "gen_over_hf": round(n_new / row["gen_s"] / gen["hf_generate_tok_per_s"], 3),
         "backend_tok_per_s": round(gen["backend_tok_per_s"], 2),
         "backend_over_hf": round(gen["backend_tok_per_s"] / gen["hf_generate_tok_per_s"], 3),
-        "gen_s": round(gen_s, 3),
-        "gen_s_runs": [round(r["gen_s"], 3) for r in rows],
-        "score_s": round(min(r["score_s"] for r in rows), 3),
-        "train_s_runs": [round(r["train_s"], 3) for r in rows],
-        "update_cpu_s": round(update_cpu_s, 3),
+        "gen_s": round(row["gen_s"], 3),
+        "score_s": round(row["score_s"], 3),
+        "update_cpu_s": round(cap["update_cpu_s"], 3),
         "floor_cpu_s": round(min(r[1] for r in floor["floor_runs_wall_cpu_s"]) * cap["trainer"].p.ppo_epochs, 3),
         "train_over_floor_cpu": round(
-            update_cpu_s / (min(r[1] for r in floor["floor_runs_wall_cpu_s"]) * cap["trainer"].p.ppo_epochs), 3
+            cap["update_cpu_s"] / (min(r[1] for r in floor["floor_runs_wall_cpu_s"]) * cap["trainer"].p.ppo_epochs), 3
         ),
         "floor_gflop_per_s": round(floor["floor_flops"] / floor["fwd_bwd_floor_s"] / 1e9, 1),
         "train_gflop_per_s": round(floor["floor_flops"] / train_s / 1e9, 1),
