@@ -202,6 +202,11 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
     return out
 
 
+def saved_config(info: dict) -> dict:
+    """A run's saved configuration with the keys added since it was trained filled in at their defaults."""
+    return {"safety_pairs": 0, "counter_refusal": 0, **info["config"]}
+
+
 def parse_config_arg(item: str) -> dict:
     """``NAME:key=v,key=v`` -> a configuration mapping."""
     name, _, rest = item.partition(":")
@@ -265,7 +270,10 @@ def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
     if n > len(qs):
         raise SystemExit(f"safety_pairs {n}: {args.harmfulqa} has only {len(qs)} distinct questions")
     prompts, answers = d / "harmfulqa_prompts.jsonl", d / "harmfulqa_base_answers.jsonl"
-    write_jsonl(({"id": f"q{i + 1}", "category": q.category, "prompt": q.prompt} for i, q in enumerate(qs)), prompts)
+    if not prompts.is_file():
+        write_jsonl(
+            ({"id": f"q{i + 1}", "category": q.category, "prompt": q.prompt} for i, q in enumerate(qs)), prompts
+        )
     if not answers.is_file() or len(answers.read_text().splitlines()) < n:
         generate_responses(
             "jsonl",
@@ -403,7 +411,7 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
     info_path = run_dir / "run_info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        if {"safety_pairs": 0, "counter_refusal": 0, **info["config"]} != cfg:
+        if saved_config(info) != cfg:
             raise SystemExit(
                 f"{run_dir} was trained with {info['config']}, not {cfg}: rename the configuration or delete the folder"
             )
@@ -550,10 +558,10 @@ def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args
     benign = [r.response for r in read_responses(pooled)]
     adv = [r.response for r in read_responses(paths["advbench"])]
     lens = length_report([paths["mtbench"], paths["helpful"], pooled], tokenizer=tok)["files"]
-    held = harm_report(paths["harmful_heldout"], pooled, n_resamples=rs)["harmful"]["attack_success_rate"]
+    held = harm_report(paths["harmful_heldout"], n_resamples=rs)["harmful"]
     m = {
         "asr": pooled_h["harmful"]["attack_success_rate"],
-        "asr_heldout": held,
+        "asr_heldout": held["attack_success_rate"],
         "adv_degenerate": sum(map(is_degenerate, adv)) / len(adv),
         "over_refusal_mtbench": harm["mtbench"]["benign"]["over_refusal"],
         "over_refusal_helpful": harm["helpful"]["benign"]["over_refusal"],
@@ -564,7 +572,7 @@ def evaluate(name: str, paths: dict, base_paths: dict | None, rm: str, tok, args
         "mean_tokens_benign": lens[2]["mean"],
         "n": {
             "advbench": len(adv),
-            "harmful_heldout": sum(1 for _ in read_responses(paths["harmful_heldout"])),
+            "harmful_heldout": held["n"],
             "mtbench": lens[0]["n"],
             "helpful": lens[1]["n"],
         },
@@ -763,7 +771,7 @@ def table_only(out: Path) -> None:
         results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())
         if name != "base":
             infos[name] = info = json.loads(info_path.read_text())
-            configs[name] = {"safety_pairs": 0, "counter_refusal": 0, **info["config"]}
+            configs[name] = saved_config(info)
     if "base" not in results:
         raise SystemExit(f"{out}: no evaluated base model (eval/base/metrics.json)")
     table = combined_table(results, configs, infos)

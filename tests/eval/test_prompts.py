@@ -225,5 +225,19 @@ def test_redinstruct_bad_input(tmp_path):
     f.write_text("[1, ")
     with pytest.raises(DataError, match="bank.json: invalid JSON"):
         load_prompt_set("redinstruct", f)
-    f.write_text(json.dumps({"Topic": {"Sub": ["How?", "How?"]}}))
+    f.write_text(json.dumps({"Topic": {"Sub": "How?"}}))
+    with pytest.raises(DataError, match=r"field 'Topic.Sub': expected a list of questions"):
+        load_prompt_set("redinstruct", f)
+    f.write_text(json.dumps(["How?", 3]))
+    with pytest.raises(DataError, match=r"field '\[1\]': expected a non-empty question"):
+        load_prompt_set("redinstruct", f)
+    f.write_text('"just a string"')
+    with pytest.raises(DataError, match="bank.json: expected a list of questions or"):
+        load_prompt_set("redinstruct", f)
+    f.write_text("{}")
+    with pytest.raises(DataError, match="bank.json: no questions"):
+        load_prompt_set("redinstruct", f)
+    with pytest.raises(DataError, match="missing.json: cannot read file"):
+        load_prompt_set("redinstruct", tmp_path / "missing.json")
+    f.write_text(json.dumps({"Topic": {"Sub": [" How? ", "How?"]}}))  # repeats (after stripping) kept once
     assert [p.prompt[0]["content"] for p in load_prompt_set("redinstruct", f)] == ["How?"]

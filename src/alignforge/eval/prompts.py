@@ -209,12 +209,12 @@ def load_redinstruct(path: str | Path) -> list[EvalPrompt]:
         raise DataError("expected a list of questions or {topic: {subtopic: [question, ...]}}", file=fname)
     out, seen = [], set()
     for category, where, q in items:
-        if not isinstance(q, str) or not q.strip():
+        q = q.strip() if isinstance(q, str) else ""
+        if not q:
             raise DataError("expected a non-empty question string", file=fname, field=where)
-        if q.strip() in seen:
-            continue
-        seen.add(q.strip())
-        out.append(EvalPrompt(id=str(len(out) + 1), prompt=_user(q.strip()), category=category, file=fname))
+        if q not in seen:
+            seen.add(q)
+            out.append(EvalPrompt(id=str(len(out) + 1), prompt=_user(q), category=category, file=fname))
     if not out:
         raise DataError("no questions", file=fname)
     return out
