@@ -20,7 +20,7 @@ remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goe
 ``n_train`` (mixed pairs), ``ratio`` (this configuration's ``helpful:harmless`` weights; its mix goes to
 ``OUT/data/nN_rH-M``, with the same held-out pairs), ``epochs``, ``iterations`` /
 ``prompts_per_iteration`` / ``kl_coef`` / ``reward_model`` (PPO: the RM it optimises, default ``--rm``),
-``safety_pairs`` / ``counter_refusal`` (below).
+``safety_pairs`` / ``counter_refusal`` / ``counter_base`` (below).
 
 **Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
 HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
@@ -31,7 +31,11 @@ the base model's own greedy answer (``--max-new-tokens``; cached in ``OUT/data/s
 benign prompts: helpful-base training-pool pairs not in the mix, chosen = HH's chosen answer, rejected = one
 of the same refusals. The first kind teaches refusing, the second that a refusal is the worse answer to a
 benign request: the policy has to tell them apart. CatQA and DangerousQA stay held out (below), and so do
-AdvBench and the benign sets.
+AdvBench and the benign sets. ``counter_base`` B (``…_bB``) adds B pairs on other helpful-base training-pool
+first turns, chosen = the base model's own greedy answer (skipped when the refusal rule flags it or it is
+empty or degenerate), rejected = a refusal: meant for a reward model that PPO optimises, which must rank the
+policy's own kind of answer above a refusal on benign prompts, not only HH's (better) chosen answers.
+``--data-only`` builds each configuration's data and stops (e.g. for ``rm_hh_result.py --extra``).
 Unset keys take the defaults: beta 0.1, lr 1e-4 (PPO 1e-4), ntp_coef 0, length_norm false,
 simpo_gamma 0, n_train ``--n-train`` 600, epochs 1, PPO 24 iterations × 8 prompts, kl 0.05.
 ``ulma`` = ULMA (``ulma.loss=ulma``: SFT on positives, the KL-regularised term on negatives, METHODS.md
@@ -111,6 +115,7 @@ KEYS = {
     "ratio": str,  # helpful:harmless of this configuration's mix (default --ratio)
     "safety_pairs": int,  # + N HarmfulQA pairs: an explicit refusal (chosen) vs the base model's answer
     "counter_refusal": int,  # + N helpful-pool pairs: HH's chosen answer vs a refusal (rejected)
+    "counter_base": int,  # + N helpful-pool first turns: the base model's own answer vs a refusal (rejected)
     "reward_model": str,  # PPO: the reward model it optimises (default --rm, which always judges the win rates)
 }
 
@@ -183,6 +188,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             "kl_coef": 0.05,
             "safety_pairs": 0,
             "counter_refusal": 0,
+            "counter_base": 0,
         }
         for k, v in c.items():
             tp = KEYS[k]
@@ -204,7 +210,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
 
 def saved_config(info: dict) -> dict:
     """A run's saved configuration with the keys added since it was trained filled in at their defaults."""
-    return {"safety_pairs": 0, "counter_refusal": 0, **info["config"]}
+    return {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0, **info["config"]}
 
 
 def parse_config_arg(item: str) -> dict:
@@ -255,25 +261,21 @@ def mixed_data(args, n_train: int, out: Path, ratio: str | None = None) -> Path:
     return d
 
 
-def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
-    """The base model's greedy answers to ``n`` HarmfulQA questions (a seeded sample of the distinct
-    questions; cached, resumable): the rejected side of the safety pairs."""
+def base_answers(args, name: str, rows: list[dict], n: int, out: Path) -> list[dict]:
+    """The base model's greedy answers to the first ``n`` of ``rows`` (``{"prompt": str | messages}``), cached
+    and resumable in ``OUT/data/safety/{name}_*.jsonl``; the prompt file is written once, so a cached set
+    keeps its order."""
     from alignforge.data.convert import write_jsonl
-    from alignforge.eval.prompts import load_prompt_set
     from alignforge.eval.responses import generate_responses, read_responses
     from alignforge.models.loading import ensure_embedded
 
     d = out / "data" / "safety"
     d.mkdir(parents=True, exist_ok=True)
-    qs = load_prompt_set("redinstruct", args.harmfulqa)
-    random.Random(f"harmfulqa:{args.seed}").shuffle(qs)
-    if n > len(qs):
-        raise SystemExit(f"safety_pairs {n}: {args.harmfulqa} has only {len(qs)} distinct questions")
-    prompts, answers = d / "harmfulqa_prompts.jsonl", d / "harmfulqa_base_answers.jsonl"
+    if n > len(rows):
+        raise SystemExit(f"{name}: asked for {n} answers, only {len(rows)} prompts")
+    prompts, answers = d / f"{name}_prompts.jsonl", d / f"{name}_base_answers.jsonl"
     if not prompts.is_file():
-        write_jsonl(
-            ({"id": f"q{i + 1}", "category": q.category, "prompt": q.prompt} for i, q in enumerate(qs)), prompts
-        )
+        write_jsonl(({"id": f"q{i + 1}", **r} for i, r in enumerate(rows)), prompts)
     if not answers.is_file() or len(answers.read_text().splitlines()) < n:
         generate_responses(
             "jsonl",
@@ -286,17 +288,34 @@ def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
             progress=False,
         )
     by_id = {r.id: r.response for r in read_responses(answers)}
-    return [{"prompt": q.prompt, "answer": by_id[f"q{i + 1}"]} for i, q in enumerate(qs[:n])]
+    return [{"prompt": r["prompt"], "answer": by_id[f"q{i + 1}"]} for i, r in enumerate(rows[:n])]
 
 
-def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -> Path:
-    """``MIX_s{S}_c{C}``: the HH mix of ``mix_dir`` plus two kinds of pairs (cached; ``extra.jsonl`` holds
-    the added pairs alone):
+def base_harmfulqa_answers(args, n: int, out: Path) -> list[dict]:
+    """The base model's greedy answers to ``n`` HarmfulQA questions (a seeded sample of the distinct
+    questions): the rejected side of the safety pairs."""
+    from alignforge.eval.prompts import load_prompt_set
+
+    qs = load_prompt_set("redinstruct", args.harmfulqa)
+    random.Random(f"harmfulqa:{args.seed}").shuffle(qs)
+    if n > len(qs):
+        raise SystemExit(f"safety_pairs {n}: {args.harmfulqa} has only {len(qs)} distinct questions")
+    return base_answers(args, "harmfulqa", [{"category": q.category, "prompt": q.prompt} for q in qs], n, out)
+
+
+def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n_base: int = 0) -> Path:
+    """``MIX_s{S}_c{C}`` (``…_b{B}`` with ``n_base``): the HH mix of ``mix_dir`` plus up to three kinds of
+    pairs (cached; ``extra.jsonl`` holds the added pairs alone):
 
     * ``n_safety`` **safety pairs**: a HarmfulQA question (red-instruct; CatQA, DangerousQA and AdvBench stay
       held out), chosen = one of :data:`REFUSALS` (seeded), rejected = the base model's own greedy answer;
     * ``n_counter`` **counter-refusal pairs**: helpful-base training-pool pairs not already in the mix
-      (seeded sample), chosen = HH's chosen answer, rejected = one of :data:`REFUSALS`.
+      (seeded sample), chosen = HH's chosen answer, rejected = one of :data:`REFUSALS`;
+    * ``n_base`` **base-answer counter pairs**: first turns of other helpful-base training-pool pairs (in
+      neither the mix nor the counter pairs; seeded), chosen = the base model's own greedy answer, rejected =
+      one of :data:`REFUSALS`; a base answer that the refusal rule flags, or an empty or degenerate one, is
+      skipped (and counted). For a reward model: it ranks the policy's *own kind* of answer above a refusal
+      on benign prompts, which HH's chosen answers (longer, better) do not teach it.
 
     The first teaches refusing harmful requests; the second, that a refusal is the worse answer to a benign
     one, so the policy has to tell them apart instead of learning to refuse (or hedge) everywhere."""
@@ -304,7 +323,7 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -
     from alignforge.data.readers import read_preference
     from alignforge.data.split import holdout_split
 
-    d = mix_dir.parent / f"{mix_dir.name}_s{n_safety}_c{n_counter}"
+    d = mix_dir.parent / (f"{mix_dir.name}_s{n_safety}_c{n_counter}" + (f"_b{n_base}" if n_base else ""))
     if (d / "report.json").is_file():
         return d
     rng = random.Random(f"safety:{args.seed}")
@@ -330,7 +349,8 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -
         cand = [i for i in pool_idx if json.dumps([recs[i].prompt, recs[i].chosen]) not in in_mix]
         if n_counter > len(cand):
             raise SystemExit(f"counter_refusal {n_counter}: only {len(cand)} helpful pool pairs are not in the mix")
-        for i in random.Random(f"counter:{args.seed}").sample(cand, n_counter):
+        picked = random.Random(f"counter:{args.seed}").sample(cand, n_counter)
+        for i in picked:
             refusal = rng.choice(REFUSALS)
             extra.append(
                 {
@@ -339,6 +359,40 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -
                     "rejected": [{"role": "assistant", "content": refusal}],
                 }
             )
+    n_cr, base_skipped = len(extra) - n_safe, 0
+    if n_base:
+        from alignforge.eval.lengths import is_degenerate
+        from alignforge.eval.refusal import is_refusal
+
+        recs = read_preference(args.helpful, on_error="skip").records
+        pool_idx, _ = holdout_split(len(recs), args.heldout, args.split_seed)
+        used = {json.dumps(r["prompt"][:1]) for r in rows} | {json.dumps(e["prompt"][:1]) for e in extra}
+        firsts, seen = [], set()
+        for i in random.Random(f"counter_base:{args.seed}").sample(pool_idx, len(pool_idx)):
+            first = next((m for m in recs[i].prompt if m["role"] == "user"), None)
+            key = json.dumps([{"role": "user", "content": first["content"]}]) if first else None
+            if key is None or key in used or key in seen:
+                continue
+            seen.add(key)
+            firsts.append({"prompt": [{"role": "user", "content": first["content"]}]})
+        # every candidate's answer is generated once (cached); the first n_base usable ones are kept
+        n_gen = min(len(firsts), int(n_base * 1.5) + 16)
+        for a in base_answers(args, "helpful_pool", firsts, n_gen, out):
+            if len(extra) - n_safe - n_cr == n_base:
+                break
+            ans = a["answer"].strip()
+            if not ans or is_refusal(ans) or is_degenerate(ans):
+                base_skipped += 1
+                continue
+            extra.append(
+                {
+                    "prompt": a["prompt"],
+                    "chosen": [{"role": "assistant", "content": ans}],
+                    "rejected": [{"role": "assistant", "content": rng.choice(REFUSALS)}],
+                }
+            )
+        if len(extra) - n_safe - n_cr < n_base:
+            raise SystemExit(f"counter_base {n_base}: only {len(extra) - n_safe - n_cr} usable base answers")
     rows += extra
     random.Random(args.seed).shuffle(rows)
     tmp = d.with_name(d.name + ".tmp")
@@ -350,13 +404,23 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path) -
         "mix_pairs": n_mix,
         "safety_pairs": n_safe,
         "safety_skipped": skipped,
-        "counter_refusal_pairs": len(extra) - n_safe,
+        "counter_refusal_pairs": n_cr,
+        "counter_base_pairs": len(extra) - n_safe - n_cr,
+        "counter_base_skipped": base_skipped,
         "harmfulqa": args.harmfulqa,
         "total": len(rows),
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     tmp.rename(d)
     print(f"[data] {d}: {json.dumps(report)}", flush=True)
+    return d
+
+
+def config_data(args, cfg: dict, out: Path) -> Path:
+    """The training-data directory of one configuration (built and cached on first use)."""
+    d = mixed_data(args, cfg["n_train"], out, cfg.get("ratio"))
+    if cfg["safety_pairs"] or cfg["counter_refusal"] or cfg["counter_base"]:
+        d = safety_data(args, d, cfg["safety_pairs"], cfg["counter_refusal"], out, cfg["counter_base"])
     return d
 
 
@@ -752,6 +816,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-resamples", type=int, default=9999, help="bootstrap resamples of every CI")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check, not a result")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table and plot from OUT's cached results")
+    ap.add_argument(
+        "--data-only", action="store_true", help="build each configuration's training data (OUT/data/...) and stop"
+    )
     return ap
 
 
@@ -821,6 +888,11 @@ def main() -> None:
         rm = args.rm
         if not Path(rm).is_dir():
             raise SystemExit(f"--rm {rm}: no such directory")
+    if args.data_only:
+        for cfg in configs:
+            d = config_data(args, cfg, out)
+            print(f"[{cfg['name']}] data: {d}", flush=True)
+        return
     base = str(ensure_embedded())
     tok = load_tokenizer(base)
     data_default = mixed_data(args, args.n_train, out)
@@ -837,9 +909,7 @@ def main() -> None:
     summary["eval"]["base"] = results["base"]
     dump()
     for cfg in configs:
-        d = mixed_data(args, cfg["n_train"], out, cfg.get("ratio"))
-        if cfg["safety_pairs"] or cfg["counter_refusal"]:
-            d = safety_data(args, d, cfg["safety_pairs"], cfg["counter_refusal"], out)
+        d = config_data(args, cfg, out)
         infos[cfg["name"]] = info = train(cfg, args, d, rm, out)
         paths, gs = generate_all(cfg["name"], info["final_dir"], files, args, out)
         results[cfg["name"]] = m = evaluate(cfg["name"], paths, base_paths if rm else None, rm, tok, args, out, gs)
