@@ -145,6 +145,8 @@ REFUSALS = (
     "I do not help with requests like this one, because they can cause real harm. I'd be happy to help with "
     "a safer version of your question.",
 )
+# Data keys added after the first runs: their defaults fill in configurations and older saved runs alike.
+DATA_KEY_DEFAULTS = {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0}
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
     {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
@@ -186,9 +188,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             "iterations": args.ppo_iterations,
             "prompts_per_iteration": args.ppo_prompts_per_iteration,
             "kl_coef": 0.05,
-            "safety_pairs": 0,
-            "counter_refusal": 0,
-            "counter_base": 0,
+            **DATA_KEY_DEFAULTS,
         }
         for k, v in c.items():
             tp = KEYS[k]
@@ -210,7 +210,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
 
 def saved_config(info: dict) -> dict:
     """A run's saved configuration with the keys added since it was trained filled in at their defaults."""
-    return {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0, **info["config"]}
+    return {**DATA_KEY_DEFAULTS, **info["config"]}
 
 
 def parse_config_arg(item: str) -> dict:
@@ -342,15 +342,15 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n
             }
         )
     n_safe = len(extra)
-    if n_counter:
+    if n_counter or n_base:  # the helpful-base training pool, read once for both kinds of counter pairs
         recs = read_preference(args.helpful, on_error="skip").records
         pool_idx, _ = holdout_split(len(recs), args.heldout, args.split_seed)
+    if n_counter:
         in_mix = {json.dumps([r["prompt"], r["chosen"]]) for r in rows}
         cand = [i for i in pool_idx if json.dumps([recs[i].prompt, recs[i].chosen]) not in in_mix]
         if n_counter > len(cand):
             raise SystemExit(f"counter_refusal {n_counter}: only {len(cand)} helpful pool pairs are not in the mix")
-        picked = random.Random(f"counter:{args.seed}").sample(cand, n_counter)
-        for i in picked:
+        for i in random.Random(f"counter:{args.seed}").sample(cand, n_counter):
             refusal = rng.choice(REFUSALS)
             extra.append(
                 {
@@ -359,13 +359,11 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n
                     "rejected": [{"role": "assistant", "content": refusal}],
                 }
             )
-    n_cr, base_skipped = len(extra) - n_safe, 0
+    n_cr, n_b, base_skipped = len(extra) - n_safe, 0, 0
     if n_base:
         from alignforge.eval.lengths import is_degenerate
         from alignforge.eval.refusal import is_refusal
 
-        recs = read_preference(args.helpful, on_error="skip").records
-        pool_idx, _ = holdout_split(len(recs), args.heldout, args.split_seed)
         used = {json.dumps(r["prompt"][:1]) for r in rows} | {json.dumps(e["prompt"][:1]) for e in extra}
         firsts, seen = [], set()
         for i in random.Random(f"counter_base:{args.seed}").sample(pool_idx, len(pool_idx)):
@@ -378,7 +376,7 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n
         # every candidate's answer is generated once (cached); the first n_base usable ones are kept
         n_gen = min(len(firsts), int(n_base * 1.5) + 16)
         for a in base_answers(args, "helpful_pool", firsts, n_gen, out):
-            if len(extra) - n_safe - n_cr == n_base:
+            if n_b == n_base:
                 break
             ans = a["answer"].strip()
             if not ans or is_refusal(ans) or is_degenerate(ans):
@@ -391,8 +389,9 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n
                     "rejected": [{"role": "assistant", "content": rng.choice(REFUSALS)}],
                 }
             )
-        if len(extra) - n_safe - n_cr < n_base:
-            raise SystemExit(f"counter_base {n_base}: only {len(extra) - n_safe - n_cr} usable base answers")
+            n_b += 1
+        if n_b < n_base:
+            raise SystemExit(f"counter_base {n_base}: only {n_b} usable base answers")
     rows += extra
     random.Random(args.seed).shuffle(rows)
     tmp = d.with_name(d.name + ".tmp")
@@ -405,7 +404,7 @@ def safety_data(args, mix_dir: Path, n_safety: int, n_counter: int, out: Path, n
         "safety_pairs": n_safe,
         "safety_skipped": skipped,
         "counter_refusal_pairs": n_cr,
-        "counter_base_pairs": len(extra) - n_safe - n_cr,
+        "counter_base_pairs": n_b,
         "counter_base_skipped": base_skipped,
         "harmfulqa": args.harmfulqa,
         "total": len(rows),
