@@ -25,7 +25,11 @@ warm-up and **timed = the mean over the other steps of one whole step**: ours fr
 generation and scoring happen inside the step, in ``_prepare_inputs``). Model loading is excluded.
 
 TRL variants (``--trl-variants``): ``fp32_b8`` (``per_device_train_batch_size=8``,
-``gradient_accumulation_steps=4``), ``fp32_b32`` (32 × 1), ``bf16_b8`` (bf16 autocast); the fastest is
+``gradient_accumulation_steps=4``), ``fp32_b32`` (32 × 1), ``bf16_b8`` (bf16 autocast); a ``_keep``
+suffix (e.g. ``bf16_b8_keep``) gives the TRL process the same glibc ``malloc`` setting that our trainers
+apply on CPU by default (``alignforge.trainers.common.keep_freed_memory``: no heap trimming, no ``mmap``
+for large blocks), so that the comparison is not one of allocators. Our variants (``--ours-variants``):
+``fp32``, ``bf16``, with ``_nokeep`` for ``train.keep_freed_memory=false``. The fastest of each side is
 reported.
 
 Usage::
@@ -74,7 +78,7 @@ def prepare(args) -> dict:
     return {"prompts_file": str(path), "rm": str(untrained_reward_model(work)), "base": str(ensure_embedded())}
 
 
-def child_ours(args, precision: str) -> dict:
+def child_ours(args, variant: str) -> dict:
     import torch
 
     import alignforge.trainers.common as common
@@ -93,6 +97,7 @@ def child_ours(args, precision: str) -> dict:
         spans[-1] += [time.perf_counter(), cpu_s()]
         return out
 
+    precision = variant.removesuffix("_nokeep")
     ppo._Trainer.rollout, ppo._Trainer.update = rollout, update
     ppo._Trainer._save_policy = lambda self, unwrapped, tmp: Path(tmp).mkdir(parents=True)
     common.save_checkpoint = lambda acc, output_dir, step, state, keep_last: Path(output_dir) / f"step-{step}"
@@ -133,13 +138,14 @@ def child_ours(args, precision: str) -> dict:
             "ppo.reference_reward=false",
             "ppo.clip=0.2",
             "ppo.sample_every=0",
+            f"train.keep_freed_memory={not variant.endswith('_nokeep')}",
         ],
     )
     summary = ppo.train_ppo(cfg)
     timed = spans[1:]
     hist = summary["history"]
     return {
-        "side": f"ours_{precision}",
+        "side": f"ours_{variant}",
         "s_per_step": sum(s[2] - s[0] for s in timed) / len(timed),
         "cpu_s_per_step": sum(s[3] - s[1] for s in timed) / len(timed),
         "step_s": [round(s[2] - s[0], 3) for s in spans],
@@ -160,7 +166,11 @@ def child_trl(args, variant: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    precision, micro = variant.split("_b")
+    if variant.endswith("_keep"):
+        from alignforge.trainers.common import keep_freed_memory
+
+        keep_freed_memory()
+    precision, micro = variant.removesuffix("_keep").split("_b")
     micro = int(micro)
     rows = args.prompts * K
     rows_ds = [json.loads(x) for x in open(Path(args.workdir) / "trl_prompts.jsonl", encoding="utf-8")]
@@ -270,8 +280,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; 2 with --quick)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens (default 64; 16 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default 3; 1 with --quick)")
-    ap.add_argument("--trl-variants", default="fp32_b8,fp32_b32,bf16_b8", help="comma list: fp32_bN / bf16_bN")
-    ap.add_argument("--ours-variants", default="fp32", help="comma list of our train.precision: fp32, bf16")
+    ap.add_argument(
+        "--trl-variants", default="fp32_b8,fp32_b32,bf16_b8,bf16_b8_keep", help="comma list: fp32_bN / bf16_bN [_keep]"
+    )
+    ap.add_argument("--ours-variants", default="fp32", help="comma list: fp32, bf16 [_nokeep]")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None, help="default: $ALIGNFORGE_CACHE/bench (the RM is kept there)")

@@ -174,6 +174,7 @@ def evaluate(name: str, model_path: str, base_path: str, rm: str, convs: dict, a
 def main() -> None:
     ap = experiment_parser(__doc__, n_train=256, out="outputs/ppo_ablation")
     ap.add_argument("--rm", default=None, help="a trained reward model dir (default: train one)")
+    ap.add_argument("--rm-only", action="store_true", help="train the reward model (OUT/rm/final), then stop")
     ap.add_argument("--n-prompts", type=int, default=256)
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--n-advbench", type=int, default=64)
@@ -202,6 +203,9 @@ def main() -> None:
         echo=lambda s: print(s, flush=True),
     )
     rm = args.rm or train_rm(args, data, out)
+    if args.rm_only:
+        print(rm, flush=True)
+        return
     train_prompts = first_turn_prompts(data / "train.jsonl", args.n_prompts, out / "prompts_train.jsonl")
     held = first_turn_prompts(data / "heldout.jsonl", args.n_eval, out / "prompts_heldout.jsonl")
     convs = {

@@ -1,13 +1,17 @@
 """Benchmark: where the time of one PPO iteration goes (issue 10, item 9 "Speed").
 
-Two iterations of ``train_ppo`` on the embedded SmolLM2-135M-Instruct, **full fine-tuning** (no LoRA),
+``--warmup`` + 1 iterations of ``train_ppo`` on the embedded SmolLM2-135M-Instruct, **full fine-tuning** (no LoRA),
 fp32, in the paper's setting: ``ppo.advantage=gae`` with a critic (initialised from the reward
 model), KL in the reward, reference reward on. 8 prompts (the first distinct first user turns of HH
 harmless-base), one sample each, in one generation block of 8, 64 new tokens with EOS ignored (so
 every run does the same work), ``ppo_epochs=1``, ``minibatches=1``, ``forward_batch_size=8``: one
-update over the whole rollout. The first iteration is a warm-up (its update allocates the optimiser
-state and the gradients, first-touching ~3 GB); everything below is of the **second** iteration.
-``--quick``: 4 prompts, 16 tokens.
+update over the whole rollout. The first ``--warmup`` iterations (default 2) are a warm-up: the first
+update allocates the optimiser state and the gradients, first-touching ~3 GB, and until the second
+update the process's heap is still growing to its working size (``train.keep_freed_memory``, on by
+default, keeps it from then on: no page faults in later updates, where the default glibc ``malloc``
+page-faults ~0.6–1.5 M pages in again each update); everything below is of the iteration after them.
+``--quick``: 4 prompts, 16 tokens. ``--keep-freed-memory false`` turns ``train.keep_freed_memory`` off
+(a process-wide setting, so the two are compared in two runs, one after the other).
 
 The reward model is an **untrained** head on the embedded backbone (seeded, saved once under the
 work dir): the benchmark measures speed, not quality, and an untrained head costs the same.
@@ -27,6 +31,10 @@ Measured, all in one process, one after another:
   critic over the same rollout rows in the same micro-batches, with the sum of the outputs as the
   loss (no PPO bookkeeping, no optimiser step), times the number of updates (``ppo_epochs``; the
   minibatches partition the rows);
+* ``update_best_s``: the trainer's update run again on the same rollout, best of ``--repeats`` (timed as
+  the floor is: the measured iteration's ``train_s`` is one measurement), ``update_best_over_floor``, and
+  ``update_step_s`` / ``update_step_share``: the time in the guarded step (gradient clipping, the fused
+  AdamW step over every trained parameter, zero_grad), which the floor leaves out;
 * ``train_over_floor = train_s / fwd_bwd_floor_s`` (goal ≤ 1.3), and the fraction of this CPU's
   fp32 matmul throughput (a 2048³ matmul, measured here, side by side) that the floor reaches:
   FLOPs ≈ 6 × parameters × tokens for training, with the decoder's non-embedding parameters over
@@ -66,7 +74,7 @@ from _harness import (  # noqa: E402
 
 
 def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]:
-    """Two PPO iterations (the first a warm-up); returns ``(metrics row, captured)`` of the second: the trainer,
+    """``args.warmup`` + 1 PPO iterations; returns ``(metrics row, captured)`` of the last: the trainer,
     its rollout and module, and the update's wall and CPU seconds."""
     import alignforge.trainers.common as common
     import alignforge.trainers.ppo as ppo
@@ -76,7 +84,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]
     real_update = ppo._Trainer.update
 
     def update(self, it, ro, module, optimizer, scheduler, guard):
-        captured.update(trainer=self, ro=ro, module=module)
+        captured.update(trainer=self, ro=ro, module=module, args=(it, ro, module, optimizer, scheduler, guard))
         t, c = time.perf_counter(), cpu_s()
         res = real_update(self, it, ro, module, optimizer, scheduler, guard)
         captured["update_cpu_s"] = cpu_s() - c
@@ -84,6 +92,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]
         return res
 
     ppo._Trainer.update = update
+    captured["real_update"] = real_update
     ppo._Trainer._save_policy = lambda self, unwrapped, tmp: Path(tmp).mkdir(parents=True)  # not timed, not needed
     common.save_checkpoint = lambda acc, output_dir, step, state, keep_last: Path(output_dir) / f"step-{step}"
     cfg = load_config(
@@ -102,7 +111,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]
             "lora.enabled=false",
             "model.gradient_checkpointing=false",
             "ppo.advantage=gae",
-            "ppo.iterations=2",
+            f"ppo.iterations={args.warmup + 1}",
             f"ppo.prompts_per_iteration={args.prompts}",
             f"ppo.gen_batch_prompts={args.prompts}",
             "ppo.samples_per_prompt=1",
@@ -113,6 +122,7 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]
             f"ppo.forward_batch_size={args.prompts}",
             f"ppo.score_batch_size={args.prompts}",
             "ppo.sample_every=0",
+            f"train.keep_freed_memory={args.keep_freed_memory}",
         ],
     )
     summary = ppo.train_ppo(cfg)
@@ -165,6 +175,37 @@ def time_generation(captured: dict, args) -> dict:
         "backend_gen_s": ours,
         "hf_generate_s": plain,
     }
+
+
+def time_update(captured: dict, args) -> dict:
+    """The trainer's update on the same rollout again, best of ``--repeats`` (as the floor is timed), and
+    the share of it spent in the guarded step (gradient clipping, the fused AdamW step, zero_grad).
+
+    Each repeat takes a real optimiser step, so the weights move; the work per repeat is the same."""
+    real_update = captured["real_update"]
+    it, ro, module, optimizer, scheduler, guard = captured["args"]
+    tr = captured["trainer"]
+    step_s: list[float] = []
+    real_call = type(guard).__call__
+
+    def timed(self, loss, where):
+        t = time.perf_counter()
+        out = real_call(self, loss, where)
+        step_s.append(time.perf_counter() - t)
+        return out
+
+    runs = []
+    type(guard).__call__ = timed
+    try:
+        for _ in range(args.repeats):
+            del step_s[:]
+            t, c = time.perf_counter(), cpu_s()
+            real_update(tr, it, ro, module, optimizer, scheduler, guard)
+            runs.append((time.perf_counter() - t, cpu_s() - c, sum(step_s)))
+    finally:
+        type(guard).__call__ = real_call
+    best = min(runs)
+    return {"update_best_s": best[0], "update_best_cpu_s": best[1], "step_s": best[2], "update_runs": runs}
 
 
 def time_floor(captured: dict, args) -> dict:
@@ -234,16 +275,55 @@ def time_floor(captured: dict, args) -> dict:
     }
 
 
+def compare_keep() -> None:
+    """``--compare-keep``: this script without, then with ``train.keep_freed_memory``, each in its own process."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:] if a != "--compare-keep"]
+    runs = {}
+    for keep in ("false", "true"):
+        proc = subprocess.run(
+            [sys.executable, __file__, *argv, "--keep-freed-memory", keep], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            raise SystemExit(f"the keep_freed_memory={keep} run failed (rc {proc.returncode})")
+        lines = proc.stdout.strip().splitlines()
+        print("\n".join(lines[:-1]), flush=True)
+        runs[keep] = json.loads(lines[-1])
+    off, on = runs["false"], runs["true"]
+    keys = ("train_s", "update_best_s", "fwd_bwd_floor_s", "train_over_floor", "update_best_over_floor", "peak_rss_mb")
+    on["without_keep"] = {k: off[k] for k in keys}
+    on["train_s_without_over_with_keep"] = round(off["train_s"] / on["train_s"], 3)
+    on["floor_without_over_with_keep"] = round(off["fwd_bwd_floor_s"] / on["fwd_bwd_floor_s"], 3)
+    print(json.dumps(on), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 prompts, 16 new tokens")
     ap.add_argument("--prompts", type=int, default=None, help="default 8 (4 with --quick)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per answer; default 64 (16 with --quick)")
+    ap.add_argument("--warmup", type=int, default=2, help="PPO iterations before the measured one")
+    ap.add_argument(
+        "--keep-freed-memory",
+        choices=["true", "false"],
+        default="true",
+        help="train.keep_freed_memory (process-wide: compare the two in separate runs)",
+    )
+    ap.add_argument(
+        "--compare-keep",
+        action="store_true",
+        help="run this benchmark twice, in two fresh processes one after the other (keep_freed_memory false, then "
+        "true), and print the second's JSON with the first's times and the ratios added",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="generation and floor timings: best of this many")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None, help="default: $ALIGNFORGE_CACHE/bench (the RM is kept there)")
     args = ap.parse_args()
+    if args.compare_keep:
+        return compare_keep()
     args.prompts = args.prompts or (4 if args.quick else 8)
     args.tokens = args.tokens or (16 if args.quick else 64)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -262,6 +342,7 @@ def main() -> None:
     n_new = args.prompts * args.tokens
     assert int(cap["ro"]["lens"].sum()) == n_new, "EOS was not ignored"
     gen = time_generation(cap, args)
+    upd = time_update(cap, args)
     floor = time_floor(cap, args)
     gflops = matmul_gflops()
     train_s = row["train_s"]
@@ -272,6 +353,10 @@ def main() -> None:
         "train_s": round(train_s, 3),
         "fwd_bwd_floor_s": round(floor["fwd_bwd_floor_s"], 3),
         "train_over_floor": round(train_s / floor["fwd_bwd_floor_s"], 3),
+        "update_best_s": round(upd["update_best_s"], 3),
+        "update_best_over_floor": round(upd["update_best_s"] / floor["fwd_bwd_floor_s"], 3),
+        "update_step_s": round(upd["step_s"], 3),
+        "update_step_share": round(upd["step_s"] / upd["update_best_s"], 3),
         "gen_over_hf": round(n_new / row["gen_s"] / gen["hf_generate_tok_per_s"], 3),
         "backend_tok_per_s": round(gen["backend_tok_per_s"], 2),
         "backend_over_hf": round(gen["backend_tok_per_s"] / gen["hf_generate_tok_per_s"], 3),
@@ -293,12 +378,14 @@ def main() -> None:
         "prompts": args.prompts,
         "new_tokens": args.tokens,
         "setting": "gae+critic(rm), full fine-tuning, fp32, 1 epoch x 1 minibatch",
+        "keep_freed_memory": args.keep_freed_memory,
+        "warmup_iterations": args.warmup,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch_threads": torch.get_num_threads(),
         "loadavg": os.getloadavg(),
         "total_wall_s": round(time.perf_counter() - t0, 1),
     }
-    print(json.dumps({"detail": {**gen, **floor}}), flush=True)
+    print(json.dumps({"detail": {**gen, **upd, **floor}}), flush=True)
     print(json.dumps(res), flush=True)
 
 

@@ -86,6 +86,10 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True  # rich progress bar on the main process
     tensorboard: bool = True
+    # on CPU with glibc: keep freed memory in the process (no heap trimming, no mmap for large blocks), so
+    # a step does not page-fault its activations and gradients in again (trainers/common.keep_freed_memory);
+    # the process's RSS then stays at its peak
+    keep_freed_memory: bool = True
     # generation probe (inference/probe.py): greedy answers to fixed prompts every N steps and before
     # step 1, logged as gen_len_mean / gen_finished, answers in OUTPUT/samples.jsonl; 0 = off
     probe_every: int = 0

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -357,3 +359,39 @@ def test_bf16_mixed_precision_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
 
     sd = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+_FAULTS = """
+import resource, sys, torch
+from alignforge.trainers.common import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+n = 64 * 2**20  # 256 MB of float32: far above glibc's mmap threshold
+torch.empty(n).fill_(1.0)  # allocate, touch, free
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(n // 2).fill_(2.0)  # half of it again: fits in the freed block
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, n * 2 // 4096)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc options")
+def test_keep_freed_memory_stops_a_freed_block_being_faulted_in_again():
+    def run(mode: str) -> tuple[str, int, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, faults, pages = out.stdout.split()
+        return applied, int(faults), int(pages)
+
+    applied, faults, pages = run("default")
+    assert applied == "None" and faults > pages // 2  # unmapped when freed: every page faults in again
+    applied, faults, pages = run("keep")
+    assert applied == "True" and faults < pages // 20  # kept in the heap: reused without faults
+
+
+def test_make_accelerator_keeps_freed_memory_on_cpu_unless_turned_off(monkeypatch):
+    import alignforge.trainers.common as common
+
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append(1) or True)
+    common.make_accelerator(TrainConfig())
+    assert calls == [1]
+    common.make_accelerator(TrainConfig(keep_freed_memory=False))
+    assert calls == [1]
