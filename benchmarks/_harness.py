@@ -108,16 +108,22 @@ def trl_timer(marks: dict[str, float]):
     return Timer()
 
 
-def run_child(script: str, side: str, child_args: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run ``script --child SIDE …`` in a fresh interpreter; its last stdout line is its JSON result."""
-    cmd = [sys.executable, script, "--child", side, *child_args]
+def run_json_script(cmd: list[str], label: str, env: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """Run ``cmd`` (a benchmark script) in a fresh interpreter; ``(its other stdout lines, its last line as
+    JSON)``. A failure prints the tails of its output and exits naming ``label``."""
     full_env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", **(env or {}))
-    t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} child failed (rc {proc.returncode})")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{label} failed (rc {proc.returncode})")
+    lines = proc.stdout.strip().splitlines()
+    return lines[:-1], json.loads(lines[-1])
+
+
+def run_child(script: str, side: str, child_args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script --child SIDE …`` in a fresh interpreter; its last stdout line is its JSON result."""
+    t = time.perf_counter()
+    _, res = run_json_script([sys.executable, script, "--child", side, *child_args], f"{side} child", env)
     res["child_wall_s"] = round(time.perf_counter() - t, 1)
     res["loadavg_after"] = os.getloadavg()
     print(json.dumps(res), flush=True)

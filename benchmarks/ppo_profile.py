@@ -31,6 +31,8 @@ Measured, all in one process, one after another:
   critic over the same rollout rows in the same micro-batches, with the sum of the outputs as the
   loss (no PPO bookkeeping, no optimiser step), times the number of updates (``ppo_epochs``; the
   minibatches partition the rows);
+* ``update_minor_faults`` / ``update_sys_s``: the minor page faults and the system CPU seconds of the
+  process during the measured update (``getrusage``);
 * ``update_best_s``: the trainer's update run again on the same rollout, best of ``--repeats`` (timed as
   the floor is: the measured iteration's ``train_s`` is one measurement), ``update_best_over_floor``, and
   ``update_step_s`` / ``update_step_share``: the time in the guarded step (gradient clipping, the fused
@@ -56,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -69,6 +72,7 @@ from _harness import (  # noqa: E402
     machine_line,
     matmul_gflops,
     peak_rss_mb,
+    run_json_script,
     untrained_reward_model,
 )
 
@@ -84,11 +88,14 @@ def run_iteration(args, prompts: Path, rm: Path, out: Path) -> tuple[dict, dict]
     real_update = ppo._Trainer.update
 
     def update(self, it, ro, module, optimizer, scheduler, guard):
-        captured.update(trainer=self, ro=ro, module=module, args=(it, ro, module, optimizer, scheduler, guard))
-        t, c = time.perf_counter(), cpu_s()
+        captured.update(trainer=self, ro=ro, module=module, it=it, step_parts=(optimizer, scheduler, guard))
+        r0, t, c = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), cpu_s()
         res = real_update(self, it, ro, module, optimizer, scheduler, guard)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         captured["update_cpu_s"] = cpu_s() - c
         captured["update_wall_s"] = time.perf_counter() - t
+        captured["update_minor_faults"] = r1.ru_minflt - r0.ru_minflt
+        captured["update_sys_s"] = r1.ru_stime - r0.ru_stime
         return res
 
     ppo._Trainer.update = update
@@ -183,8 +190,8 @@ def time_update(captured: dict, args) -> dict:
 
     Each repeat takes a real optimiser step, so the weights move; the work per repeat is the same."""
     real_update = captured["real_update"]
-    it, ro, module, optimizer, scheduler, guard = captured["args"]
-    tr = captured["trainer"]
+    it, ro, module, tr = captured["it"], captured["ro"], captured["module"], captured["trainer"]
+    optimizer, scheduler, guard = captured["step_parts"]
     step_s: list[float] = []
     real_call = type(guard).__call__
 
@@ -277,22 +284,23 @@ def time_floor(captured: dict, args) -> dict:
 
 def compare_keep() -> None:
     """``--compare-keep``: this script without, then with ``train.keep_freed_memory``, each in its own process."""
-    import subprocess
-
     argv = [a for a in sys.argv[1:] if a != "--compare-keep"]
     runs = {}
     for keep in ("false", "true"):
-        proc = subprocess.run(
-            [sys.executable, __file__, *argv, "--keep-freed-memory", keep], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"the keep_freed_memory={keep} run failed (rc {proc.returncode})")
-        lines = proc.stdout.strip().splitlines()
-        print("\n".join(lines[:-1]), flush=True)
-        runs[keep] = json.loads(lines[-1])
+        cmd = [sys.executable, __file__, *argv, "--keep-freed-memory", keep]
+        lines, runs[keep] = run_json_script(cmd, f"the keep_freed_memory={keep} run")
+        print("\n".join(lines), flush=True)
     off, on = runs["false"], runs["true"]
-    keys = ("train_s", "update_best_s", "fwd_bwd_floor_s", "train_over_floor", "update_best_over_floor", "peak_rss_mb")
+    keys = (
+        "train_s",
+        "update_best_s",
+        "fwd_bwd_floor_s",
+        "train_over_floor",
+        "update_best_over_floor",
+        "update_minor_faults",
+        "update_sys_s",
+        "peak_rss_mb",
+    )
     on["without_keep"] = {k: off[k] for k in keys}
     on["train_s_without_over_with_keep"] = round(off["train_s"] / on["train_s"], 3)
     on["floor_without_over_with_keep"] = round(off["fwd_bwd_floor_s"] / on["fwd_bwd_floor_s"], 3)
@@ -353,6 +361,8 @@ def main() -> None:
         "train_s": round(train_s, 3),
         "fwd_bwd_floor_s": round(floor["fwd_bwd_floor_s"], 3),
         "train_over_floor": round(train_s / floor["fwd_bwd_floor_s"], 3),
+        "update_minor_faults": cap["update_minor_faults"],
+        "update_sys_s": round(cap["update_sys_s"], 3),
         "update_best_s": round(upd["update_best_s"], 3),
         "update_best_over_floor": round(upd["update_best_s"] / floor["fwd_bwd_floor_s"], 3),
         "update_step_s": round(upd["step_s"], 3),

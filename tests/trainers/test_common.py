@@ -386,6 +386,13 @@ def test_keep_freed_memory_stops_a_freed_block_being_faulted_in_again():
     assert applied == "True" and faults < pages // 20  # kept in the heap: reused without faults
 
 
+def test_keep_freed_memory_is_a_no_op_off_linux(monkeypatch):
+    from alignforge.trainers.common import keep_freed_memory
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert keep_freed_memory() is False
+
+
 def test_make_accelerator_keeps_freed_memory_on_cpu_unless_turned_off(monkeypatch):
     import alignforge.trainers.common as common
 

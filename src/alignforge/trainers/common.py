@@ -193,8 +193,8 @@ def keep_freed_memory() -> bool:
     the kernel; a training step's activations, logits and gradients are such blocks, so every step
     page-faults them in again, zero-filled by the kernel. Measured on one PPO update of the embedded
     model (8 prompts × 64 tokens, full fine-tuning, 2 cores): ~0.6–1.5 M minor faults and 6–16 s of
-    system time per update by default; with this, none from the third iteration on, and the update's
-    wall time falls from 12.6–14.6 s to 9.2–9.6 s (``benchmarks/ppo_profile.py`` reports both).
+    system time per update by default; with this, a few thousand, and the update is 1.4–1.8× faster
+    (``benchmarks/ppo_profile.py --compare-keep`` reports the faults, system time and wall time of both).
 
     The cost: the process's RSS stays at its peak (freed memory is reused by the process, not returned
     to the system). Applies to the whole process from the call on. Returns whether it was applied:
