@@ -20,7 +20,9 @@ remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goe
 ``n_train`` (mixed pairs), ``ratio`` (this configuration's ``helpful:harmless`` weights; its mix goes to
 ``OUT/data/nN_rH-M``, with the same held-out pairs), ``epochs``, ``iterations`` /
 ``prompts_per_iteration`` / ``kl_coef`` / ``reward_model`` (PPO: the RM it optimises, default ``--rm``),
-``safety_pairs`` / ``counter_refusal`` / ``counter_base`` (below).
+``safety_pairs`` / ``counter_refusal`` / ``counter_base`` (below), ``ntp_refusals`` (PPO, default true:
+the NTP file holds every chosen answer of the training file; false leaves out the safety pairs' refusals,
+so the NTP term does not teach refusing, only the reward does).
 
 **Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
 HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
@@ -117,6 +119,7 @@ KEYS = {
     "counter_refusal": int,  # + N helpful-pool pairs: HH's chosen answer vs a refusal (rejected)
     "counter_base": int,  # + N helpful-pool first turns: the base model's own answer vs a refusal (rejected)
     "reward_model": str,  # PPO: the reward model it optimises (default --rm, which always judges the win rates)
+    "ntp_refusals": bool,  # PPO: the NTP file keeps the safety pairs' refusals (default true)
 }
 
 # Explicit refusals written for the safety pairs (ours; HH has almost none: hh_refusal_share.py). Varied on
@@ -147,6 +150,7 @@ REFUSALS = (
 )
 # Data keys added after the first runs: their defaults fill in configurations and older saved runs alike.
 DATA_KEY_DEFAULTS = {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0}
+ADDED_KEY_DEFAULTS = {**DATA_KEY_DEFAULTS, "ntp_refusals": True}  # keys added after the first runs
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
     {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
@@ -188,7 +192,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             "iterations": args.ppo_iterations,
             "prompts_per_iteration": args.ppo_prompts_per_iteration,
             "kl_coef": 0.05,
-            **DATA_KEY_DEFAULTS,
+            **ADDED_KEY_DEFAULTS,
         }
         for k, v in c.items():
             tp = KEYS[k]
@@ -210,7 +214,7 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
 
 def saved_config(info: dict) -> dict:
     """A run's saved configuration with the keys added since it was trained filled in at their defaults."""
-    return {**DATA_KEY_DEFAULTS, **info["config"]}
+    return {**ADDED_KEY_DEFAULTS, **info["config"]}
 
 
 def parse_config_arg(item: str) -> dict:
@@ -536,6 +540,8 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
             from alignforge.data.readers import read_preference
 
             recs = read_preference(train_file).records
+            if not cfg["ntp_refusals"]:  # the chosen answers that are not one of the written refusals
+                recs = [r for r in recs if not (len(r.chosen) == 1 and r.chosen[0]["content"] in REFUSALS)]
             write_jsonl(({"messages": r.prompt + r.chosen} for r in recs), sft)
             ov += [f"ppo.ntp_coef={cfg['ntp_coef']}", f"ppo.ntp_file={sft}"]
         s = train_ppo(load_config(PPOConfig, None, ov))

@@ -10,6 +10,7 @@ from alignforge.inference.generate import (
     GenerationBackend,
     GenerationConfig,
     HFBackend,
+    prompt_run_length,
 )
 from alignforge.models.loading import load_model, load_tokenizer
 
@@ -121,6 +122,51 @@ def test_sampling_reproducible_per_seed(backend):
     assert other != a
     greedy = backend.generate(CONVS, GenerationConfig(max_new_tokens=12, batch_size=2))
     assert greedy != a
+
+
+def test_prompt_run_length():
+    a, b, c = [1, 2], [3], [1, 2, 4]
+    assert prompt_run_length([a, a, b, b, c, c]) == 2
+    assert prompt_run_length([a, a, a, b, b, b]) == 3
+    assert prompt_run_length([a, a, a, a]) == 4  # one prompt: one run
+    assert prompt_run_length([a, b, c]) == 1
+    assert prompt_run_length([a, a, b]) == 1  # runs of unequal length
+    assert prompt_run_length([a, a, b, c]) == 1
+    assert prompt_run_length([a]) == 1
+
+
+@pytest.mark.parametrize("stop_on_eos", [True, False])
+def test_shared_prompt_prefill_equals_one_forward_per_row(backend, stop_on_eos, monkeypatch):
+    """Runs of k identical prompts (PPO/GRPO samples, Best-of-N): the prompt's KV cache is computed once
+    per distinct prompt and repeated k times; in float64 the samples, their logits and the greedy
+    answers equal those of the batch run row by row (``share_prompt_prefill=False``), prompts of
+    different lengths (left padding) included."""
+    calls = []
+    real = backend._prefilled_cache
+    monkeypatch.setattr(backend, "_prefilled_cache", lambda rows, k, dev: calls.append(k) or real(rows, k, dev))
+    model = backend.model.to(torch.float64)
+    try:
+        rows = [backend.render(c) for c in CONVS[:3] for _ in range(3)]
+        assert prompt_run_length(rows) == 3 and len({len(r) for r in rows}) == 3
+        for temp in (0.0, 1.0):
+            kw = dict(max_new_tokens=9, temperature=temp, seed=3, batch_size=9, stop_on_eos=stop_on_eos)
+            shared = backend.generate_from_ids(rows, GenerationConfig(return_logits=True, **kw))
+            plain = backend.generate_from_ids(
+                rows, GenerationConfig(return_logits=True, share_prompt_prefill=False, **kw)
+            )
+            assert [g.response_ids for g in shared] == [g.response_ids for g in plain]
+            for x, y in zip(shared, plain, strict=True):
+                torch.testing.assert_close(x.logits, y.logits, rtol=0, atol=1e-9)
+            if temp:  # the k samples of one prompt differ, so the rows are not copies of one answer
+                assert len({tuple(g.response_ids) for g in shared[:3]}) > 1
+        assert calls == [3, 3]  # the shared path ran (once per call with sharing on), with k = 3
+        # batch size below the run: each batch holds whole or partial runs, and still matches
+        kw = dict(max_new_tokens=6, temperature=1.0, seed=5, batch_size=2, stop_on_eos=stop_on_eos)
+        assert [g.response_ids for g in backend.generate_from_ids(rows, GenerationConfig(**kw))] == [
+            g.response_ids for g in backend.generate_from_ids(rows, GenerationConfig(share_prompt_prefill=False, **kw))
+        ]
+    finally:
+        model.to(torch.float32)
 
 
 def test_top_k_one_is_greedy(backend):

@@ -30,6 +30,9 @@ class GenerationConfig:
     batch_size: int = 8
     stop_on_eos: bool = True
     return_logits: bool = False  # keep the model's raw logits at each new token (GeneratedSequence.logits)
+    # A batch made of runs of k identical prompts (PPO / GRPO samples, Best-of-N) runs the prompt's forward
+    # once per distinct prompt and repeats its KV cache k times, instead of k times over the same tokens.
+    share_prompt_prefill: bool = True
 
     def __post_init__(self) -> None:
         from alignforge.errors import ConfigError
@@ -110,6 +113,21 @@ def render_prompt(
     return ids
 
 
+def prompt_run_length(rows: Sequence[list[int]]) -> int:
+    """``k`` when ``rows`` are runs of ``k`` consecutive identical prompts (``k`` = the first run's
+    length; every run that long), else 1."""
+    n = len(rows)
+    k = 1
+    while k < n and rows[k] == rows[0]:
+        k += 1
+    if k == 1 or n % k:
+        return 1
+    for s in range(0, n, k):
+        if any(rows[s + j] != rows[s] for j in range(1, k)):
+            return 1
+    return k
+
+
 class HFBackend:
     """A :class:`GenerationBackend` over a transformers causal LM (or PeftModel)."""
 
@@ -169,20 +187,37 @@ class HFBackend:
 
             return torch.device("cpu")
 
+    def _prefilled_cache(self, rows: list[list[int]], k: int, device: Any) -> tuple[Any, Any, Any]:
+        """The left-padded batch of ``rows`` (runs of ``k`` identical prompts) and a KV cache of all but
+        its last column, computed once per distinct prompt and repeated ``k`` times along the batch.
+        ``generate`` then runs only the last prompt token and the new ones. Positions are those
+        ``generate`` gives a left-padded batch (``cumsum(mask) − 1``, 0 on the padding)."""
+        ids, mask = self._left_pad(rows[::k])
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(k)
+        return ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0), cache
+
     def _generate_batch(
         self, rows: list[list[int]], cfg: GenerationConfig, seed: int, hf_cfg: Any
     ) -> list[GeneratedSequence]:
         import torch
 
-        ids, mask = self._left_pad(rows)
         device = self._device()
+        k = prompt_run_length(rows) if cfg.share_prompt_prefill else 1
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(seed)
             kw = {"output_logits": True, "return_dict_in_generate": True} if cfg.return_logits else {}
-            out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg, **kw
-            )
+            if k > 1 and max(len(r) for r in rows) > 1:
+                ids, mask, cache = self._prefilled_cache(rows, k, device)
+                kw["cache"] = cache
+            else:
+                ids, mask = self._left_pad(rows)
+                ids, mask = ids.to(device), mask.to(device)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_cfg, **kw)
         logits = torch.stack(out.logits, dim=1) if cfg.return_logits else None  # [B, new, V], unprocessed
         seqs = out.sequences if cfg.return_logits else out
         new = seqs[:, ids.shape[1] :].tolist()
