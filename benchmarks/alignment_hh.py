@@ -48,7 +48,9 @@ means, β 2.0, γ 1.0: SimPO's γ/β = 0.5), ``ulma``, ``pointwise_dpo``, ``ppo`
 
 **Training** (every method): from the embedded SmolLM2-135M-Instruct, LoRA r 16 (alpha 32, all-linear,
 no dropout), batch 4, max length ``--max-length`` 320, cosine lr with 5% warm-up, bf16 autocast
-(``--precision``), seed 42, checkpoints every 50 steps. PPO: GAE, the reference-response reward, KL in the
+where the CPU has native bf16, else fp32 (``--precision auto``, the default;
+``trainers/common.cpu_has_native_bf16``: on an AVX2-only CPU bf16 runs torch's scalar reference GEMM,
+``benchmarks/bf16_cpu.py``), seed 42, checkpoints every 50 steps. PPO: GAE, the reference-response reward, KL in the
 reward (k1), ``--max-new-tokens`` per rollout, its prompts = the first user turns of the mix's pairs
 (``--ppo-prompts`` 96), ``--rm`` the reward model.
 
@@ -461,12 +463,23 @@ def eval_prompt_files(args, heldout_helpful: Path, out: Path) -> dict[str, Path]
 # --------------------------------------------------------------------------- training
 
 
+def precision(args) -> str:
+    """``--precision``, with ``auto`` resolved: bf16 autocast where this CPU (or a GPU) runs it natively."""
+    if args.precision != "auto":
+        return args.precision
+    import torch
+
+    from alignforge.trainers.common import cpu_has_native_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+
 def lora_common(args, cfg: dict, train_file: Path, run_dir: Path) -> list[str]:
     return lora_base(args, train_file, run_dir, cfg["lr"]) + [
         "train.resume=true",
         f"train.save_every={args.save_every}",
         "train.log_every=5",
-        f"train.precision={args.precision}",
+        f"train.precision={precision(args)}",
     ]
 
 
@@ -802,7 +815,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=320)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 if native")
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--ppo-iterations", type=int, default=24)
     ap.add_argument("--ppo-prompts-per-iteration", type=int, default=8)

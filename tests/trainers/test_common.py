@@ -402,3 +402,30 @@ def test_make_accelerator_keeps_freed_memory_on_cpu_unless_turned_off(monkeypatc
     assert calls == [1]
     common.make_accelerator(TrainConfig(keep_freed_memory=False))
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("machine", "cap", "native"),
+    [("x86_64", "AVX2", False), ("x86_64", "DEFAULT", False), ("x86_64", "AVX512", True), ("aarch64", "DEFAULT", True)],
+)
+def test_cpu_has_native_bf16_reads_torch_cpu_capability(monkeypatch, machine, cap, native):
+    import platform
+
+    from alignforge.trainers.common import cpu_has_native_bf16
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+    assert cpu_has_native_bf16() is native
+
+
+def test_make_accelerator_warns_for_bf16_on_a_cpu_without_native_bf16(monkeypatch, recwarn):
+    import alignforge.trainers.common as common
+
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"train\.precision=bf16 .* train\.precision=fp32"):
+        common.make_accelerator(TrainConfig(precision="bf16"))
+    recwarn.clear()
+    common.make_accelerator(TrainConfig(precision="fp32"))
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    common.make_accelerator(TrainConfig(precision="bf16"))
+    assert not [w for w in recwarn if "precision=bf16" in str(w.message)]

@@ -216,6 +216,26 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_trim_threshold, -1)) and bool(mallopt(m_mmap_max, 0))
 
 
+BF16_SLOW_CPU = (
+    "train.precision=bf16 on a CPU without native bf16 matrix instructions (torch CPU capability {cap}): "
+    "bf16 matmuls and attention run through torch's reference kernels here, several times slower than "
+    "fp32 (benchmarks/bf16_cpu.py measures it); train.precision=fp32 is faster on this machine"
+)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether torch runs bf16 matmuls on this CPU with vector instructions (AVX-512 or AMX on x86).
+    An x86 CPU at ``AVX2`` or below has none: oneDNN refuses bf16 there, and torch falls back to its
+    scalar reference GEMM (``cpublas``), also inside the CPU flash-attention kernel. Other
+    architectures are assumed to have them."""
+    import platform
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return cap.startswith("AVX512") or "AMX" in cap
+
+
 def make_accelerator(cfg: TrainConfig, *, fsdp: bool = False):
     """An ``Accelerator`` for this run's precision, after :func:`check_distributed`.
 
@@ -228,7 +248,8 @@ def make_accelerator(cfg: TrainConfig, *, fsdp: bool = False):
     accelerate's own "DeepSpeed is not installed".
 
     ``fsdp``: whether the calling trainer supports FSDP (see :func:`check_distributed`). On CPU,
-    ``train.keep_freed_memory`` (default on) calls :func:`keep_freed_memory` first.
+    ``train.keep_freed_memory`` (default on) calls :func:`keep_freed_memory` first, and
+    ``train.precision=bf16`` on a CPU without native bf16 (:func:`cpu_has_native_bf16`) warns.
 
     Test hook: with ``ALIGNFORGE_TEST_FSDP_ON_CPU=1`` and an FSDP launch config on CPU, the state is switched
     to FSDP (:func:`force_fsdp_on_cpu`) instead of refused, so that tests run FSDP2 on CPU with gloo.
@@ -243,6 +264,10 @@ def make_accelerator(cfg: TrainConfig, *, fsdp: bool = False):
     use_cpu = not torch.cuda.is_available()
     if use_cpu and cfg.keep_freed_memory:
         keep_freed_memory()
+    if use_cpu and cfg.precision == "bf16" and not cpu_has_native_bf16():
+        import warnings
+
+        warnings.warn(BF16_SLOW_CPU.format(cap=torch.backends.cpu.get_cpu_capability()), RuntimeWarning, stacklevel=2)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     if flag_from_env(FSDP_TEST_HOOK):
         force_fsdp_on_cpu(accelerator)
