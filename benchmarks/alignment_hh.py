@@ -22,7 +22,10 @@ remainder rounding), sampled with ``--seed`` 42 and shuffled; the mix report goe
 ``prompts_per_iteration`` / ``kl_coef`` / ``reward_model`` (PPO: the RM it optimises, default ``--rm``),
 ``safety_pairs`` / ``counter_refusal`` / ``counter_base`` (below), ``ntp_refusals`` (PPO, default true:
 the NTP file holds every chosen answer of the training file; false leaves out the safety pairs' refusals,
-so the NTP term does not teach refusing, only the reward does).
+so the NTP term does not teach refusing, only the reward does), ``safety_reward_model`` / ``safety_threshold``
+(PPO with Llama 2's two reward models: the prompts of the safety pairs among PPO's prompts become
+``ppo.safety_prompt_files`` and are scored by this RM, the rest by ``reward_model`` unless the safety RM
+scores an answer under ``ppo.safety_threshold``, default 0.15).
 
 **Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
 HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
@@ -122,6 +125,9 @@ KEYS = {
     "counter_base": int,  # + N helpful-pool first turns: the base model's own answer vs a refusal (rejected)
     "reward_model": str,  # PPO: the reward model it optimises (default --rm, which always judges the win rates)
     "ntp_refusals": bool,  # PPO: the NTP file keeps the safety pairs' refusals (default true)
+    # PPO with Llama 2's second RM: the safety pairs' prompts become ppo.safety_prompt_files
+    "safety_reward_model": str,
+    "safety_threshold": float,  # PPO: ppo.safety_threshold (default 0.15)
 }
 
 # Explicit refusals written for the safety pairs (ours; HH has almost none: hh_refusal_share.py). Varied on
@@ -206,8 +212,11 @@ def resolve_configs(raw: list, args, origin: str) -> list[dict]:
             check_ratio_arg(full["ratio"], f"{where} ({c['name']}): ratio")
         if full["method"] not in METHODS:
             raise SystemExit(f"{where} ({c['name']}): method must be one of {', '.join(METHODS)}")
-        if "reward_model" in full and (full["method"] != "ppo" or not Path(full["reward_model"]).is_dir()):
-            raise SystemExit(f"{where} ({c['name']}): reward_model is a PPO option naming a reward model directory")
+        for key in ("reward_model", "safety_reward_model"):
+            if key in full and (full["method"] != "ppo" or not Path(full[key]).is_dir()):
+                raise SystemExit(f"{where} ({c['name']}): {key} is a PPO option naming a reward model directory")
+        if "safety_threshold" in full and "safety_reward_model" not in full:
+            raise SystemExit(f"{where} ({c['name']}): safety_threshold needs safety_reward_model")
         if full["method"] != "dpo" and (full["length_norm"] or full["simpo_gamma"]):
             raise SystemExit(f"{where} ({c['name']}): length_norm / simpo_gamma are DPO options")
         out.append(full)
@@ -531,8 +540,26 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
         from alignforge.trainers.ppo import PPOConfig, train_ppo
 
         prompts = run_dir.parent / f"{cfg['name']}_prompts.jsonl"
-        write_jsonl(first_turn_rows(train_file, args.ppo_prompts), prompts)
-        ov = [x for x in common if not x.startswith("data.train_files")] + [
+        rows = first_turn_rows(train_file, args.ppo_prompts)
+        ov = []
+        if cfg.get("safety_reward_model"):  # the safety pairs' prompts (chosen = a written refusal) go apart
+            from alignforge.data.readers import read_preference
+
+            flagged = {
+                r.prompt[-1]["content"]
+                for r in read_preference(train_file).records
+                if len(r.chosen) == 1 and r.chosen[0]["content"] in REFUSALS
+            }
+            safety = run_dir.parent / f"{cfg['name']}_safety_prompts.jsonl"
+            write_jsonl((r for r in rows if r["prompt"][0]["content"] in flagged), safety)
+            rows = [r for r in rows if r["prompt"][0]["content"] not in flagged]
+            ov += [
+                f"ppo.safety_reward_model={cfg['safety_reward_model']}",
+                f"ppo.safety_prompt_files=[{safety}]",
+                f"ppo.safety_threshold={cfg.get('safety_threshold', 0.15)}",
+            ]
+        write_jsonl(rows, prompts)
+        ov += [x for x in common if not x.startswith("data.train_files")] + [
             f"data.train_files=[{prompts}]",
             "data.max_prompt_length=128",
             "data.overlong=truncate",

@@ -170,6 +170,31 @@ def test_critic_free_estimators_run(tmp_path, tiny_model_dir, rm_dir, prompts_fi
     assert "value_loss" not in hist[0] and torch.isfinite(torch.tensor(hist[0]["policy_loss"]))
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prompt_prefill_switch(tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch, share):
+    """The K samples of a prompt share one prompt prefill unless ``ppo.share_prompt_prefill=false``."""
+    from alignforge.inference.generate import HFBackend
+
+    calls = []
+    real = HFBackend._prefilled_cache
+    monkeypatch.setattr(
+        HFBackend, "_prefilled_cache", lambda self, rows, k, dev: calls.append(k) or real(self, rows, k, dev)
+    )
+    _run(
+        _args(
+            tmp_path,
+            tiny_model_dir,
+            rm_dir,
+            prompts_file,
+            f"share{share}",
+            "ppo.iterations=1",
+            "ppo.reference_reward=false",
+            f"ppo.share_prompt_prefill={str(share).lower()}",
+        )
+    )
+    assert calls == ([2, 2] if share else [])  # two generation blocks of 2 prompts x K=2
+
+
 def test_ntp_term_is_the_policy_nll_on_the_sft_batch(tmp_path, tiny_model_dir, rm_dir, prompts_file, sft_file):
     from alignforge.data.collate import collate_sft
     from alignforge.data.tokenize import load_sft_dataset
@@ -231,6 +256,86 @@ def test_rm_with_another_tokenizer_scores_the_text(tmp_path, tiny_model_dir):
         with torch.no_grad():
             direct = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).item()
         assert float(g) == pytest.approx(direct, rel=1e-5, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def safety_rm_dir(tmp_path_factory, tiny_model_dir):
+    from alignforge.models.loading import load_tokenizer
+    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
+
+    torch.manual_seed(1)
+    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
+    with torch.no_grad():
+        rm.model.score.weight.normal_(std=5.0)
+    return save_reward_model(
+        rm, load_tokenizer(str(tiny_model_dir)), tmp_path_factory.mktemp("srm") / "srm", {"mean": 0.5, "std": 2.0}
+    )
+
+
+def test_combined_scorer_is_llama2s_rule(tiny_model_dir, rm_dir, safety_rm_dir):
+    """Safety prompts get the safety RM's z-score, other prompts the helpful RM's unless the safety RM's
+    sigmoid(z) is under the threshold; z from each model's saved mean and std."""
+    from alignforge.data.tokenize import tokenize_prompt
+    from alignforge.models.loading import load_tokenizer
+    from alignforge.trainers.ppo import CombinedScorer, Prompt, RewardScorer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cpu = torch.device("cpu")
+    h = RewardScorer(str(rm_dir), tok, cpu, batch_size=4)
+    sa = RewardScorer(str(safety_rm_dir), tok, cpu, batch_size=4)
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    prompts = [Prompt(m, tokenize_prompt(m, tok), safety=i < 2) for i, m in enumerate(msgs)]
+    torch.manual_seed(0)
+    responses = [torch.randint(5, 200, (4 + i,)).tolist() for i in range(len(prompts))]
+    zh = h(prompts, responses).double()  # helpful stats: mean 0, std 1
+    zs = (sa(prompts, responses).double() - 0.5) / 2.0
+    thr = float(torch.sigmoid(zs[2:]).median())  # some unflagged rows fall under it, some not
+    got = CombinedScorer(h, sa, thr)
+    out = got(prompts, responses).double()
+    use = [i < 2 or float(torch.sigmoid(zs[i])) < thr for i in range(len(prompts))]
+    assert 2 < sum(use) < len(prompts)
+    want = torch.where(torch.tensor(use), zs, zh)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert got.last_safety.tolist() == use
+    assert got.fingerprint() != CombinedScorer(h, sa, thr / 2).fingerprint()
+
+
+def test_ppo_with_a_safety_reward_model(tmp_path, tiny_model_dir, rm_dir, safety_rm_dir, prompts_file):
+    """The safety prompt file's prompts are flagged and always go to the safety RM; with threshold 0 only
+    they do, so the logged share is the share of safety prompts in each iteration."""
+    from alignforge.models.loading import load_tokenizer
+    from alignforge.models.reward import RewardModel, load_reward_backbone, save_reward_model
+
+    safe = tmp_path / "safety_prompts.jsonl"
+    safe.write_text(
+        "".join(json.dumps({"prompt": [{"role": "user", "content": f"How do I harm {i}?"}]}) + "\n" for i in range(8))
+    )
+    args = _args(
+        tmp_path,
+        tiny_model_dir,
+        rm_dir,
+        prompts_file,
+        "two_rms",
+        f"ppo.safety_reward_model={safety_rm_dir}",
+        f"ppo.safety_prompt_files=[{safe}]",
+        "ppo.safety_threshold=0",
+    )
+    hist = _run(args)["history"]
+    for it, row in enumerate(hist):
+        glob = iteration_prompts(it, 16, 4, seed=5)
+        assert row["safety_share"] == pytest.approx(sum(j >= 8 for j in glob) / 4)
+    samples = [json.loads(x) for x in (tmp_path / "two_rms" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["safety_rm"] == ("harm" in s["prompt"]) for s in samples)
+    assert "prompts: 16 read" in (tmp_path / "two_rms" / "data_report.txt").read_text()
+    with pytest.raises(ConfigError, match="needs ppo.safety_reward_model"):
+        _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "x1", f"ppo.safety_prompt_files=[{safe}]"))
+    with pytest.raises(ConfigError, match="safety_threshold is a probability"):
+        _run([*args[:-1], "ppo.safety_threshold=2"])
+    # a reward model without saved statistics cannot be put on the other's scale
+    rm = RewardModel(load_reward_backbone(str(tiny_model_dir)))
+    bare = save_reward_model(rm, load_tokenizer(str(tiny_model_dir)), tmp_path / "bare", {})
+    with pytest.raises(ConfigError, match="no mean/std"):
+        _run([*args, f"ppo.safety_reward_model={bare}", f"train.output_dir={tmp_path / 'x2'}"])
 
 
 def test_prompt_filter_overlong_prompts_and_empty_sets(tmp_path, tiny_model_dir, rm_dir, prompts_file):

@@ -39,7 +39,11 @@ Where this departs from the paper (details the paper does not give are options, 
   critic then starts from the policy, not the RM).
 * Losses are token-level means over the global minibatch (the policy, value and KL terms share one
   normaliser, the number of response tokens in the minibatch).
-* A vLLM generation backend is not implemented yet; generation uses the HF backend.
+* ``ppo.safety_reward_model`` adds Llama 2's second reward model (not in ChatGLM-RLHF, which uses one RM):
+  safety prompts (``ppo.safety_prompt_files``) and responses the safety RM scores as unsafe get its score,
+  the rest the helpfulness RM's, both z-normalised (``CombinedScorer``).
+* Rollouts use the HF backend by default; ``ppo.backend=vllm`` (a colocated vLLM engine with a weight
+  sync after each update) is written against vLLM's API but has not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ from alignforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 @dataclass
 class PPOParams:
     reward_model: str = ""  # a saved alignforge reward model (required)
+    # Llama 2's two reward models: with a safety RM, a response is scored by it on the prompts of
+    # safety_prompt_files and wherever sigmoid(its z-score) < safety_threshold, else by reward_model;
+    # both scores z-normalised with their reward_stats.json
+    safety_reward_model: str = ""
+    safety_prompt_files: list[str] = field(default_factory=list)  # safety prompts (added to data.train_files)
+    safety_threshold: float = 0.15
     advantage: Literal["gae", "grpo", "rloo", "remax"] = "gae"
     iterations: int = 10
     prompts_per_iteration: int = 8  # global, over all processes
@@ -70,6 +80,7 @@ class PPOParams:
     top_p: float = 1.0
     top_k: int = 0
     ignore_eos: bool = False
+    share_prompt_prefill: bool = True  # HF backend: K samples of a prompt share one prompt forward (KV repeated)
     ppo_epochs: int = 1
     minibatches: int = 1  # updates per epoch; each block's rows split evenly among them
     forward_batch_size: int = 8  # rows per forward pass (rollout scoring and training micro-batches)
@@ -122,6 +133,7 @@ class PPOConfig:
 class Prompt:
     messages: list
     ids: list[int]
+    safety: bool = False  # from ppo.safety_prompt_files: always scored by the safety reward model
 
 
 @dataclass
@@ -143,10 +155,16 @@ class PromptReport:
 
 
 def load_prompts(
-    files: list[str], tokenizer, max_prompt_length: int, overlong: str, on_error: str
+    files: list[str],
+    tokenizer,
+    max_prompt_length: int,
+    overlong: str,
+    on_error: str,
+    safety_files: list[str] | tuple = (),
 ) -> tuple[list[Prompt], PromptReport]:
     """Read and tokenise prompt files (any format ``read_prompts`` takes); over-long prompts are cut from
-    the left (``overlong=truncate``) or dropped, and counted."""
+    the left (``overlong=truncate``) or dropped, and counted. The prompts of ``safety_files`` follow those
+    of ``files`` and are flagged ``safety``."""
     from alignforge.data.readers import read_prompts
     from alignforge.data.tokenize import tokenize_prompt
     from alignforge.errors import ConfigError
@@ -155,7 +173,7 @@ def load_prompts(
         raise ConfigError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}")
     rep = PromptReport()
     out: list[Prompt] = []
-    for f in files:
+    for f, safety in [(f, False) for f in files] + [(f, True) for f in safety_files]:
         for rec in read_prompts(f, on_error=on_error).records:
             rep.read += 1
             ids = tokenize_prompt(rec.prompt, tokenizer, rec.source)
@@ -165,7 +183,7 @@ def load_prompts(
                     continue
                 ids = ids[-max_prompt_length:]
                 rep.truncated += 1
-            out.append(Prompt(rec.prompt, ids))
+            out.append(Prompt(rec.prompt, ids, safety))
     rep.kept = len(out)
     return out, rep
 
@@ -279,7 +297,8 @@ class RewardScorer:
     def __init__(self, path: str, policy_tokenizer, device, batch_size: int):
         from alignforge.models.reward import load_reward_model
 
-        self.rm, self.tok, _ = load_reward_model(path)
+        self.path = path
+        self.rm, self.tok, self.stats = load_reward_model(path)
         self.rm.to(device)
         self.policy_tok = policy_tokenizer
         self.batch_size = batch_size
@@ -302,6 +321,52 @@ class RewardScorer:
         scores = score_sequences(self.rm, seqs, self.tok.pad_token_id, batch_size=self.batch_size, progress=False)
         return torch.as_tensor(scores, dtype=torch.float32)
 
+    def fingerprint(self) -> str:
+        from alignforge.models.loading import model_fingerprint
+
+        return model_fingerprint(self.rm)
+
+    def z(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores z-normalised with the model's saved statistics (``reward_stats.json``)."""
+        from alignforge.errors import ConfigError
+
+        mean, std = self.stats.get("mean"), self.stats.get("std")
+        if mean is None or not std:
+            raise ConfigError(
+                f"reward model {self.path}: reward_stats.json has no mean/std to normalise with "
+                "(needed to combine two reward models); retrain or rescore it with `alignforge rm train`"
+            )
+        return (scores - float(mean)) / float(std)
+
+
+class CombinedScorer:
+    """Two reward models combined as Llama 2 does (Touvron et al. 2023, §3.2.2): a response is scored by
+    the safety RM when its prompt is a safety prompt or the safety RM finds it unsafe
+    (``sigmoid(z_safety) < threshold``), else by the helpfulness RM; both scores are z-normalised with their
+    saved statistics, so the two scales meet. ``last_safety`` holds which rows the safety RM scored.
+
+    Where it departs from Llama 2: the threshold applies to the sigmoid of the z-score (Llama 2 thresholds
+    its safety RM's raw output, trained with a margin loss on its own scale), and the combined score is not
+    passed through ``whiten(logit(·))``: the z-scores are already on one scale.
+    """
+
+    def __init__(self, helpful: RewardScorer, safety: RewardScorer, threshold: float):
+        self.helpful, self.safety, self.threshold = helpful, safety, threshold
+        self.rm = helpful.rm
+        self.last_safety = torch.zeros(0, dtype=torch.bool)
+
+    def __call__(self, prompts: list[Prompt], responses: list[list[int]]) -> torch.Tensor:
+        zh = self.helpful.z(self.helpful(prompts, responses))
+        zs = self.safety.z(self.safety(prompts, responses))
+        flagged = torch.tensor([p.safety for p in prompts], dtype=torch.bool)
+        use = flagged | (torch.sigmoid(zs) < self.threshold)
+        self.last_safety = use
+        return torch.where(use, zs, zh)
+
+    def fingerprint(self) -> str:
+        blob = f"{self.helpful.fingerprint()}|{self.safety.fingerprint()}|{self.threshold!r}"
+        return hashlib.sha256(blob.encode()).hexdigest()
+
 
 # --------------------------------------------------------------------------- the trainer
 
@@ -317,6 +382,7 @@ def _gen_cfg(p: PPOParams, seed: int, rows: int, greedy: bool = False):
         seed=seed,
         batch_size=max(1, rows),
         stop_on_eos=not p.ignore_eos,
+        share_prompt_prefill=p.share_prompt_prefill,
     )
 
 
@@ -324,10 +390,14 @@ def _check(cfg: PPOConfig, world: int) -> None:
     from alignforge.errors import ConfigError
 
     p = cfg.ppo
-    if not cfg.data.train_files:
+    if not cfg.data.train_files and not p.safety_prompt_files:
         raise ConfigError("data.train_files is empty: name at least one prompt file")
     if not p.reward_model:
         raise ConfigError("ppo.reward_model is required: a reward model trained with `alignforge rm train`")
+    if p.safety_prompt_files and not p.safety_reward_model:
+        raise ConfigError("ppo.safety_prompt_files needs ppo.safety_reward_model (the RM that scores those prompts)")
+    if p.safety_reward_model and not 0.0 <= p.safety_threshold <= 1.0:
+        raise ConfigError(f"ppo.safety_threshold is a probability in [0, 1], got {p.safety_threshold}")
     if p.critic_shared:
         if p.advantage != "gae":
             raise ConfigError(f"ppo.critic_shared=true is for ppo.advantage=gae ({p.advantage} has no critic)")
@@ -407,7 +477,7 @@ class _Trainer:
         self.pad_id = self.tok.pad_token_id
         mpl = cfg.data.max_prompt_length or cfg.data.max_length // 2
         self.prompts, self.prompt_report = load_prompts(
-            cfg.data.train_files, self.tok, mpl, cfg.data.overlong, cfg.data.on_error
+            cfg.data.train_files, self.tok, mpl, cfg.data.overlong, cfg.data.on_error, p.safety_prompt_files
         )
         set_seed(cfg.train.seed)
         self.policy = build_policy(cfg.model, cfg.lora, acc.device)
@@ -441,6 +511,9 @@ class _Trainer:
             for q in self.ref.parameters():
                 q.requires_grad_(False)
         self.scorer = RewardScorer(p.reward_model, self.tok, acc.device, p.score_batch_size)
+        if p.safety_reward_model:
+            safety = RewardScorer(p.safety_reward_model, self.tok, acc.device, p.score_batch_size)
+            self.scorer = CombinedScorer(self.scorer, safety, p.safety_threshold)
         self.critic = None
         if p.advantage == "gae":
             from alignforge.models.value import load_value_model
@@ -528,8 +601,9 @@ class _Trainer:
         blob = json.dumps(
             {
                 "ref": fp,
-                "rm": model_fingerprint(self.scorer.rm),
+                "rm": self.scorer.fingerprint(),
                 "prompts": examples_digest(self.prompts),
+                **({"safety": [q.safety for q in self.prompts]} if self.p.safety_reward_model else {}),
                 "greedy": p.ref_greedy,
                 "temperature": p.temperature,
                 "top_p": p.top_p,
@@ -635,6 +709,7 @@ class _Trainer:
         recs = [r for _, r in prompts]
         with acc.autocast():
             raw = self.scorer(recs, responses)
+            safety_used = getattr(self.scorer, "last_safety", None)
             if p.advantage == "remax":
                 base_g = self.scorer(
                     [self.prompts[j] for b in self.my_blocks(len(glob)) for j in glob[b * G : (b + 1) * G]], greedy_resp
@@ -708,6 +783,7 @@ class _Trainer:
             "values": vals,
             "raw": raw,
             "score": score,
+            "safety_used": safety_used,
             "finished": finished,
             "kl": kl,
             "lens": lens,
@@ -942,6 +1018,8 @@ class _Trainer:
             "response_len": float(ro["lens"].sum()),
             "cut": float(sum(1 for f in ro["finished"] if not f)),
         }
+        if ro["safety_used"] is not None:
+            local["safety_rm"] = float(ro["safety_used"].sum())
         if ro["ref_lp"] is not None:
             local["kl_k1"] = float(((ro["old_lp"] - ro["ref_lp"]) * m).sum())
         keys = sorted(local)
@@ -970,6 +1048,8 @@ class _Trainer:
             "train_s": train_s,
             "lr": self._lr(),
         }
+        if "safety_rm" in g:  # the share of responses the safety reward model scored
+            row["safety_share"] = g["safety_rm"] / N
         if "kl_k1" in g:  # no reference pass when kl_coef = 0
             row["kl_ref"] = g["kl_k1"] / N
         row["loss"] = row["policy_loss"]
@@ -1000,6 +1080,7 @@ class _Trainer:
                             "reward": float(ro["score"][k]),
                             "n_tokens": len(ro["responses"][k]),
                             "finished": bool(ro["finished"][k]),
+                            **({"safety_rm": bool(ro["safety_used"][k])} if ro["safety_used"] is not None else {}),
                         }
                     )
                     + "\n"
