@@ -69,9 +69,12 @@ HH = {
 
 
 def data_files(spec: str) -> dict[str, str]:
-    """``--data``: ``hh`` (both HH files), or comma-separated paths; named by their parent folder."""
+    """``--data``: ``hh`` (both HH files), ``none`` (no HH file: train on the ``--extra`` files alone,
+    nothing held out), or comma-separated paths; named by their parent folder."""
     if spec == "hh":
         return dict(HH)
+    if spec == "none":
+        return {}
     paths = [p for p in spec.split(",") if p]
     return {(Path(p).parent.name or Path(p).stem) + (f"-{i}" if len(paths) > 1 else ""): p for i, p in enumerate(paths)}
 
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["both", "nobal", "bal"], default="both")
     ap.add_argument("--extra", action="append", default=[], help="a preference file trained on in full (repeatable)")
     args = ap.parse_args()
+    if args.data == "none" and not args.extra:
+        ap.error("--data none trains on the --extra files alone: give at least one --extra FILE")
 
     from alignforge.config import load_config
     from alignforge.data.readers import read_preference
@@ -115,7 +120,7 @@ def main() -> None:
         train_rows += [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
         reps[f"extra:{path}"], n_train = {"pairs": n_extra}, n_train + n_extra
     if len(files) > 1 or args.extra:  # the pools (and extras) concatenated, shuffled once (seeded)
-        if len(files) == 1:
+        if len(files) <= 1:
             data = data / "with_extra"
             data.mkdir(parents=True, exist_ok=True)
         random.Random(args.seed).shuffle(train_rows)
@@ -154,6 +159,18 @@ def main() -> None:
         print(
             f"[{name}] trained {s['step']} steps in {train_s:.0f}s; last logged loss {hist[-1]['loss']:.4f}", flush=True
         )
+        if not held:  # --data none: nothing held out, nothing to score
+            summary["runs"][name] = {
+                "train_seconds": round(train_s, 1),
+                "steps": s["step"],
+                "n_train_pairs": n_pairs_trained,
+                "final_dir": s["final_dir"],
+                "loss_first": hist[0]["loss"],
+                "loss_last": hist[-1]["loss"],
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            continue
         t1 = time.perf_counter()
         rm, tok, _ = load_reward_model(s["final_dir"])
         pad_id = tok.pad_token_id
@@ -190,6 +207,10 @@ def main() -> None:
 
     summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    if not held:
+        print(json.dumps({"bench": "rm_hh_result", "heldout": 0, "runs": summary["runs"]}))
+        return
 
     def f(x):
         return "-" if x is None else f"{x:.3f}"

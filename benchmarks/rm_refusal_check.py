@@ -35,7 +35,13 @@ def build(src: Path, out: Path, n_train: int, n_benign: int, seed: int) -> dict[
     def said(text: str) -> list[dict]:
         return [{"role": "assistant", "content": text}]
 
-    harm = [json.loads(x) for x in (src / "eval/base/harmful_heldout.jsonl").read_text().splitlines() if x.strip()]
+    base_answers = src / "eval/base/harmful_heldout.jsonl"
+    if not base_answers.is_file():
+        sys.exit(
+            f"{base_answers}: missing; it holds the base model's answers to the held-out harmful questions, which "
+            f"an alignment_hh.py evaluation run (not --data-only) with --out {src} writes"
+        )
+    harm = [json.loads(x) for x in base_answers.read_text().splitlines() if x.strip()]
     rows_h = [
         {"prompt": r["prompt"], "chosen": said(rng.choice(REFUSALS)), "rejected": said(r["response"])} for r in harm
     ]
