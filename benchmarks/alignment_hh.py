@@ -128,6 +128,7 @@ KEYS = {
     # PPO with Llama 2's second RM: the safety pairs' prompts become ppo.safety_prompt_files
     "safety_reward_model": str,
     "safety_threshold": float,  # PPO: ppo.safety_threshold (default 0.15)
+    "train_seed": int,  # train.seed of this configuration's training (default --seed; the data keep --seed)
 }
 
 # Explicit refusals written for the safety pairs (ours; HH has almost none: hh_refusal_share.py). Varied on
@@ -158,7 +159,7 @@ REFUSALS = (
 )
 # Data keys added after the first runs: their defaults fill in configurations and older saved runs alike.
 DATA_KEY_DEFAULTS = {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0}
-ADDED_KEY_DEFAULTS = {**DATA_KEY_DEFAULTS, "ntp_refusals": True}  # keys added after the first runs
+ADDED_KEY_DEFAULTS = {**DATA_KEY_DEFAULTS, "ntp_refusals": True, "train_seed": None}  # keys added later
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
     {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
@@ -484,12 +485,17 @@ def precision(args) -> str:
 
 
 def lora_common(args, cfg: dict, train_file: Path, run_dir: Path) -> list[str]:
-    return lora_base(args, train_file, run_dir, cfg["lr"]) + [
-        "train.resume=true",
-        f"train.save_every={args.save_every}",
-        "train.log_every=5",
-        f"train.precision={precision(args)}",
-    ]
+    seed = [] if cfg.get("train_seed") is None else [f"train.seed={cfg['train_seed']}"]  # after lora_base's
+    return (
+        lora_base(args, train_file, run_dir, cfg["lr"])
+        + seed
+        + [
+            "train.resume=true",
+            f"train.save_every={args.save_every}",
+            "train.log_every=5",
+            f"train.precision={precision(args)}",
+        ]
+    )
 
 
 def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:

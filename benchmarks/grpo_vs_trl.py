@@ -30,8 +30,9 @@ suffix (e.g. ``bf16_b8_keep``) gives the TRL process the same glibc ``malloc`` s
 apply on CPU by default (``alignforge.trainers.common.keep_freed_memory``: no heap trimming, no ``mmap``
 for large blocks), so that the comparison is not one of allocators. Our variants (``--ours-variants``):
 ``fp32``, ``bf16``, with ``_nokeep`` for ``train.keep_freed_memory=false`` and ``_noshare`` for
-``ppo.share_prompt_prefill=false`` (each of the K samples runs its own prompt prefill, as before).
-The fastest of each side is reported.
+``ppo.share_prompt_prefill=false`` (each of the K samples runs its own prompt prefill, as before) and
+``_nosharefwd`` for ``ppo.share_prompt_forward=false`` (the update's log-prob pass runs each row's prompt
+again, as TRL does, instead of once per prompt and micro-batch). The fastest of each side is reported.
 
 Usage::
 
@@ -99,8 +100,10 @@ def child_ours(args, variant: str) -> dict:
         return out
 
     precision, *flags = variant.split("_")
-    if precision not in ("fp32", "bf16") or not set(flags) <= {"nokeep", "noshare"}:
-        raise SystemExit(f"unknown ours variant {variant!r}: fp32 or bf16, optionally with _nokeep / _noshare")
+    if precision not in ("fp32", "bf16") or not set(flags) <= {"nokeep", "noshare", "nosharefwd"}:
+        raise SystemExit(
+            f"unknown ours variant {variant!r}: fp32 or bf16, optionally with _nokeep / _noshare / _nosharefwd"
+        )
     ppo._Trainer.rollout, ppo._Trainer.update = rollout, update
     ppo._Trainer._save_policy = lambda self, unwrapped, tmp: Path(tmp).mkdir(parents=True)
     common.save_checkpoint = lambda acc, output_dir, step, state, keep_last: Path(output_dir) / f"step-{step}"
@@ -143,6 +146,7 @@ def child_ours(args, variant: str) -> dict:
             "ppo.sample_every=0",
             f"train.keep_freed_memory={'nokeep' not in flags}",
             f"ppo.share_prompt_prefill={'noshare' not in flags}",
+            f"ppo.share_prompt_forward={'nosharefwd' not in flags}",
         ],
     )
     summary = ppo.train_ppo(cfg)
@@ -287,7 +291,7 @@ def main() -> None:
     ap.add_argument(
         "--trl-variants", default="fp32_b8,fp32_b32,bf16_b8,bf16_b8_keep", help="comma list: fp32_bN / bf16_bN [_keep]"
     )
-    ap.add_argument("--ours-variants", default="fp32", help="comma list: fp32, bf16 [_nokeep] [_noshare]")
+    ap.add_argument("--ours-variants", default="fp32", help="comma list: fp32, bf16 [_nokeep] [_noshare] [_nosharefwd]")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None, help="default: $ALIGNFORGE_CACHE/bench (the RM is kept there)")

@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 
 from alignforge.config import load_config
 from alignforge.errors import ConfigError, TrainingError
-from alignforge.trainers.ppo import PPOConfig, iteration_prompts, right_pad, train_ppo
+from alignforge.trainers.ppo import (
+    PPOConfig,
+    iteration_prompts,
+    response_logps,
+    right_pad,
+    share_prompts,
+    train_ppo,
+)
 
 PROMPTS = [f"Tell me something about topic {i}." for i in range(8)]
 
@@ -160,6 +167,82 @@ def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(
         )
     )["history"][0]
     assert row["reward"] == row["reward_raw"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_the_row_by_row_pass(tiny_model_dir, lora):
+    """In float64, the shared-prompt pass gives the row-by-row log-probs, entropies and gradients."""
+    from alignforge.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir)).double()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.data.normal_(std=0.1)  # a non-zero adapter
+    a, b, c = [5, 6, 7, 8, 9], [10, 11], [12, 13, 14]
+    prompts = [a, b, a, a, c, b]  # a three times, b twice, out of order; different lengths
+    responses = [[20, 21, 22], [23], [24, 25, 26, 27], [], [28, 29], [30, 31, 32]]
+    plain = right_pad(prompts, responses, pad_id=0)
+    shared = share_prompts(plain, prompts, pad_id=0)
+    assert shared["prompt_index"].tolist() == [0, 1, 0, 0, 2, 1] and shared["prompt_ids"].shape == (3, 5)
+    assert shared["resp_ids"][2].tolist() == [24, 25, 26, 27] and shared["resp_ids"][3].tolist() == [0] * 4
+    params = [q for q in model.parameters() if q.requires_grad]
+    out = {}
+    for name, batch in (("plain", plain), ("shared", shared)):
+        lp, ent = response_logps(model, batch, temperature=0.7, with_entropy=True)
+        grads = torch.autograd.grad((lp * torch.arange(1.0, 5.0, dtype=lp.dtype)).sum() + ent.sum(), params)
+        out[name] = (lp, ent, grads)
+    (lp0, e0, g0), (lp1, e1, g1) = out["plain"], out["shared"]
+    assert lp0.dtype == torch.float64 and (lp0 != 0).sum() == sum(len(r) for r in responses)
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-12)
+    # gradients: Llama's RMSNorm runs in float32 even in a float64 model, so its backward sums in float32
+    # in a different order on the two paths; the tolerance is float32's, scaled to the values
+    for x, y in zip(g1, g0, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
+    # all prompts distinct: nothing to share, the batch is returned as it is
+    assert share_prompts(plain, [a, b, c, [1], [2], [3]], pad_id=0) is plain
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prompt_forward_switch(tmp_path, tiny_model_dir, rm_dir, prompts_file, monkeypatch, share):
+    """The update's micro-batches hold a prompt's K rows together and run the prompt once, unless
+    ``ppo.share_prompt_forward=false``; both give the same weights (fp32 rounding apart)."""
+    from alignforge.trainers import ppo
+
+    calls = []
+    real = ppo.shared_prompt_logps
+    monkeypatch.setattr(
+        ppo,
+        "shared_prompt_logps",
+        lambda lm, b, *a, **k: calls.append(b["prompt_ids"].shape[0]) or real(lm, b, *a, **k),
+    )
+    extra = ("ppo.iterations=1", "ppo.reference_reward=false", "ppo.minibatches=1", "ppo.ppo_epochs=1")
+    extra += ("ppo.forward_batch_size=4", "ppo.kl_coef=0", "ppo.advantage=grpo", "train.save_every=0")
+    s = _run(
+        _args(
+            tmp_path,
+            tiny_model_dir,
+            rm_dir,
+            prompts_file,
+            f"fwd{share}",
+            *extra,
+            f"ppo.share_prompt_forward={str(share).lower()}",
+        )
+    )
+    assert calls == ([2, 2] if share else [])  # 4 prompts x K=2 -> two micro-batches of 2 prompts x 2 rows
+    w = load_file(str(Path(s["final_dir"]) / "model.safetensors"))
+    if share:
+        ref = _run(
+            _args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "fwd_ref", *extra, "ppo.share_prompt_forward=false")
+        )
+        w0 = load_file(str(Path(ref["final_dir"]) / "model.safetensors"))
+        for k in w:
+            torch.testing.assert_close(w[k], w0[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("adv", ["grpo", "rloo", "remax"])

@@ -19,6 +19,11 @@ pass (and with full fine-tuning and no ``ppo.reference_reward``, no reference mo
 is then not logged). With one update per rollout (``ppo_epochs = minibatches = 1``), no KL term and no
 dropout, the rollout's log-prob pass is skipped: the update's own detached log-probs are ``logπ_old``
 (the ratio is exactly 1; a second pass would give the same values up to rounding), as TRL does.
+**A prompt's forward runs once per micro-batch.** The K samples of a prompt share its prefill in
+generation (``ppo.share_prompt_prefill``) and its forward in every log-prob pass
+(``ppo.share_prompt_forward``, :func:`shared_prompt_logps`: the prompt's KV cache is indexed to its rows,
+and gradients flow back through it), so the update's decoder FLOPs on a prompt of length P with K
+responses of length L fall from K·(P+L) to P+K·L tokens.
 
 **Exact resume.** The rollout of iteration ``i`` is a pure function of (seed, ``i``, the weights at
 its start): prompts come from the seeded order, each generation *block* (``ppo.gen_batch_prompts``
@@ -81,6 +86,9 @@ class PPOParams:
     top_k: int = 0
     ignore_eos: bool = False
     share_prompt_prefill: bool = True  # HF backend: K samples of a prompt share one prompt forward (KV repeated)
+    # log-prob passes (rollout and update): the rows of a micro-batch that share a prompt run its forward once
+    # (KV indexed per row, gradients flow back through it); off with model.gradient_checkpointing
+    share_prompt_forward: bool = True
     ppo_epochs: int = 1
     minibatches: int = 1  # updates per epoch; each block's rows split evenly among them
     forward_batch_size: int = 8  # rows per forward pass (rollout scoring and training micro-batches)
@@ -229,10 +237,87 @@ def right_pad(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     return {"input_ids": ids, "attention_mask": att, "resp_pos": pos, "resp_mask": rmask}
 
 
+def share_prompts(batch: dict[str, torch.Tensor], prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`right_pad`'s ``batch`` plus the shared-prompt layout, when some prompt repeats in it.
+
+    Adds ``prompt_ids`` / ``prompt_mask`` ``(U, P)``: each distinct prompt once, left-padded (so that
+    every prompt ends in column ``P − 1``); ``prompt_index`` ``(B,)``: row -> its prompt; ``resp_ids``
+    ``(B, R)``: the responses, right-padded (``resp_mask`` is ``batch``'s). Returns ``batch`` unchanged
+    when every row's prompt differs (nothing to share).
+    """
+    from alignforge.data.collate import pad_batch
+
+    uniq: dict[tuple[int, ...], int] = {}
+    index = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    if len(uniq) == len(prompts):
+        return batch
+    up = pad_batch([list(u) for u in uniq], pad_id, side="left")
+    ids, pos, rmask = batch["input_ids"], batch["resp_pos"], batch["resp_mask"]
+    resp = torch.where(rmask.bool(), ids.gather(1, pos), torch.full_like(pos, pad_id))
+    return {
+        **batch,
+        "prompt_ids": up["input_ids"],
+        "prompt_mask": up["attention_mask"],
+        "prompt_index": torch.tensor(index),
+        "resp_ids": resp,
+    }
+
+
+def shared_prompt_logps(lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
+    """:func:`response_logps` on :func:`share_prompts`' layout: the decoder runs once over the ``U``
+    distinct prompts (``use_cache``), the cache is indexed to the ``B`` rows (``Cache.reorder_cache``),
+    and a second pass runs only the response tokens against it. The same values as the row-by-row pass
+    (up to rounding); gradients reach the prompt positions through the cache."""
+    from alignforge.models.logprobs import logprobs_from_logits
+    from alignforge.models.lora import unwrap_base
+
+    base = unwrap_base(lm)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    pm, idx, rmask = batch["prompt_mask"], batch["prompt_index"], batch["resp_mask"]
+    first = decoder(
+        input_ids=batch["prompt_ids"],
+        attention_mask=pm,
+        position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    cache = first.cache
+    cache.reorder_cache(idx)
+    R = rmask.shape[1]
+    rpos = pm.sum(-1)[idx][:, None] + torch.arange(R, device=pm.device)[None, :]
+    second = decoder(
+        input_ids=batch["resp_ids"],
+        attention_mask=torch.cat([pm[idx], rmask], dim=1),
+        position_ids=rpos,
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    # the state that predicts response token k: the prompt's last one for k = 0, else response token k - 1's
+    h = torch.cat([first.last_hidden_state[idx, -1:], second[:, :-1]], dim=1)
+    valid = rmask.bool()
+    res = logprobs_from_logits(
+        head(h[valid]),
+        batch["resp_ids"][valid],
+        getattr(base.config, "final_logit_softcapping", None),
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    lp, ent = res if with_entropy else (res, None)
+    lp_out = torch.zeros(rmask.shape, dtype=lp.dtype, device=lp.device)
+    lp_out[valid] = lp
+    if ent is None:
+        return lp_out, None
+    ent_out = torch.zeros(rmask.shape, dtype=ent.dtype, device=ent.device)
+    ent_out[valid] = ent
+    return lp_out, ent_out
+
+
 def response_logps(lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
-    """``(B, R)`` log-probs (and entropies) of the response tokens at the sampling temperature."""
+    """``(B, R)`` log-probs (and entropies) of the response tokens at the sampling temperature
+    (through :func:`shared_prompt_logps` when ``batch`` has :func:`share_prompts`' layout)."""
     from alignforge.models.logprobs import target_logprobs
 
+    if "prompt_index" in batch:
+        return shared_prompt_logps(lm, batch, temperature, with_entropy)
     ids, att = batch["input_ids"], batch["attention_mask"]
     target = torch.zeros_like(att, dtype=torch.bool)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(batch["resp_pos"])
@@ -463,6 +548,8 @@ class _Trainer:
         self.lp_temperature = cfg.ppo.temperature if cfg.ppo.temperature > 0 else 1.0
         # kl_coef = 0 (the adaptive controller keeps 0 at 0): no reference pass (nor model, unless y_ref needs it)
         self.use_kl = cfg.ppo.kl_coef > 0
+        # activation checkpointing recomputes each layer without a cache: no shared prompt forward then
+        self.share_forward = cfg.ppo.share_prompt_forward and not cfg.model.gradient_checkpointing
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -723,7 +810,6 @@ class _Trainer:
         score = raw.clone()
         if self.ref_rewards is not None:
             score = score - self.ref_rewards[[j for j, _ in prompts]]
-        pad = self.pad_id
         ids_p = [r.ids for r in recs]
         old_lp, ref_lp, values, masks = [], [], [], []
         B = p.forward_batch_size
@@ -731,8 +817,7 @@ class _Trainer:
         module.eval()
         with acc.autocast():
             for s in range(0, len(recs), B):
-                batch = right_pad(ids_p[s : s + B], responses[s : s + B], pad)
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = self.make_batch(ids_p[s : s + B], responses[s : s + B])
                 if need_old:
                     lp, _ = response_logps(policy, batch, self.lp_temperature)
                     old_lp.append(lp.float().cpu())
@@ -792,6 +877,13 @@ class _Trainer:
         }
 
     # ----------------------------------------------------------------- update
+    def make_batch(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        """:func:`right_pad` (+ :func:`share_prompts` with ``ppo.share_prompt_forward``), on the device."""
+        batch = right_pad(prompts, responses, self.pad_id)
+        if self.share_forward:
+            batch = share_prompts(batch, prompts, self.pad_id)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
     def minibatch_rows(self, ro: dict, it: int, epoch: int, mb: int) -> list[int]:
         """Local row indices of global minibatch ``mb``: chunk ``mb`` of a seeded shuffle of every block."""
         out = []
@@ -823,6 +915,8 @@ class _Trainer:
         for epoch in range(p.ppo_epochs):
             for mb in range(p.minibatches):
                 rows = self.minibatch_rows(ro, it, epoch, mb)
+                if self.share_forward and p.samples_per_prompt > 1:  # a prompt's K rows side by side: shared forwards
+                    rows = sorted(rows, key=lambda r: ro["prompt_idx"][r])
                 n_tok = torch.tensor(float(ro["mask"][rows].sum()), device=acc.device)
                 n_tok = max(float(acc.reduce(n_tok, "sum")), 1.0)
                 chunks = [rows[s : s + p.forward_batch_size] for s in range(0, len(rows), p.forward_batch_size)]
@@ -837,8 +931,7 @@ class _Trainer:
                 loss_total = 0.0
                 for ci, ch in enumerate(chunks):
                     last = ci == len(chunks) - 1
-                    batch = right_pad([ro["prompt_ids"][r] for r in ch], [ro["responses"][r] for r in ch], self.pad_id)
-                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    batch = self.make_batch([ro["prompt_ids"][r] for r in ch], [ro["responses"][r] for r in ch])
                     Rb = batch["resp_mask"].shape[1]
                     sl = {
                         k: ro[k][ch][:, :Rb].to(acc.device)
