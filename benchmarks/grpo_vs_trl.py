@@ -32,7 +32,9 @@ for large blocks), so that the comparison is not one of allocators. Our variants
 ``fp32``, ``bf16``, with ``_nokeep`` for ``train.keep_freed_memory=false`` and ``_noshare`` for
 ``ppo.share_prompt_prefill=false`` (each of the K samples runs its own prompt prefill, as before) and
 ``_nosharefwd`` for ``ppo.share_prompt_forward=false`` (the update's log-prob pass runs each row's prompt
-again, as TRL does, instead of once per prompt and micro-batch). The fastest of each side is reported.
+again, as TRL does, instead of once per prompt and micro-batch) and ``_multinomial`` for
+``ppo.sampler=multinomial`` (transformers' ``torch.multinomial`` draw, as TRL samples, instead of
+``InverseCDFSampler``). The fastest of each side is reported.
 
 Usage::
 
@@ -100,9 +102,10 @@ def child_ours(args, variant: str) -> dict:
         return out
 
     precision, *flags = variant.split("_")
-    if precision not in ("fp32", "bf16") or not set(flags) <= {"nokeep", "noshare", "nosharefwd"}:
+    if precision not in ("fp32", "bf16") or not set(flags) <= {"nokeep", "noshare", "nosharefwd", "multinomial"}:
         raise SystemExit(
-            f"unknown ours variant {variant!r}: fp32 or bf16, optionally with _nokeep / _noshare / _nosharefwd"
+            f"unknown ours variant {variant!r}: fp32 or bf16, "
+            "optionally with _nokeep / _noshare / _nosharefwd / _multinomial"
         )
     ppo._Trainer.rollout, ppo._Trainer.update = rollout, update
     ppo._Trainer._save_policy = lambda self, unwrapped, tmp: Path(tmp).mkdir(parents=True)
@@ -147,6 +150,7 @@ def child_ours(args, variant: str) -> dict:
             f"train.keep_freed_memory={'nokeep' not in flags}",
             f"ppo.share_prompt_prefill={'noshare' not in flags}",
             f"ppo.share_prompt_forward={'nosharefwd' not in flags}",
+            f"ppo.sampler={'multinomial' if 'multinomial' in flags else 'inverse_cdf'}",
         ],
     )
     summary = ppo.train_ppo(cfg)
@@ -291,7 +295,11 @@ def main() -> None:
     ap.add_argument(
         "--trl-variants", default="fp32_b8,fp32_b32,bf16_b8,bf16_b8_keep", help="comma list: fp32_bN / bf16_bN [_keep]"
     )
-    ap.add_argument("--ours-variants", default="fp32", help="comma list: fp32, bf16 [_nokeep] [_noshare] [_nosharefwd]")
+    ap.add_argument(
+        "--ours-variants",
+        default="fp32",
+        help="comma list: fp32, bf16 [_nokeep] [_noshare] [_nosharefwd] [_multinomial]",
+    )
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None, help="default: $ALIGNFORGE_CACHE/bench (the RM is kept there)")

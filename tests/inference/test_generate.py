@@ -10,6 +10,7 @@ from alignforge.inference.generate import (
     GenerationBackend,
     GenerationConfig,
     HFBackend,
+    InverseCDFSampler,
     prompt_run_length,
 )
 from alignforge.models.loading import load_model, load_tokenizer
@@ -207,8 +208,64 @@ def test_generation_restores_training_mode(backend):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1}, {"batch_size": 0}]
+    "kw",
+    [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1}, {"batch_size": 0}, {"sampler": "x"}],
 )
 def test_generation_config_validation(kw):
     with pytest.raises(ConfigError):
         GenerationConfig(**kw)
+
+
+def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square p-value of ``counts`` against ``probs``; categories expected < 5 times pooled."""
+    from scipy.stats import chisquare
+
+    n = float(counts.sum())
+    big = probs * n >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
+    exp = torch.cat([probs[big].double() * n, probs[~big].double().sum().view(1) * n])
+    keep = exp > 0
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * float(obs[keep].sum() / exp[keep].sum())).pvalue)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0), (1.0, 0, 0.8)]
+)
+def test_inverse_cdf_sampler_draws_the_filtered_distribution(temperature, top_k, top_p):
+    """20 000 draws match transformers' own warpers' distribution (chi-square), nothing outside its support."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([[2.0, 1.5, 0.3, -0.5, 1.0, -2.0, 0.0, 0.8]])
+    ref = logits.clone()
+    for w in (
+        [TemperatureLogitsWarper(temperature)]
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    ):
+        ref = w(None, ref)
+    probs = torch.softmax(ref, -1)[0]
+    torch.manual_seed(0)
+    out = InverseCDFSampler(temperature, top_k, top_p)(None, logits.expand(20000, -1).clone())
+    assert bool(((out == 0).sum(-1) == 1).all()) and bool(torch.isinf(out).sum(-1).eq(7).all())  # one-hot
+    counts = torch.bincount(out.argmax(-1), minlength=8)
+    assert bool((counts[probs == 0] == 0).all())  # never outside the support
+    assert (probs > 0).sum() < 8 if (top_k or top_p < 1) else (probs > 0).all()
+    assert _chi2_p(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
+def test_sampled_first_tokens_follow_the_model(backend, sampler):
+    """Both samplers, through ``generate``: 3000 first tokens of one prompt follow softmax(logits / T)."""
+    ids = backend.render(CONVS[1])
+    with torch.no_grad():
+        logits = backend.model(torch.tensor([ids])).logits[0, -1].float()
+    probs = torch.softmax(logits / 0.8, -1)
+    cfg = GenerationConfig(
+        max_new_tokens=1, temperature=0.8, seed=3, batch_size=3000, stop_on_eos=False, sampler=sampler
+    )
+    first = torch.tensor([g.response_ids[0] for g in backend.generate_from_ids([ids] * 3000, cfg)])
+    counts = torch.bincount(first, minlength=probs.shape[0])
+    assert int((counts > 0).sum()) > 5  # a spread distribution, not a near-greedy one
+    assert _chi2_p(counts, probs) > 1e-3
+    again = torch.tensor([g.response_ids[0] for g in backend.generate_from_ids([ids] * 3000, cfg)])
+    assert torch.equal(first, again)  # the seed fixes the draws

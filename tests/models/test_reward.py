@@ -15,6 +15,7 @@ from alignforge.models.reward import (
     score_pairs,
     score_sequences,
     scoring_tokenizer,
+    shared_prefix_batch,
 )
 
 
@@ -50,6 +51,34 @@ def test_score_is_read_at_last_real_token_not_pad_id(tiny_model_dir, tiny_tokeni
     with torch.no_grad():
         hf_score = hf(**right).logits.item()
     assert abs(hf_score - expected) > 1e-4
+
+
+def test_shared_prefix_batch_layout():
+    seqs = [[1, 2, 3, 4], [1, 2, 5], [7, 8], [1, 2, 3, 9], [7, 8, 9]]
+    b = shared_prefix_batch(seqs, ["a", "a", "b", "a", "b"], pad_id=0)
+    # group a: common prefix [1, 2] (the rows part at index 2); group b: [7] (capped at the shortest - 1)
+    assert b["prefix_ids"].tolist() == [[1, 2], [0, 7]] and b["prefix_mask"].tolist() == [[1, 1], [0, 1]]
+    assert b["prefix_index"].tolist() == [0, 0, 1, 0, 1]
+    assert b["suffix_ids"].tolist() == [[3, 4], [5, 0], [8, 0], [3, 9], [8, 9]]
+    assert b["suffix_mask"].tolist() == [[1, 1], [1, 0], [1, 0], [1, 1], [1, 1]]
+
+
+def test_grouped_scoring_equals_row_by_row(tiny_model_dir):
+    """In float64, rows that share a prompt score the same with their prefix run once (any grouping)."""
+    torch.manual_seed(0)
+    rm = RewardModel(load_reward_backbone(str(tiny_model_dir))).double()
+    with torch.no_grad():
+        rm.model.score.weight.normal_(std=3.0)
+    p1, p2 = [5, 6, 7, 8, 9, 10], [11, 12]
+    seqs = [p1 + [20, 21], p2 + [22], p1 + [23, 24, 25], p1 + [20], p2 + [26, 27], [30, 31, 32]]
+    plain = score_sequences(rm, seqs, pad_id=0, batch_size=4, progress=False)
+    grouped = score_sequences(rm, seqs, 0, batch_size=4, progress=False, groups=[1, 2, 1, 1, 2, 3])
+    # a group whose rows share no token (3: an all-padding prefix row) beside two that do; none that do
+    mixed = score_sequences(rm, seqs, 0, batch_size=6, progress=False, groups=[1, 2, 1, 3, 2, 3])
+    none = score_sequences(rm, seqs, 0, batch_size=6, progress=False, groups=[1, 1, 1, 2, 2, 2])
+    assert len(set(plain.round(6).tolist())) == 6  # the scores differ from row to row
+    for s in (grouped, mixed, none):
+        assert abs(s - plain).max() < 1e-10
 
 
 def test_save_and_load_roundtrip(tmp_path, tiny_model_dir, tiny_tokenizer):

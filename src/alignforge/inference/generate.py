@@ -18,6 +18,9 @@ Conversation = list[Message]
 Prompt = Union[Conversation, str]  # a str is used as already-rendered text
 
 
+SAMPLERS = ("inverse_cdf", "multinomial")
+
+
 @dataclass
 class GenerationConfig:
     """Decoding settings; ``temperature == 0`` means greedy decoding."""
@@ -33,10 +36,17 @@ class GenerationConfig:
     # A batch made of runs of k identical prompts (PPO / GRPO samples, Best-of-N) runs the prompt's forward
     # once per distinct prompt and repeats its KV cache k times, instead of k times over the same tokens.
     share_prompt_prefill: bool = True
+    # How a sampled token is drawn from the (temperature / top-k / top-p filtered) distribution:
+    # "inverse_cdf" (a uniform per row through the float64 CDF, InverseCDFSampler) or "multinomial"
+    # (transformers' own torch.multinomial, whose CPU kernel draws an exponential per vocabulary entry:
+    # ~30 ms a step for 32 rows x 49k tokens on 2 cores). The same distribution, different draws.
+    sampler: str = "inverse_cdf"
 
     def __post_init__(self) -> None:
         from alignforge.errors import ConfigError
 
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -69,6 +79,38 @@ class GenerationBackend(Protocol):
     """Anything that turns conversations into responses."""
 
     def generate(self, prompts: list[Conversation], cfg: GenerationConfig) -> list[str]: ...
+
+
+class InverseCDFSampler:
+    """A transformers logits processor that draws the next token itself, for ``do_sample=False``.
+
+    It filters the scores with transformers' own warpers (temperature, top-k, top-p, in that order, as
+    ``generate`` applies them when sampling), takes the softmax, and draws one token per row by inverse
+    transform sampling: a uniform ``u`` from the global torch RNG, the first token whose float64
+    cumulative probability exceeds ``u``. It returns scores that are 0 at that token and ``-inf``
+    elsewhere, so greedy selection picks it. Exact categorical sampling like ``torch.multinomial``, at a
+    fraction of its CPU cost (one uniform per row instead of one exponential per vocabulary entry).
+    """
+
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok, 0.0)
 
 
 def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -160,9 +202,10 @@ class HFBackend:
             pad_token_id=self.pad_id,
             # An empty list disables EOS stopping (None would fall back to the model's).
             eos_token_id=list(self.eos_ids) if cfg.stop_on_eos else [],
-            do_sample=not cfg.greedy,
+            # InverseCDFSampler draws the token; generate then selects it greedily
+            do_sample=not cfg.greedy and cfg.sampler == "multinomial",
         )
-        if not cfg.greedy:
+        if kw["do_sample"]:
             kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         return HFGenerationConfig(**kw)
 
@@ -217,6 +260,10 @@ class HFBackend:
             else:
                 ids, mask = self._left_pad(rows)
                 ids, mask = ids.to(device), mask.to(device)
+            if not cfg.greedy and cfg.sampler == "inverse_cdf":
+                from transformers import LogitsProcessorList
+
+                kw["logits_processor"] = LogitsProcessorList([InverseCDFSampler(cfg.temperature, cfg.top_k, cfg.top_p)])
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_cfg, **kw)
         logits = torch.stack(out.logits, dim=1) if cfg.return_logits else None  # [B, new, V], unprocessed
         seqs = out.sequences if cfg.return_logits else out

@@ -19,6 +19,7 @@ def logprobs_from_logits(
     softcap: float | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ):
     """Log-probability of each target token from its logits (the one place this is computed).
 
@@ -29,6 +30,8 @@ def logprobs_from_logits(
         softcap: the model's ``final_logit_softcapping`` (``tanh(x / c) * c``), if any.
         temperature: the logits are divided by it (after the softcap), as sampling at that temperature does.
         with_entropy: also return the ``(N,)`` entropy of each position's distribution.
+        entropy_grad: ``False`` computes the entropy without autograd (a metric only: nothing of its
+            ``(N, V)`` softmax is kept for a backward pass).
 
     Returns:
         ``(N,)`` ``log softmax(logits)[targets]`` (and the entropies), as target logit − logsumexp, not
@@ -45,7 +48,8 @@ def logprobs_from_logits(
     lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     if not with_entropy:
         return lp
-    return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def target_logprobs(
@@ -57,6 +61,7 @@ def target_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ):
     """Log-probability of each target token given everything before it.
 
@@ -68,6 +73,7 @@ def target_logprobs(
         temperature: log-probs of the distribution sampled at this temperature (PPO recomputes the
             log-probs of its samples this way).
         with_entropy: also return the ``(B, T)`` entropies of those distributions.
+        entropy_grad: see :func:`logprobs_from_logits`.
 
     Returns:
         ``(B, T)`` float32 (float64 for a float64 model): ``out[b, t] = log p(input_ids[b, t] |
@@ -90,6 +96,7 @@ def target_logprobs(
         getattr(base.config, "final_logit_softcapping", None),
         temperature=temperature,
         with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
     )
     lp, ent = res if with_entropy else (res, None)
     out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)

@@ -85,6 +85,63 @@ class RewardModel(nn.Module):
         ).last_hidden_state
         return self._score(h[rows, last_token_index(batch["attention_mask"])])
 
+    def score_with_prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` scores of rows that share prefixes (:func:`shared_prefix_batch`'s layout): the
+        decoder runs once over each distinct prefix with a KV cache, the cache is indexed to the rows,
+        and the rows' remaining tokens run against it. The same scores as :meth:`forward` on the whole
+        rows, up to rounding."""
+        decoder = unwrap_base(self.model).get_decoder()
+        pm, idx, sm = batch["prefix_mask"], batch["prefix_index"], batch["suffix_mask"]
+        first = decoder(
+            input_ids=batch["prefix_ids"],
+            attention_mask=pm,
+            position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+        cache = first.cache
+        cache.reorder_cache(idx)
+        pos = pm.sum(-1)[idx][:, None] + torch.arange(sm.shape[1], device=sm.device)[None, :]
+        h = decoder(
+            input_ids=batch["suffix_ids"],
+            attention_mask=torch.cat([pm[idx], sm], dim=1),
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self._score(h[rows, sm.sum(-1) - 1])
+
+
+def shared_prefix_batch(seqs: Sequence[Sequence[int]], groups: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """The layout of :meth:`RewardModel.score_with_prefix` for ``seqs`` whose rows with equal
+    ``groups`` keys share a beginning: each group's longest common prefix of token ids (at most its
+    shortest row's length − 1, so every row keeps a token to score at), left-padded, once per group;
+    ``prefix_index`` maps rows to it; the rest of each row, right-padded. Any grouping is correct
+    (the prefix is the rows' literal common beginning); rows of one prompt share the most."""
+    from alignforge.data.collate import pad_batch
+
+    keys: dict[Any, int] = {}
+    index = [keys.setdefault(g, len(keys)) for g in groups]
+    members: list[list[int]] = [[] for _ in keys]
+    for i, k in enumerate(index):
+        members[k].append(i)
+    prefixes = []
+    for rows in members:
+        first, n = seqs[rows[0]], min(len(seqs[r]) for r in rows) - 1
+        k = 0
+        while k < n and all(seqs[r][k] == first[k] for r in rows):
+            k += 1
+        prefixes.append(list(first[:k]))
+    pre = pad_batch(prefixes, pad_id, side="left")
+    suf = pad_batch([list(seqs[i][len(prefixes[k]) :]) for i, k in enumerate(index)], pad_id)
+    return {
+        "prefix_ids": pre["input_ids"],
+        "prefix_mask": pre["attention_mask"],
+        "prefix_index": torch.tensor(index),
+        "suffix_ids": suf["input_ids"],
+        "suffix_mask": suf["attention_mask"],
+    }
+
 
 def is_reward_model_dir(name_or_path: str) -> bool:
     """Whether ``name_or_path`` is a saved sequence-classification (reward) model directory."""
@@ -283,10 +340,20 @@ def reward_input_ids(conversation: Sequence[dict], text: str, tokenizer: Any) ->
 
 
 def score_sequences(
-    rm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8, progress: bool = True
+    rm,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    groups: Sequence[Any] | None = None,
 ) -> np.ndarray:
     """Score whole token sequences (prompt + response), right-padded, batched by length;
-    input order kept."""
+    input order kept.
+
+    ``groups`` (a key per row, e.g. its prompt): the rows are batched in their order instead, and
+    within a batch the rows of a group run their common prefix once (:meth:`RewardModel.score_with_prefix`;
+    the same scores up to rounding) where a group has two or more rows in the batch.
+    """
     from alignforge.data.collate import pad_batch
 
     scores = np.zeros(len(seqs))
@@ -294,11 +361,23 @@ def score_sequences(
     was_training = rm.training
     rm.eval()
     prog, task = _progress(progress, len(seqs), "scoring")
+    if groups is None:
+        order = batches_by_length([len(s) for s in seqs], batch_size)
+    else:
+        order = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     try:
         with torch.no_grad():
-            for idx in batches_by_length([len(s) for s in seqs], batch_size):
-                batch = pad_batch([seqs[i] for i in idx], pad_id)
-                out = rm({k: v.to(device) for k, v in batch.items()})
+            for idx in order:
+                keys = None if groups is None else [groups[i] for i in idx]
+                batch = None
+                if keys is not None and len(set(keys)) < len(keys):
+                    batch = shared_prefix_batch([seqs[i] for i in idx], keys, pad_id)
+                    batch = batch if batch["prefix_ids"].shape[1] else None  # no group shares a token
+                if batch is not None:
+                    out = rm.score_with_prefix({k: v.to(device) for k, v in batch.items()})
+                else:
+                    batch = pad_batch([seqs[i] for i in idx], pad_id)
+                    out = rm({k: v.to(device) for k, v in batch.items()})
                 scores[idx] = out.double().cpu().numpy()
                 if prog is not None:
                     prog.advance(task, len(idx))

@@ -86,9 +86,11 @@ class PPOParams:
     top_k: int = 0
     ignore_eos: bool = False
     share_prompt_prefill: bool = True  # HF backend: K samples of a prompt share one prompt forward (KV repeated)
-    # log-prob passes (rollout and update): the rows of a micro-batch that share a prompt run its forward once
-    # (KV indexed per row, gradients flow back through it); off with model.gradient_checkpointing
+    # log-prob passes (rollout and update) and reward scoring: the rows of a micro-batch that share a prompt
+    # run its forward once (KV indexed per row, gradients flow back through it); the log-prob passes keep
+    # the row-by-row forward under model.gradient_checkpointing
     share_prompt_forward: bool = True
+    sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"  # HF backend's draw (inference.generate)
     ppo_epochs: int = 1
     minibatches: int = 1  # updates per epoch; each block's rows split evenly among them
     forward_batch_size: int = 8  # rows per forward pass (rollout scoring and training micro-batches)
@@ -263,7 +265,9 @@ def share_prompts(batch: dict[str, torch.Tensor], prompts: list[list[int]], pad_
     }
 
 
-def shared_prompt_logps(lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
+def shared_prompt_logps(
+    lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False, entropy_grad: bool = True
+):
     """:func:`response_logps` on :func:`share_prompts`' layout: the decoder runs once over the ``U``
     distinct prompts (``use_cache``), the cache is indexed to the ``B`` rows (``Cache.reorder_cache``),
     and a second pass runs only the response tokens against it. The same values as the row-by-row pass
@@ -300,6 +304,7 @@ def shared_prompt_logps(lm, batch: dict[str, torch.Tensor], temperature: float, 
         getattr(base.config, "final_logit_softcapping", None),
         temperature=temperature,
         with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
     )
     lp, ent = res if with_entropy else (res, None)
     lp_out = torch.zeros(rmask.shape, dtype=lp.dtype, device=lp.device)
@@ -311,19 +316,23 @@ def shared_prompt_logps(lm, batch: dict[str, torch.Tensor], temperature: float, 
     return lp_out, ent_out
 
 
-def response_logps(lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
+def response_logps(
+    lm, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False, entropy_grad: bool = True
+):
     """``(B, R)`` log-probs (and entropies) of the response tokens at the sampling temperature
     (through :func:`shared_prompt_logps` when ``batch`` has :func:`share_prompts`' layout)."""
     from alignforge.models.logprobs import target_logprobs
 
     if "prompt_index" in batch:
-        return shared_prompt_logps(lm, batch, temperature, with_entropy)
+        return shared_prompt_logps(lm, batch, temperature, with_entropy, entropy_grad)
     ids, att = batch["input_ids"], batch["attention_mask"]
     target = torch.zeros_like(att, dtype=torch.bool)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(batch["resp_pos"])
     valid = batch["resp_mask"].bool()
     target[rows[valid], batch["resp_pos"][valid]] = True
-    out = target_logprobs(lm, ids, att, target, temperature=temperature, with_entropy=with_entropy)
+    out = target_logprobs(
+        lm, ids, att, target, temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad
+    )
     lp, ent = out if with_entropy else (out, None)
     lp = lp.gather(1, batch["resp_pos"]) * batch["resp_mask"]
     if ent is not None:
@@ -340,8 +349,9 @@ def response_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class ActorCritic(nn.Module):
     """The trained modules in one ``nn.Module``, so one optimiser and one DDP wrapper cover both.
 
-    ``forward(batch, temperature, with_entropy, ntp=None)`` -> ``(logps, entropies, values, ntp_logps)``;
-    the NTP batch (SFT format) goes through the same call so that a distributed wrapper syncs once.
+    ``forward(batch, temperature, with_entropy, ntp=None, entropy_grad=True)`` -> ``(logps, entropies,
+    values, ntp_logps)``; the NTP batch (SFT format) goes through the same call so that a distributed
+    wrapper syncs once; ``entropy_grad=False`` gives entropies for the log only (no autograd graph).
     """
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None):
@@ -355,10 +365,11 @@ class ActorCritic(nn.Module):
         temperature: float,
         with_entropy: bool,
         ntp: dict[str, torch.Tensor] | None = None,
+        entropy_grad: bool = True,
     ):
         from alignforge.models.logprobs import target_logprobs
 
-        lp, ent = response_logps(self.policy, batch, temperature, with_entropy)
+        lp, ent = response_logps(self.policy, batch, temperature, with_entropy, entropy_grad)
         values = response_values(self.critic, batch) if self.critic is not None else None
         ntp_lp = None
         if ntp is not None:
@@ -379,10 +390,11 @@ class RewardScorer:
     it ended there.
     """
 
-    def __init__(self, path: str, policy_tokenizer, device, batch_size: int):
+    def __init__(self, path: str, policy_tokenizer, device, batch_size: int, share_prompts: bool = True):
         from alignforge.models.reward import load_reward_model
 
         self.path = path
+        self.share_prompts = share_prompts  # K answers of a prompt: its common token prefix runs once
         self.rm, self.tok, self.stats = load_reward_model(path)
         self.rm.to(device)
         self.policy_tok = policy_tokenizer
@@ -403,7 +415,11 @@ class RewardScorer:
         from alignforge.models.reward import score_sequences
 
         seqs = self.sequences(prompts, responses)
-        scores = score_sequences(self.rm, seqs, self.tok.pad_token_id, batch_size=self.batch_size, progress=False)
+        keys = [tuple(p.ids) for p in prompts]
+        groups = keys if self.share_prompts and len(set(keys)) < len(keys) else None
+        scores = score_sequences(
+            self.rm, seqs, self.tok.pad_token_id, batch_size=self.batch_size, progress=False, groups=groups
+        )
         return torch.as_tensor(scores, dtype=torch.float32)
 
     def fingerprint(self) -> str:
@@ -468,6 +484,7 @@ def _gen_cfg(p: PPOParams, seed: int, rows: int, greedy: bool = False):
         batch_size=max(1, rows),
         stop_on_eos=not p.ignore_eos,
         share_prompt_prefill=p.share_prompt_prefill,
+        sampler=p.sampler,
     )
 
 
@@ -597,9 +614,10 @@ class _Trainer:
             self.ref = load_model(p.ref_model or cfg.model.name_or_path).to(acc.device).eval()
             for q in self.ref.parameters():
                 q.requires_grad_(False)
-        self.scorer = RewardScorer(p.reward_model, self.tok, acc.device, p.score_batch_size)
+        share = p.share_prompt_forward
+        self.scorer = RewardScorer(p.reward_model, self.tok, acc.device, p.score_batch_size, share)
         if p.safety_reward_model:
-            safety = RewardScorer(p.safety_reward_model, self.tok, acc.device, p.score_batch_size)
+            safety = RewardScorer(p.safety_reward_model, self.tok, acc.device, p.score_batch_size, share)
             self.scorer = CombinedScorer(self.scorer, safety, p.safety_threshold)
         self.critic = None
         if p.advantage == "gae":
@@ -929,47 +947,55 @@ class _Trainer:
                     nt = torch.tensor(float(ntp_batch["target_mask"].sum()), device=acc.device)
                     ntp_norm = max(float(acc.reduce(nt, "sum")), 1.0)
                 loss_total = 0.0
-                for ci, ch in enumerate(chunks):
-                    last = ci == len(chunks) - 1
-                    batch = self.make_batch([ro["prompt_ids"][r] for r in ch], [ro["responses"][r] for r in ch])
-                    Rb = batch["resp_mask"].shape[1]
-                    sl = {
-                        k: ro[k][ch][:, :Rb].to(acc.device)
-                        for k in ("old_lp", "ref_lp", "adv", "ret", "values")
-                        if ro[k] is not None
-                    }
-                    mask = batch["resp_mask"]
-                    sync = contextlib.nullcontext() if last else acc.no_sync(module)
-                    with sync, acc.autocast():
-                        lp, ent, vals, ntp_lp = module(batch, self.lp_temperature, True, ntp_batch if last else None)
-                        lp = lp.float()
-                        old = sl["old_lp"] if "old_lp" in sl else lp.detach()  # see reuses_update_logps
-                        pl, pm = policy_loss(lp, old, sl["adv"], mask, p.clip)
-                        loss = pl.sum()
-                        add("policy_loss", pl.sum().detach())
-                        add("clipped", pm["clipped"])
-                        add("approx_kl", pm["approx_kl"])
-                        add("entropy", ent.detach().float().sum())
-                        if vals is not None:
-                            vl, vm = value_loss(vals.float(), sl["values"], sl["ret"], mask, p.vf_clip)
-                            loss = loss + p.vf_coef * vl.sum()
-                            add("value_loss", vl.sum().detach())
-                            add("vf_clipped", vm["vf_clipped"])
-                        if p.kl_in == "loss" and self.kl_coef > 0:
-                            kk = kl_estimate(lp, sl["ref_lp"], p.kl_estimator) * mask
-                            loss = loss + self.kl_coef * kk.sum()
-                        if p.ent_coef:
-                            loss = loss - p.ent_coef * ent.float().sum()
-                        loss = loss / n_tok
-                        if ntp_lp is not None:
-                            from alignforge.losses.sft import nll_loss
+                # one autocast region per optimiser step: each weight is cast to bf16 once, not once per micro-batch
+                with acc.autocast():
+                    for ci, ch in enumerate(chunks):
+                        last = ci == len(chunks) - 1
+                        batch = self.make_batch([ro["prompt_ids"][r] for r in ch], [ro["responses"][r] for r in ch])
+                        Rb = batch["resp_mask"].shape[1]
+                        sl = {
+                            k: ro[k][ch][:, :Rb].to(acc.device)
+                            for k in ("old_lp", "ref_lp", "adv", "ret", "values")
+                            if ro[k] is not None
+                        }
+                        mask = batch["resp_mask"]
+                        sync = contextlib.nullcontext() if last else acc.no_sync(module)
+                        with sync:
+                            lp, ent, vals, ntp_lp = module(  # the entropy needs a graph only for an entropy bonus
+                                batch,
+                                self.lp_temperature,
+                                True,
+                                ntp_batch if last else None,
+                                entropy_grad=bool(p.ent_coef),
+                            )
+                            lp = lp.float()
+                            old = sl["old_lp"] if "old_lp" in sl else lp.detach()  # see reuses_update_logps
+                            pl, pm = policy_loss(lp, old, sl["adv"], mask, p.clip)
+                            loss = pl.sum()
+                            add("policy_loss", pl.sum().detach())
+                            add("clipped", pm["clipped"])
+                            add("approx_kl", pm["approx_kl"])
+                            add("entropy", ent.detach().float().sum())
+                            if vals is not None:
+                                vl, vm = value_loss(vals.float(), sl["values"], sl["ret"], mask, p.vf_clip)
+                                loss = loss + p.vf_coef * vl.sum()
+                                add("value_loss", vl.sum().detach())
+                                add("vf_clipped", vm["vf_clipped"])
+                            if p.kl_in == "loss" and self.kl_coef > 0:
+                                kk = kl_estimate(lp, sl["ref_lp"], p.kl_estimator) * mask
+                                loss = loss + self.kl_coef * kk.sum()
+                            if p.ent_coef:
+                                loss = loss - p.ent_coef * ent.float().sum()
+                            loss = loss / n_tok
+                            if ntp_lp is not None:
+                                from alignforge.losses.sft import nll_loss
 
-                            nl, nm = nll_loss(ntp_lp.float(), ntp_batch["target_mask"], ntp_norm)
-                            loss = loss + p.ntp_coef * nl
-                            add("ntp_nll", nm["nll_sum"])
-                            add("ntp_tokens", nm["n_tokens"])
-                        acc.backward(loss * self.world)
-                    loss_total += float(loss.detach())
+                                nl, nm = nll_loss(ntp_lp.float(), ntp_batch["target_mask"], ntp_norm)
+                                loss = loss + p.ntp_coef * nl
+                                add("ntp_nll", nm["nll_sum"])
+                                add("ntp_tokens", nm["n_tokens"])
+                            acc.backward(loss * self.world)
+                        loss_total += float(loss.detach())
                 step_loss = float(acc.reduce(torch.tensor(loss_total, device=acc.device), "sum"))
                 gnorm = guard(step_loss, f"iteration {it + 1} (update {self.update_step + 1})")
                 self.guard_lr = guard.last_lr
