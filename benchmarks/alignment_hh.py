@@ -25,7 +25,8 @@ the NTP file holds every chosen answer of the training file; false leaves out th
 so the NTP term does not teach refusing, only the reward does), ``safety_reward_model`` / ``safety_threshold``
 (PPO with Llama 2's two reward models: the prompts of the safety pairs among PPO's prompts become
 ``ppo.safety_prompt_files`` and are scored by this RM, the rest by ``reward_model`` unless the safety RM
-scores an answer under ``ppo.safety_threshold``, default 0.15).
+scores an answer under ``ppo.safety_threshold``, default 0.15), ``train_seed`` (``train.seed`` of this
+configuration's training, for repeats over seeds; the data keep ``--seed``).
 
 **Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
 HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
