@@ -78,7 +78,8 @@ def test_grouped_scoring_equals_row_by_row(tiny_model_dir):
     none = score_sequences(rm, seqs, 0, batch_size=6, progress=False, groups=[1, 1, 1, 2, 2, 2])
     assert len(set(plain.round(6).tolist())) == 6  # the scores differ from row to row
     for s in (grouped, mixed, none):
-        assert abs(s - plain).max() < 1e-10
+        # float32 RMSNorm inside the float64 model: a float32 tolerance scaled to the scores (1e-10 here)
+        assert abs(s - plain).max() < 1e-6 * abs(plain).max()
 
 
 def test_save_and_load_roundtrip(tmp_path, tiny_model_dir, tiny_tokenizer):

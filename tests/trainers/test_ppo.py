@@ -198,8 +198,10 @@ def test_shared_prompt_forward_equals_the_row_by_row_pass(tiny_model_dir, lora):
         out[name] = (lp, ent, grads)
     (lp0, e0, g0), (lp1, e1, g1) = out["plain"], out["shared"]
     assert lp0.dtype == torch.float64 and (lp0 != 0).sum() == sum(len(r) for r in responses)
-    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-12)
-    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-12)
+    # Llama's RMSNorm normalises in float32 even in a float64 model: a float32 tolerance, scaled to the values
+    # (here the two paths agree to 1e-12; a wrong position or cache row is off by O(1))
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-6 * float(lp0.abs().max()))
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-6 * float(e0.abs().max()))
     # gradients: Llama's RMSNorm runs in float32 even in a float64 model, so its backward sums in float32
     # in a different order on the two paths; the tolerance is float32's, scaled to the values
     for x, y in zip(g1, g0, strict=True):

@@ -52,6 +52,45 @@ def logprobs_from_logits(
         return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
+def head_logprobs(
+    base: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = True,
+):
+    """The output head on ``hidden`` and :func:`logprobs_from_logits`, laid out as ``mask``.
+
+    Args:
+        base: the causal LM (PEFT unwrapped) whose head, and ``final_logit_softcapping``, apply.
+        hidden: ``(N, H)`` states that predict ``targets`` ``(N,)``.
+        mask: a bool tensor with ``N`` true entries, in the order of ``hidden``.
+
+    Returns:
+        log-probs shaped like ``mask`` (0 where it is false); with ``with_entropy``, ``(logps, entropies)``.
+    """
+    res = logprobs_from_logits(
+        base.get_output_embeddings()(hidden),
+        targets,
+        getattr(base.config, "final_logit_softcapping", None),
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+    )
+
+    def laid_out(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        out[mask] = x
+        return out
+
+    if not with_entropy:
+        return laid_out(res)
+    return laid_out(res[0]), laid_out(res[1])
+
+
 def target_logprobs(
     lm: nn.Module,
     input_ids: torch.Tensor,
@@ -83,29 +122,22 @@ def target_logprobs(
     from alignforge.models.lora import unwrap_base
 
     base = unwrap_base(lm)
-    decoder = base.get_decoder()
-    head = base.get_output_embeddings()
-    hidden = decoder(
+    hidden = base.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     tm = target_mask[:, 1:].bool()
-    h = hidden[:, :-1][tm]  # (N, H): states that predict a target token
-    res = logprobs_from_logits(
-        head(h),
+    res = head_logprobs(  # (B, T - 1) from the states that predict a target token; column 0 stays 0
+        base,
+        hidden[:, :-1][tm],
         input_ids[:, 1:][tm],
-        getattr(base.config, "final_logit_softcapping", None),
+        tm,
         temperature=temperature,
         with_entropy=with_entropy,
         entropy_grad=entropy_grad,
     )
-    lp, ent = res if with_entropy else (res, None)
-    out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
-    out[:, 1:][tm] = lp
-    if ent is None:
-        return out
-    ent_out = torch.zeros(input_ids.shape, dtype=ent.dtype, device=input_ids.device)
-    ent_out[:, 1:][tm] = ent
-    return out, ent_out
+    if not with_entropy:
+        return torch.nn.functional.pad(res, (1, 0))
+    return tuple(torch.nn.functional.pad(x, (1, 0)) for x in res)
 
 
 class TokenLogProbs(nn.Module):

@@ -127,3 +127,44 @@ class PackedPairLogProbs(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return packed_response_logps(self.lm, batch)
+
+
+def prefix_cached_hidden(
+    decoder: torch.nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    prefix_index: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    suffix_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of ``B`` rows that share ``U`` prefixes, each prefix run once.
+
+    Args:
+        decoder: the base model's decoder (``get_decoder()``), any cache-capable transformers model.
+        prefix_ids, prefix_mask: ``(U, P)`` the distinct prefixes, **left**-padded (every prefix ends in
+            column ``P − 1``).
+        prefix_index: ``(B,)`` row -> its prefix.
+        suffix_ids, suffix_mask: ``(B, S)`` the rest of each row, right-padded.
+
+    Returns:
+        ``((B, H), (B, S, H))``: each row's state at its prefix's last token, and at each suffix token.
+        The decoder runs over the prefixes with a KV cache, the cache is indexed to the rows
+        (``Cache.reorder_cache``) and the suffixes run against it, at the positions they have in the
+        whole row; the same states as the whole rows give, up to rounding, and gradients reach the
+        prefix positions through the cache.
+    """
+    pm, idx, sm = prefix_mask, prefix_index, suffix_mask
+    first = decoder(
+        input_ids=prefix_ids, attention_mask=pm, position_ids=(pm.cumsum(-1) - 1).clamp(min=0), use_cache=True
+    )
+    cache = first.cache
+    cache.reorder_cache(idx)
+    pos = pm.sum(-1)[idx][:, None] + torch.arange(sm.shape[1], device=sm.device)[None, :]
+    second = decoder(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([pm[idx], sm], dim=1),
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return first.last_hidden_state[idx, -1], second

@@ -33,7 +33,7 @@ from torch import nn
 
 from alignforge.errors import ModelError
 from alignforge.models.lora import unwrap_base
-from alignforge.models.packing import packed_hidden_states
+from alignforge.models.packing import packed_hidden_states, prefix_cached_hidden
 
 STATS_FILE = "reward_stats.json"
 
@@ -90,24 +90,15 @@ class RewardModel(nn.Module):
         decoder runs once over each distinct prefix with a KV cache, the cache is indexed to the rows,
         and the rows' remaining tokens run against it. The same scores as :meth:`forward` on the whole
         rows, up to rounding."""
-        decoder = unwrap_base(self.model).get_decoder()
-        pm, idx, sm = batch["prefix_mask"], batch["prefix_index"], batch["suffix_mask"]
-        first = decoder(
-            input_ids=batch["prefix_ids"],
-            attention_mask=pm,
-            position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
+        sm = batch["suffix_mask"]
+        _, h = prefix_cached_hidden(
+            unwrap_base(self.model).get_decoder(),
+            batch["prefix_ids"],
+            batch["prefix_mask"],
+            batch["prefix_index"],
+            batch["suffix_ids"],
+            sm,
         )
-        cache = first.cache
-        cache.reorder_cache(idx)
-        pos = pm.sum(-1)[idx][:, None] + torch.arange(sm.shape[1], device=sm.device)[None, :]
-        h = decoder(
-            input_ids=batch["suffix_ids"],
-            attention_mask=torch.cat([pm[idx], sm], dim=1),
-            position_ids=pos,
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
         return self._score(h[rows, sm.sum(-1) - 1])
 

@@ -272,48 +272,28 @@ def shared_prompt_logps(
     distinct prompts (``use_cache``), the cache is indexed to the ``B`` rows (``Cache.reorder_cache``),
     and a second pass runs only the response tokens against it. The same values as the row-by-row pass
     (up to rounding); gradients reach the prompt positions through the cache."""
-    from alignforge.models.logprobs import logprobs_from_logits
+    from alignforge.models.logprobs import head_logprobs
     from alignforge.models.lora import unwrap_base
+    from alignforge.models.packing import prefix_cached_hidden
 
     base = unwrap_base(lm)
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    pm, idx, rmask = batch["prompt_mask"], batch["prompt_index"], batch["resp_mask"]
-    first = decoder(
-        input_ids=batch["prompt_ids"],
-        attention_mask=pm,
-        position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
+    rmask = batch["resp_mask"]
+    last, second = prefix_cached_hidden(
+        base.get_decoder(), batch["prompt_ids"], batch["prompt_mask"], batch["prompt_index"], batch["resp_ids"], rmask
     )
-    cache = first.cache
-    cache.reorder_cache(idx)
-    R = rmask.shape[1]
-    rpos = pm.sum(-1)[idx][:, None] + torch.arange(R, device=pm.device)[None, :]
-    second = decoder(
-        input_ids=batch["resp_ids"],
-        attention_mask=torch.cat([pm[idx], rmask], dim=1),
-        position_ids=rpos,
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state
     # the state that predicts response token k: the prompt's last one for k = 0, else response token k - 1's
-    h = torch.cat([first.last_hidden_state[idx, -1:], second[:, :-1]], dim=1)
+    h = torch.cat([last[:, None], second[:, :-1]], dim=1)
     valid = rmask.bool()
-    res = logprobs_from_logits(
-        head(h[valid]),
+    res = head_logprobs(
+        base,
+        h[valid],
         batch["resp_ids"][valid],
-        getattr(base.config, "final_logit_softcapping", None),
+        valid,
         temperature=temperature,
         with_entropy=with_entropy,
         entropy_grad=entropy_grad,
     )
-    lp, ent = res if with_entropy else (res, None)
-    lp_out = torch.zeros(rmask.shape, dtype=lp.dtype, device=lp.device)
-    lp_out[valid] = lp
-    if ent is None:
-        return lp_out, None
-    ent_out = torch.zeros(rmask.shape, dtype=ent.dtype, device=ent.device)
-    ent_out[valid] = ent
-    return lp_out, ent_out
+    return res if with_entropy else (res, None)
 
 
 def response_logps(
