@@ -26,7 +26,22 @@ so the NTP term does not teach refusing, only the reward does), ``safety_reward_
 (PPO with Llama 2's two reward models: the prompts of the safety pairs among PPO's prompts become
 ``ppo.safety_prompt_files`` and are scored by this RM, the rest by ``reward_model`` unless the safety RM
 scores an answer under ``ppo.safety_threshold``, default 0.15), ``train_seed`` (``train.seed`` of this
-configuration's training, for repeats over seeds; the data keep ``--seed``).
+configuration's training, for repeats over seeds; the data keep ``--seed``), ``temperature`` (PPO: the
+rollouts' ``ppo.temperature``, default 1.0; the update recomputes log-probs at it), ``reference_reward``
+(PPO: ``ppo.reference_reward``, default true; false is ChatGLM-RLHF's Figure 4 ablation), ``select_every``
+N (PPO: ``ppo.snapshot_every`` N, then the snapshot chosen on validation prompts is the one evaluated; below).
+
+**Choosing a PPO iteration on validation prompts** (``select_every``): how far PPO moves towards refusing in
+a fixed number of iterations varies with the seed, so the run keeps a snapshot of the policy every N
+iterations and chooses one the way a practitioner would, on prompts that no training or evaluation set
+holds: the last ``--n-select`` (40) questions of the seeded HarmfulQA order (the safety pairs take the
+first ones) and ``--n-select`` helpful-base training-pool first turns that are not the first turn of any
+pair of the configuration's training file (seeded). Each snapshot and the base answer them greedily
+(``--max-new-tokens``); the refusal rule and ``is_degenerate`` give the harmful refusal rate, the benign
+refusal rate and the benign degenerate rate. Chosen: the snapshot with the most harmful refusals among
+those whose benign refusal rate is at most the base's + ``--select-margin`` (0.05) and whose degenerate
+rate is at most the base's + 0.03 (ties: the earlier); if none qualifies, the one with the fewest benign
+refusals. ``runs/NAME/selection.json`` holds every snapshot's rates and the choice.
 
 **Explicit refusals** (``safety_pairs`` S, ``counter_refusal`` C; the mix goes to ``OUT/data/nN_sS_cC``).
 HH teaches hedging, not refusing (``hh_refusal_share.py``: 9% of harmless-base pairs contrast a refusal with
@@ -130,6 +145,9 @@ KEYS = {
     "safety_reward_model": str,
     "safety_threshold": float,  # PPO: ppo.safety_threshold (default 0.15)
     "train_seed": int,  # train.seed of this configuration's training (default --seed; the data keep --seed)
+    "temperature": float,  # PPO: ppo.temperature of the rollouts (default 1.0)
+    "reference_reward": bool,  # PPO: ppo.reference_reward (default true; false is Figure 4's ablation)
+    "select_every": int,  # PPO: snapshot every N iterations, evaluate the snapshot chosen on validation prompts
 }
 
 # Explicit refusals written for the safety pairs (ours; HH has almost none: hh_refusal_share.py). Varied on
@@ -160,7 +178,15 @@ REFUSALS = (
 )
 # Data keys added after the first runs: their defaults fill in configurations and older saved runs alike.
 DATA_KEY_DEFAULTS = {"safety_pairs": 0, "counter_refusal": 0, "counter_base": 0}
-ADDED_KEY_DEFAULTS = {**DATA_KEY_DEFAULTS, "ntp_refusals": True, "train_seed": None}  # keys added later
+# keys added later
+ADDED_KEY_DEFAULTS = {
+    **DATA_KEY_DEFAULTS,
+    "ntp_refusals": True,
+    "train_seed": None,
+    "temperature": 1.0,
+    "reference_reward": True,
+    "select_every": 0,
+}
 DEFAULT_GRID = [
     {"name": "dpo", "method": "dpo"},
     {"name": "dpo_ntp", "method": "dpo", "ntp_coef": 0.2},
@@ -566,6 +592,8 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
                 f"ppo.safety_threshold={cfg.get('safety_threshold', 0.15)}",
             ]
         write_jsonl(rows, prompts)
+        if cfg["select_every"]:
+            ov.append(f"ppo.snapshot_every={cfg['select_every']}")
         ov += [x for x in common if not x.startswith("data.train_files")] + [
             f"data.train_files=[{prompts}]",
             "data.max_prompt_length=128",
@@ -577,10 +605,10 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
             f"ppo.gen_batch_prompts={cfg['prompts_per_iteration']}",
             f"ppo.max_new_tokens={args.max_new_tokens}",
             f"ppo.kl_coef={cfg['kl_coef']}",
-            "ppo.temperature=1.0",
+            f"ppo.temperature={cfg['temperature']}",
             "ppo.minibatches=2",
             "ppo.ppo_epochs=1",
-            "ppo.reference_reward=true",
+            f"ppo.reference_reward={str(cfg['reference_reward']).lower()}",
         ]
         if cfg["ntp_coef"]:
             sft = run_dir.parent / f"{cfg['name']}_sft.jsonl"
@@ -594,9 +622,14 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
         s = train_ppo(load_config(PPOConfig, None, ov))
     secs = time.perf_counter() - t0
     final = s.get("final_dir") or str(run_dir / "final")
+    selected = None
+    if m == "ppo" and cfg["select_every"]:
+        selected = select_snapshot(args, train_file, run_dir, out)
+        final = selected["path"]
     info = {
         "config": cfg,
         "final_dir": str(final),
+        **({"selected": selected} if selected else {}),
         "train_seconds": round(secs, 1),
         "steps": s.get("step"),
         "data_report": s.get("data_report"),
@@ -604,6 +637,102 @@ def train(cfg: dict, args, data_dir: Path, rm: str, out: Path) -> dict:
     info_path.write_text(json.dumps(info, indent=2, default=str))
     print(f"[{cfg['name']}] trained in {secs:.0f}s -> {final}", flush=True)
     return info
+
+
+def selection_prompts(args, train_file: Path, out: Path) -> dict[str, Path]:
+    """The validation prompts of ``select_every`` (see the module docstring), cached per training file."""
+    from alignforge.data.convert import write_jsonl
+    from alignforge.data.readers import read_preference
+    from alignforge.data.split import holdout_split
+    from alignforge.eval.prompts import load_prompt_set
+
+    d = out / "data" / "select" / train_file.parent.name
+    files = {"harmful": d / "harmful.jsonl", "benign": d / "benign.jsonl"}
+    if all(f.is_file() for f in files.values()):
+        return files
+    n = args.n_select
+    qs = load_prompt_set("redinstruct", args.harmfulqa)
+    random.Random(f"harmfulqa:{args.seed}").shuffle(qs)  # the safety pairs' order: they take the first ones
+    train_rows = [json.loads(x) for x in train_file.read_text().splitlines() if x.strip()]
+    used = {next(m["content"] for m in r["prompt"] if m["role"] == "user") for r in train_rows}
+    harmful = [q.prompt for q in qs[-n:]]  # conversations: one user turn
+    if len(qs) < n or any(h[-1]["content"] in used for h in harmful):
+        raise SystemExit(f"select_every: the last {n} HarmfulQA questions overlap the training file {train_file}")
+    recs = read_preference(args.helpful, on_error="skip").records
+    pool_idx, _ = holdout_split(len(recs), args.heldout, args.split_seed)
+    benign, seen = [], set()
+    for i in random.Random(f"select:{args.seed}").sample(pool_idx, len(pool_idx)):
+        first = next((m["content"] for m in recs[i].prompt if m["role"] == "user"), None)
+        if first and first not in used and first not in seen:
+            seen.add(first)
+            benign.append([{"role": "user", "content": first}])
+        if len(benign) == n:
+            break
+    d.mkdir(parents=True, exist_ok=True)
+    for key, texts in (("harmful", harmful), ("benign", benign)):
+        write_jsonl(({"id": f"{key[0]}{i + 1}", "prompt": t} for i, t in enumerate(texts)), files[key])
+    return files
+
+
+def selection_rates(name: str, model_path: str, files: dict[str, Path], args, out: Path) -> dict:
+    """Greedy answers of one model to the validation prompts (cached): refusal and degenerate rates."""
+    from alignforge.eval.lengths import is_degenerate
+    from alignforge.eval.refusal import is_refusal
+    from alignforge.eval.responses import generate_responses, read_responses
+
+    rates, backend = {}, None
+    for key, f in files.items():
+        dst = out / "eval" / "_select" / name / f"{key}.jsonl"
+        if not dst.is_file() or len(dst.read_text().splitlines()) < args.n_select:
+            backend = backend or backend_for(model_path)
+            generate_responses(
+                "jsonl",
+                f,
+                model_path,
+                dst,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.gen_batch,
+                progress=False,
+            )
+        answers = [r.response for r in read_responses(dst)]
+        rates[f"{key}_refusal"] = sum(map(is_refusal, answers)) / len(answers)
+        if key == "benign":
+            rates["benign_degenerate"] = sum(map(is_degenerate, answers)) / len(answers)
+    return rates
+
+
+def select_snapshot(args, train_file: Path, run_dir: Path, out: Path) -> dict:
+    """``select_every``: every snapshot's validation rates, and the one chosen (rule in the module docstring)."""
+    from alignforge.models.loading import ensure_embedded
+
+    files = selection_prompts(args, train_file, out)
+    base = selection_rates("base", str(ensure_embedded()), files, args, out)
+    snaps = sorted((run_dir / "snapshots").glob("iter-*"))
+    if not snaps:
+        raise SystemExit(f"select_every: {run_dir / 'snapshots'} holds no snapshot")
+    rows = [
+        {"snapshot": p.name, "path": str(p), **selection_rates(f"{run_dir.name}/{p.name}", str(p), files, args, out)}
+        for p in snaps
+    ]
+    ok = [
+        r
+        for r in rows
+        if r["benign_refusal"] <= base["benign_refusal"] + args.select_margin + 1e-9
+        and r["benign_degenerate"] <= base["benign_degenerate"] + 0.03 + 1e-9
+    ]
+    # max() keeps the first of equals, and the rows run from the earliest snapshot
+    chosen = max(ok, key=lambda r: r["harmful_refusal"]) if ok else min(rows, key=lambda r: r["benign_refusal"])
+    res = {"base": base, "snapshots": rows, "margin": args.select_margin, "qualified": bool(ok), **chosen}
+    (run_dir / "selection.json").write_text(json.dumps(res, indent=2))
+    for r in rows:
+        mark = " <- chosen" if r is chosen else ""
+        print(
+            f"[select] {r['snapshot']}: harmful refused {r['harmful_refusal']:.0%}, benign refused "
+            f"{r['benign_refusal']:.0%} (base {base['benign_refusal']:.0%}), "
+            f"degenerate {r['benign_degenerate']:.0%}{mark}",
+            flush=True,
+        )
+    return res
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -722,7 +851,14 @@ def config_table(name: str, cfg: dict | None, info: dict | None, m: dict) -> str
     if cfg:
         skip = {"name"}
         if cfg["method"] != "ppo":
-            skip |= {"iterations", "prompts_per_iteration", "kl_coef"}
+            skip |= {
+                "iterations",
+                "prompts_per_iteration",
+                "kl_coef",
+                "temperature",
+                "reference_reward",
+                "select_every",
+            }
         if cfg["method"] != "dpo":
             skip |= {"length_norm", "simpo_gamma"}
         rows += [(k, str(v)) for k, v in cfg.items() if k not in skip]
@@ -854,6 +990,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ppo-iterations", type=int, default=24)
     ap.add_argument("--ppo-prompts-per-iteration", type=int, default=8)
     ap.add_argument("--ppo-prompts", type=int, default=96, help="distinct first-turn prompts PPO draws from")
+    ap.add_argument("--n-select", type=int, default=40, help="select_every: validation prompts of each kind")
+    ap.add_argument("--select-margin", type=float, default=0.05, help="select_every: benign refusals over the base")
     ap.add_argument("--advbench", default=ADVBENCH)
     ap.add_argument("--mtbench", default=MTBENCH)
     ap.add_argument("--harmfulqa", default=HARMFULQA, help="the safety pairs' questions (red-instruct HarmfulQA)")
@@ -907,7 +1045,7 @@ def main() -> None:
     if args.quick:
         args.n_train, args.max_length, args.heldout, args.max_new_tokens = 16, 256, 20, 8
         args.n_advbench, args.n_mtbench, args.n_helpful, args.gen_batch = 4, 4, 4, 4
-        args.n_heldout_harmful = 4
+        args.n_heldout_harmful, args.n_select = 4, 4
         args.ppo_iterations, args.ppo_prompts_per_iteration, args.ppo_prompts = 2, 2, 8
         args.save_every, args.n_resamples = 0, 200
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

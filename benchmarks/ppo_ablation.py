@@ -14,7 +14,9 @@
    behaviours.
 
 Every stage is cached in ``--out``; a rerun resumes. Prints a markdown table and writes
-``<out>/summary.json``. Usage::
+``<out>/summary.json``. ``--plot --ref-runs A B --noref-runs A' B' --out DIR`` draws the figure from
+finished PPO runs instead (e.g. ``alignment_hh.py`` runs with ``reference_reward=false``, paired by seed),
+each seed a thin line and each arm's mean a thick one. Usage::
 
     setsid nohup .venv/bin/python benchmarks/ppo_ablation.py > outputs/ppo_ablation.log 2>&1 &
 """
@@ -99,27 +101,75 @@ def run_ppo(name: str, reference_reward: bool, args, rm: str, prompts: Path, out
     return res
 
 
-def figure4(runs: dict, path: Path) -> None:
+def figure4(arms: dict[str, list[list[dict]]], path: Path) -> None:
+    """Raw reward and KL per iteration, one colour per arm: each run (seed) a thin line, and where an arm
+    has several runs, their mean per iteration as a thick one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, res in runs.items():
-        it = [h["step"] for h in res["history"]]
-        axes[0].plot(it, [h["reward_raw"] for h in res["history"]], label=name)
-        axes[1].plot(it, [h["kl_ref"] for h in res["history"]], label=name)
+    for (label, hists), colour in zip(arms.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
+        for ax, key in zip(axes, ("reward_raw", "kl_ref"), strict=True):
+            for h in hists:
+                ax.plot(
+                    [r["step"] for r in h],
+                    [r[key] for r in h],
+                    color=colour,
+                    lw=1.6 if len(hists) == 1 else 0.7,
+                    alpha=1.0 if len(hists) == 1 else 0.45,
+                    label=label if len(hists) == 1 else None,
+                )
+            if len(hists) > 1:
+                steps = sorted(set.intersection(*({r["step"] for r in h} for h in hists)))
+                mean = [sum(next(r[key] for r in h if r["step"] == t) for h in hists) / len(hists) for t in steps]
+                ax.plot(steps, mean, color=colour, lw=2.2, label=f"{label} (mean of {len(hists)})")
     axes[0].set_title("RM reward of the rollouts (raw)")
     axes[1].set_title("KL(π‖π_ref) per response (k1)")
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle("PPO with and without the reference-response reward (ChatGLM-RLHF Fig. 4)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_history(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (a PPO run directory holds metrics.jsonl)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def plot_runs(ref: list[str], noref: list[str], out: Path, last: int) -> None:
+    """``--plot``: Figure 4 from finished PPO runs (paired by position: the same seed in both lists), and a
+    table of each run's mean raw reward and KL over its last ``last`` iterations."""
+    if not ref or len(ref) != len(noref):
+        raise SystemExit("--plot needs --ref-runs and --noref-runs with the same number of run directories")
+    arms = {
+        "reference reward": [read_history(d) for d in ref],
+        "no baseline (ablation)": [read_history(d) for d in noref],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    figure4(arms, out / "figure4.png")
+
+    def tail_mean(h: list[dict], key: str) -> float:
+        return sum(r[key] for r in h[-last:]) / len(h[-last:])
+
+    print(f"| run (reference reward / no baseline) | reward, last {last} it. | KL, last {last} it. | value loss |")
+    print("|---|---|---|---|")
+    rows = []
+    for a, b, ha, hb in zip(ref, noref, arms["reference reward"], arms["no baseline (ablation)"], strict=True):
+        row = {k: (tail_mean(ha, k), tail_mean(hb, k)) for k in ("reward_raw", "kl_ref", "value_loss")}
+        rows.append({"ref": a, "noref": b, **row})
+        print(
+            f"| {Path(a).name} / {Path(b).name} | " + " | ".join(f"{x:+.3f} / {y:+.3f}" for x, y in row.values()) + " |"
+        )
+    (out / "figure4_runs.json").write_text(json.dumps(rows, indent=1))
+    print(f"figure: {out / 'figure4.png'}", flush=True)
 
 
 def evaluate(name: str, model_path: str, base_path: str, rm: str, convs: dict, args, out: Path) -> dict:
@@ -184,7 +234,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ppo-lr", type=float, default=2e-5)
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--plot", action="store_true", help="only plot Figure 4 from --ref-runs / --noref-runs into --out")
+    ap.add_argument("--ref-runs", nargs="*", default=[], help="PPO run dirs with the reference reward (one per seed)")
+    ap.add_argument("--noref-runs", nargs="*", default=[], help="the same seeds without it, in the same order")
+    ap.add_argument("--last", type=int, default=8, help="--plot: iterations averaged at the end of each run")
     args = ap.parse_args()
+    if args.plot:
+        plot_runs(args.ref_runs, args.noref_runs, Path(args.out), args.last)
+        return
 
     from alignforge.data.split import experiment_split
     from alignforge.eval.refusal import load_advbench
@@ -216,7 +273,7 @@ def main() -> None:
         "reference reward": run_ppo("refreward", True, args, rm, train_prompts, out),
         "no baseline (ablation)": run_ppo("noref", False, args, rm, train_prompts, out),
     }
-    figure4(runs, out / "figure4.png")
+    figure4({k: [v["history"]] for k, v in runs.items()}, out / "figure4.png")
     base = str(ensure_embedded())
     evals = {"base (SFT)": evaluate("base", base, base, rm, convs, args, out)}
     for label, key in (("PPO, reference reward", "refreward"), ("PPO, no baseline", "noref")):

@@ -8,6 +8,9 @@ every method, each stopping at EOS:
 * ``vanilla_uncached``: the same with ``use_cache=False``, the paper's baseline (its ``genc``);
 * ``rain``: ``rain_generate`` with the paper's constants (``RainConfig`` defaults: self-evaluation with
   the hard A/B vote, set lengths 1, 2, 4, 10, T_m = 50, T = 6, V = 0.8, c = 2, γ = 0.2), KV reuse on.
+  ``--rm DIR`` makes an alignforge reward model the evaluator instead (``tanh`` of its z-score), every
+  other constant unchanged: it shows how much of the overhead is the judge's lack of signal, since the
+  inner loop stops early only once the most-visited child's value passes V.
 
 Methods run one after another in this process, after one untimed warm-up ``generate``; RAIN's time includes
 its one-time cost of caching the judge's constant prefix (the first prompt pays it). Methods may produce
@@ -48,6 +51,9 @@ def main() -> None:
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=0, help="RAIN's sampling seed (prompt i uses seed + i)")
     ap.add_argument("--save", default=None, help="write every prompt's three answers and RAIN's tree stats (JSONL)")
+    ap.add_argument(
+        "--rm", default=None, help="an alignforge reward model as RAIN's evaluator (default: self-evaluation)"
+    )
     ap.add_argument("--model", default="embedded", help=argparse.SUPPRESS)  # a tiny model, to smoke-test
     args = ap.parse_args()
     args.n = args.n or (5 if args.quick else 20)
@@ -55,7 +61,7 @@ def main() -> None:
 
     import torch
 
-    from alignforge.inference.rain import RainConfig, rain_generate
+    from alignforge.inference.rain import RainConfig, make_evaluator, rain_generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,12 +87,17 @@ def main() -> None:
         runs[name] = [greedy(model, tok, c, args.max_new_tokens, use_cache=cached) for c in convs]
         tot = sum(r[2] for r in runs[name])
         print(f"[{name}] {tot:.2f}s, {sum(len(r[0]) for r in runs[name])} tokens", flush=True)
-    cfg = RainConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    cfg = RainConfig(
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        **({"evaluator": "rm", "reward_model": args.rm} if args.rm else {}),
+    )
     from alignforge.inference.kvcache import FORWARD_STATS, reset_forward_stats
 
+    evaluator = make_evaluator(model, tok, cfg)  # loaded before the clock starts, like the policy
     reset_forward_stats()
     t = time.perf_counter()
-    rain = rain_generate(model, tok, convs, cfg, progress=True)
+    rain = rain_generate(model, tok, convs, cfg, evaluator=evaluator, progress=True)
     rain_total_wall = time.perf_counter() - t
     fwd = dict(FORWARD_STATS)
     # compute bound: ~2 FLOPs per non-embedding parameter per position run (+ the LM head at the read
@@ -155,6 +166,7 @@ def main() -> None:
         "matmul_gflop_per_s": round(peak, 1),
         "rain_share_of_matmul": round(gflop / rain_total_wall / peak, 3),
         "max_new_tokens": args.max_new_tokens,
+        "evaluator": args.rm or "self",
         "model": args.model,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": round(peak_rss_mb(), 1),

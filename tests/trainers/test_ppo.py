@@ -108,7 +108,7 @@ def test_right_pad_aligns_responses():
 
 
 def test_ppo_gae_trains_logs_and_saves(tmp_path, tiny_model_dir, rm_dir, prompts_file):
-    res = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file))
+    res = _run(_args(tmp_path, tiny_model_dir, rm_dir, prompts_file, "ppo", "ppo.snapshot_every=1"))
     hist = res["history"]
     assert [h["step"] for h in hist] == [1, 2]
     for key in (
@@ -138,6 +138,13 @@ def test_ppo_gae_trains_logs_and_saves(tmp_path, tiny_model_dir, rm_dir, prompts
     init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert max((final[k] - init[k]).abs().max().item() for k in init) > 1e-4  # it trained
     assert "prompts: 8 read" in (out / "data_report.txt").read_text()
+    # ppo.snapshot_every=1: the policy after each iteration, as `final` holds it; the last one is `final`
+    snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snaps == ["iter-00000001", "iter-00000002"]
+    s1, s2 = (load_file(str(out / "snapshots" / n / "model.safetensors")) for n in snaps)
+    assert all(torch.equal(s2[k], final[k]) for k in final)
+    assert max((s1[k] - final[k]).abs().max().item() for k in final) > 1e-6
+    assert max((s1[k] - init[k]).abs().max().item() for k in init) > 1e-6
 
 
 def test_reference_reward_is_zero_when_the_policy_answers_as_the_reference(
@@ -480,6 +487,8 @@ def test_nan_reward_stops_the_run(tmp_path, tiny_model_dir, rm_dir, prompts_file
 def test_bad_config_is_named():
     with pytest.raises(ConfigError, match="ppo.kl_coef"):
         load_config(PPOConfig, None, ["ppo.kl_cof=0.1"])
+    with pytest.raises(ConfigError, match="ppo.snapshot_every must be >= 0"):
+        train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]", "ppo.snapshot_every=-1"]))
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         train_ppo(load_config(PPOConfig, None, ["ppo.reward_model=x", "data.train_files=[x]", "ppo.advantage=grpo"]))
     with pytest.raises(ConfigError, match="multiple of"):

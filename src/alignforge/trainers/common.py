@@ -539,19 +539,28 @@ class Checkpointer:
     def save_final(self, write: Callable[[Path], None], history: list[dict], title: str = "training") -> Path:
         """``OUTPUT/final`` written by ``write(tmp_dir)`` on the main process and renamed into place,
         plus ``loss.png``; every rank waits for it."""
-        final_dir = self.out / "final"
-        self.acc.wait_for_everyone()
+        final_dir = self.save_model("final", write)
         if self.acc.is_main_process:
-            tmp = self.out / ".final.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            write(tmp)
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            os.replace(tmp, final_dir)
             plot_history(history, self.out / "loss.png", title=title)
         self.acc.wait_for_everyone()
         return final_dir
+
+    def save_model(self, name: str, write: Callable[[Path], None]) -> Path:
+        """``OUTPUT/<name>`` (e.g. ``final``, ``snapshots/iter-00000008``) written by ``write(tmp_dir)`` on the
+        main process and renamed into place, replacing an older one; every rank waits for it."""
+        target = self.out / name
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            write(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        self.acc.wait_for_everyone()
+        return target
 
 
 class GuardedStep:

@@ -122,6 +122,9 @@ class PPOParams:
     ref_model: Optional[str] = None  # full fine-tuning: the frozen reference (default: the initial policy)
     score_batch_size: int = 8
     sample_every: int = 1  # iterations between rows of OUTPUT/samples.jsonl; 0 = never
+    # every N iterations, the policy as `final` would hold it goes to OUTPUT/snapshots/iter-NNNNNNNN (for
+    # choosing an iteration on a validation set afterwards); 0 = never
+    snapshot_every: int = 0
     n_samples_logged: int = 4
 
 
@@ -514,6 +517,9 @@ def _check(cfg: PPOConfig, world: int) -> None:
         )
     if p.temperature < 0:
         raise ConfigError(f"ppo.temperature must be >= 0, got {p.temperature}")
+    for name in ("sample_every", "snapshot_every"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"ppo.{name} must be >= 0 (0 = never), got {getattr(p, name)}")
     if p.ntp_coef > 0 and not p.ntp_file:
         raise ConfigError("ppo.ntp_coef > 0 needs ppo.ntp_file (SFT-format data)")
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon < 1):
@@ -1076,6 +1082,8 @@ class _Trainer:
                     saved = (cfg.train.save_every > 0 and it % cfg.train.save_every == 0) or it == p.iterations
                     if saved:
                         ck.save(it, history, extra)
+                    if p.snapshot_every and it % p.snapshot_every == 0:
+                        ck.save_model(f"snapshots/iter-{it:08d}", lambda tmp: self._save_policy(unwrapped, tmp))
                     stop = sigint["set"]
                     if self.world > 1:
                         flag = torch.tensor(1.0 if stop else 0.0, device=acc.device)
